@@ -1,0 +1,1 @@
+"""The `flowops` command line: one Typer app, one module per stage (thin adapters)."""

@@ -1,0 +1,157 @@
+"""`flowops loop start | status | stop | report | canary` and `flowops labels add | simulate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flowops.cli._common import console, print_json, settings
+
+loop_app = typer.Typer(help="The continuous training loop: labels → retrain → canary → promote.",
+                       no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(loop_app, name="loop")
+    try:
+        from flowops.cli.batch import labels_app
+    except ImportError:  # the batch stage defines the group; without it, ours stands alone
+        labels_app = typer.Typer(help="The label inbox.", no_args_is_help=True)
+        app.add_typer(labels_app, name="labels")
+    labels_app.command("add")(labels_add)
+    labels_app.command("simulate")(labels_simulate)
+
+
+def labels_add(
+    file: Path = typer.Option(..., "--file", help="CSV with columns task_id,image_id,label."),
+    annotator: str = typer.Option("", "--annotator", help="Who labeled them (recorded)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Record human labels from a CSV (validated against the latest data version; latest wins)."""
+    from flowops import labels, loop
+
+    cfg = settings()
+    n = loop.add_labels_from_file(cfg, file, annotator)
+    result = {"recorded": n, "inbox": labels.counts(cfg)}
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"recorded {n} label(s); inbox: {result['inbox']['new']} new of "
+                      f"{result['inbox']['total']}")
+
+
+def labels_simulate(
+    count: int = typer.Option(..., "--count", help="How many images the simulated labelers do."),
+    wrong: bool = typer.Option(False, "--wrong", help="Label them wrongly (a bad labeler)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Reveal the true labels of the COUNT most uncertain unlabeled images (from answers.csv)."""
+    from flowops import loop
+
+    result = loop.simulate_labels(settings(), count, wrong=wrong)
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"recorded {result['recorded']} simulated label(s) from the "
+                      f"{result['from']}; inbox: {result['inbox']['new']} new")
+
+
+@loop_app.command("start")
+def start(
+    threshold: int = typer.Option(50, "--threshold", help="New human labels that trigger a retrain."),
+    max_age_s: float = typer.Option(None, "--max-age-s",
+                                    help="Also retrain when the oldest new label is this old."),
+    epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs."),
+    workers: int = typer.Option(2, "--workers", help="Ray Train workers."),
+    steps: str = typer.Option("10,25,50,100", "--steps", help="Canary weights, ending with 100."),
+    min_requests: int = typer.Option(40, "--min-requests", help="Canary requests per step."),
+    min_duration_s: float = typer.Option(5.0, "--min-duration-s", help="Seconds per step."),
+    no_pseudo_label: bool = typer.Option(False, "--no-pseudo-label",
+                                         help="Do not refresh pseudo-labels after a promotion."),
+    no_retrain_on_drift: bool = typer.Option(False, "--no-retrain-on-drift",
+                                             help="Do not retrain when the drift monitor flags "
+                                             "live inputs (by default: as soon as new labels exist)."),
+) -> None:
+    """Start the controller as a Ray job (one per home; refuses if one is running)."""
+    from flowops import loop
+    from flowops.errors import InvalidInput
+
+    try:
+        weights = [int(w) for w in steps.split(",") if w.strip()]
+    except ValueError:
+        raise InvalidInput(f"--steps {steps!r}: comma-separated integers, e.g. 10,25,50,100") \
+            from None
+    raw = {"threshold": threshold, "max_age_s": max_age_s, "epochs": epochs, "workers": workers,
+           "pseudo_label": not no_pseudo_label, "retrain_on_drift": not no_retrain_on_drift,
+           "analysis": {"steps": weights, "min_requests": min_requests,
+                        "min_duration_s": min_duration_s}}
+    config = loop.parse_config(raw)
+    cfg = settings()
+    sid = loop.start_controller(cfg, config)
+    console.print(f"loop controller started as Ray job [bold]{sid}[/bold] (threshold {threshold}, "
+                  f"steps {weights}); follow it with `flowops loop status` / `flowops jobs logs {sid}`")
+
+
+@loop_app.command("stop")
+def stop() -> None:
+    """Stop the controller; a rollout in progress resumes where it was at the next start."""
+    from flowops import loop
+
+    status = loop.stop_controller(settings())
+    console.print(f"loop controller {status}")
+
+
+@loop_app.command("status")
+def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+    """The controller, the inbox, the last rollouts and their pipelines."""
+    from flowops import loop
+
+    report = loop.loop_status(settings())
+    if as_json:
+        print_json(report)
+        return
+    c = report["controller"]
+    console.print(f"controller: {c['status']} (job {c['job_id']}, heartbeat "
+                  f"{c['heartbeat_age_s'] if c['heartbeat_age_s'] is not None else '-'}s ago)")
+    inbox = report["inbox"]
+    console.print(f"inbox: {inbox['new']} new label(s) of {inbox['total']} "
+                  f"(threshold {report['config']['threshold']}); production model: "
+                  f"v{report['production'] or '-'}")
+    for r in report["rollouts"]:
+        console.print(f"  {r['id']}: model v{r.get('model_version', '?')} data "
+                      f"{r.get('data_version', '-')} stage {r.get('stage')} -> "
+                      f"{r.get('status')} {'; '.join(r.get('reasons', []))[:160]}")
+    for p in report["pipelines"]:
+        console.print(f"  pipeline {p['id']}: {p['status']}")
+
+
+@loop_app.command("report")
+def report(as_json: bool = typer.Option(False, "--json", help="Print the timeline as JSON.")) -> None:
+    """The timeline of every rollout: threshold → data version → training → validation →
+    canary → promoted or rolled back (with the rollback time)."""
+    from flowops import timeline
+
+    rows = timeline.timeline(settings())
+    if as_json:
+        print_json(rows)
+        return
+    for line in timeline.format_timeline(rows):
+        console.print(line)
+
+
+@loop_app.command("canary")
+def canary(
+    version: str = typer.Option(..., "--version", help="Registered model version to roll out."),
+    min_accuracy: float = typer.Option(
+        None, "--min-accuracy",
+        help="Lower the registry gate for this rollout: this accuracy floor and no regression "
+        "check (demos)."),
+) -> None:
+    """Queue a trained model version for validate → canary → promote/roll back (the running
+    controller picks it up)."""
+    from flowops import loop
+
+    gate = {} if min_accuracy is None else {"min_accuracy": min_accuracy, "max_regression": 1.0}
+    rid = loop.submit_candidate(settings(), version, gate=gate)
+    console.print(f"queued rollout {rid} for model v{version}")

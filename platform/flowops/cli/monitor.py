@@ -1,0 +1,174 @@
+"""`flowops monitor drift | rules | metrics | exporter | prometheus`: observability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flowops.cli._common import console, log_printer, print_json, settings
+from flowops.errors import GateFailed, InvalidInput, JobFailed
+
+monitor_app = typer.Typer(help="Metrics, alert rules, Prometheus and drift detection.",
+                          no_args_is_help=True)
+prometheus_app = typer.Typer(help="The loopback Prometheus of the embedded stack.", no_args_is_help=True)
+exporter_app = typer.Typer(help="The platform metrics exporter (a detached Ray actor).",
+                           no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    monitor_app.add_typer(prometheus_app, name="prometheus")
+    monitor_app.add_typer(exporter_app, name="exporter")
+    app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("drift")
+def drift(
+    window: Path = typer.Option(None, "--window", help="Window of live inputs: .npy (N,S,S) or "
+                                ".parquet (default: the newest window the serving app wrote)."),
+    watch: bool = typer.Option(False, "--watch", help="Start the scheduled monitor: a Ray job that "
+                               "checks each new live-input window the serving app writes."),
+    interval: float = typer.Option(60.0, "--interval", help="Seconds between polls (--watch)."),
+    model: str = typer.Option(None, "--model", help="Model URI (default models:/<name>@production)."),
+    data_version: str = typer.Option(None, "--data-version", help="Reference data version "
+                                     "(default: the model's training data, else the latest)."),
+    alpha: float = typer.Option(0.01, help="Family-wise level of the per-feature KS tests."),
+    correction: str = typer.Option("bonferroni", help="Multiple-testing correction: bonferroni or bh."),
+    class_test: str = typer.Option("chi2", help="Test of the predicted classes: chi2 or psi."),
+    no_trigger: bool = typer.Option(False, "--no-trigger", help="Do not emit drift_detected to the loop."),
+    as_job: bool = typer.Option(False, "--as-job", help="Run it as a Ray job (jobs/drift_monitor.py)."),
+    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit non-zero when drifted."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a window of live inputs for drift against the model's training data."""
+    from flowops import drift as drift_mod
+    from flowops import jobs
+
+    cfg = settings()
+    config = drift_mod.make_config(alpha=alpha, correction=correction, class_test=class_test)
+    if watch:
+        if window is not None:
+            raise InvalidInput("--watch checks the serving app's windows; it takes no --window")
+        if interval <= 0:
+            raise InvalidInput(f"--interval must be > 0 seconds, got {interval}")
+        args = ["--watch", str(drift_mod.windows_dir(cfg)), "--interval", str(interval),
+                "--alpha", str(alpha), "--correction", correction, "--class-test", class_test]
+        args += ["--model", model] if model else []
+        args += ["--data-version", data_version] if data_version else []
+        args += ["--no-trigger"] if no_trigger else []
+        drift_mod.windows_dir(cfg).mkdir(parents=True, exist_ok=True)
+        job_id = jobs.submit(cfg, "drift_monitor", args)
+        console.print(f"drift monitor running as Ray job [bold]{job_id}[/bold] (every {interval:g} s "
+                      f"over {drift_mod.windows_dir(cfg)}); stop it with `ray job stop {job_id}`")
+        return
+    window = window or drift_mod.newest_window(cfg)
+    if as_job:
+        args = ["--window", str(window.resolve()), "--alpha", str(alpha), "--correction", correction,
+                "--class-test", class_test]
+        args += ["--model", model] if model else []
+        args += ["--data-version", data_version] if data_version else []
+        args += ["--no-trigger"] if no_trigger else []
+        job_id = jobs.submit(cfg, "drift_monitor", args)
+        console.print(f"submitted [bold]{job_id}[/bold]")
+        result = jobs.wait(cfg, job_id, on_log=None if as_json else log_printer)
+        if result.status != "SUCCEEDED":
+            raise JobFailed(jobs.failure_message(cfg, result))
+        report = drift_mod.latest_report(cfg)
+    else:
+        report = drift_mod.run_drift_check(cfg, window, model_uri=model, data_version=data_version,
+                                           config=config, trigger=not no_trigger).to_dict()
+    if as_json:
+        print_json(report)
+    else:
+        mark = "[red]DRIFT[/red]" if report["drifted"] else "[green]no drift[/green]"
+        console.print(f"{mark}  score {report['score']:.3f}  window {report['n']} images  "
+                      f"model v{report['model_version']} vs data {report['data_version']}")
+        if report["drifted_features"]:
+            console.print(f"drifted features: {', '.join(report['drifted_features'])}")
+        if report.get("class_p") is not None:
+            console.print(f"predicted classes: chi2 p={report['class_p']:.4f} psi={report['class_psi']:.3f}")
+    if fail_on_drift and report["drifted"]:
+        raise GateFailed(f"window {window} drifted (score {report['score']:.3f})")
+
+
+@monitor_app.command("rules")
+def rules(
+    check: bool = typer.Option(False, "--check", help="Only verify the committed PrometheusRule is current."),
+) -> None:
+    """Regenerate cluster/monitoring/prometheus-rule.flowops.yaml from rules.yaml."""
+    from flowops import metrics
+    from flowops.errors import Conflict
+
+    if check:
+        current = metrics.PROMETHEUS_RULE_FILE.read_text() if metrics.PROMETHEUS_RULE_FILE.exists() else ""
+        if current != metrics.render_prometheus_rule():
+            raise Conflict(f"{metrics.PROMETHEUS_RULE_FILE} is stale: run `flowops monitor rules`")
+        console.print("PrometheusRule is up to date")
+        return
+    path = metrics.write_prometheus_rule()
+    console.print(f"wrote {path}")
+
+
+@monitor_app.command("metrics")
+def show_metrics() -> None:
+    """Print the platform metrics as the exporter would serve them now."""
+    from flowops import metrics
+
+    typer.echo(metrics.render_metrics(settings()), nl=False)
+
+
+@exporter_app.command("start")
+def exporter_start(
+    port: int = typer.Option(None, help="Exporter port (default FLOWOPS_EXPORTER_PORT or 8091)."),
+    host: str = typer.Option(None, help="Interface to listen on (default 127.0.0.1; 0.0.0.0 in a pod)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Start the platform exporter in the cluster (a no-op when it runs)."""
+    from flowops import metrics
+
+    result = metrics.start_exporter(settings(), port, host)
+    print_json(result) if as_json else console.print(f"exporter at {result['url']}")
+
+
+@exporter_app.command("stop")
+def exporter_stop() -> None:
+    """Stop the platform exporter."""
+    from flowops import metrics
+
+    stopped = metrics.stop_exporter(settings())
+    console.print("exporter stopped" if stopped else "no exporter was running")
+
+
+@prometheus_app.command("start")
+def prometheus_start(
+    port: int = typer.Option(None, help="Prometheus port (default FLOWOPS_PROMETHEUS_PORT or 9090)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Start Prometheus on loopback scraping Ray and the platform (also: flowops up --with-prometheus)."""
+    from flowops import metrics
+
+    result = metrics.start_prometheus(settings(), port)
+    if as_json:
+        print_json(result)
+        return
+    state = "already running" if result["already_running"] else "started"
+    console.print(f"Prometheus {state} at {result['url']} (exporter {result['exporter']})")
+
+
+@prometheus_app.command("stop")
+def prometheus_stop() -> None:
+    """Stop the loopback Prometheus (flowops down does too)."""
+    from flowops import metrics
+
+    stopped = metrics.stop_prometheus(settings())
+    console.print("Prometheus stopped" if stopped else "no Prometheus was running")
+
+
+@prometheus_app.command("query")
+def prometheus_query(
+    promql: str = typer.Argument(..., help="A PromQL instant query."),
+) -> None:
+    """Run an instant query against the loopback Prometheus and print the result as JSON."""
+    from flowops import metrics
+
+    print_json(metrics.query_prometheus(settings(), promql))

@@ -1,0 +1,110 @@
+"""`flowops up | status | down | ui`: the embedded stack."""
+
+from __future__ import annotations
+
+import typer
+
+from flowops import stack
+from flowops.cli._common import console, print_json, settings
+from flowops.errors import InvalidInput
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("status")(status)
+    app.command("down")(down)
+    app.command("ui")(ui)
+
+
+def up(
+    num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs to offer Ray."),
+    num_gpus: int = typer.Option(None, "--num-gpus", min=0, help="GPUs to offer Ray."),
+    dashboard_port: int = typer.Option(None, help="Dashboard / job API port (default 8265)."),
+    ray_port: int = typer.Option(None, help="Ray GCS port (default 6380)."),
+    client_port: int = typer.Option(None, help="Ray Client port (default 10001)."),
+    serve_port: int = typer.Option(None, help="Serve HTTP port (default 8000)."),
+    metrics_port: int = typer.Option(None, help="Ray metrics export port (default 8090)."),
+    with_prometheus: bool = typer.Option(
+        False, "--with-prometheus", help="Also start a Prometheus on loopback (needs `prometheus`)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Start the embedded stack: Ray head (+ Serve), MLflow store, data workspace. Idempotent."""
+    cfg = settings(
+        num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, ray_port=ray_port,
+        client_port=client_port, serve_port=serve_port, metrics_port=metrics_port,
+    )
+    with console.status("starting the FlowOps stack…"):
+        prometheus_url = None
+        if with_prometheus:
+            import shutil
+
+            from flowops import metrics
+
+            if shutil.which("prometheus") is None:  # refuse before starting anything
+                raise InvalidInput("--with-prometheus needs the `prometheus` binary (Debian: "
+                                   "`apt-get install prometheus`, or `make tools`)")
+            prometheus_url = f"http://127.0.0.1:{metrics.monitor_settings().prometheus_port}"
+        result = stack.up(cfg, prometheus_url=prometheus_url)
+        if with_prometheus:
+            metrics.start_prometheus(cfg)
+            result.started.append("prometheus")
+    if as_json:
+        print_json(result.__dict__ | {"status": stack.status(cfg)})
+        return
+    for name in result.repaired:
+        console.print(f"[yellow]repaired[/yellow] {name} (its recorded processes had died)")
+    for name in result.started:
+        console.print(f"[green]started[/green] {name}")
+    for name in result.already_running:
+        console.print(f"[dim]already running[/dim] {name}")
+    _print_addresses(cfg)
+
+
+def _print_addresses(cfg) -> None:
+    console.print(f"Ray dashboard / job API : {cfg.job_api}")
+    console.print(f"Ray Client              : {cfg.client_address}")
+    console.print(f"Serve HTTP              : {cfg.serve_url}")
+    console.print(f"MLflow store            : {cfg.tracking_uri}  (UI: flowops ui)")
+    console.print(f"Data workspace          : {cfg.workspace}  (remote {cfg.remote})")
+    console.print(f"Ray token               : {cfg.token_path}")
+
+
+def status(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Health and addresses of each component. Exit 1 when something is unhealthy."""
+    cfg = settings()
+    report = stack.status(cfg)
+    if as_json:
+        print_json(report)
+    else:
+        for name in ("ray", "serve", "mlflow", "workspace"):
+            part = report[name]
+            mark = "[green]healthy[/green]" if part["healthy"] else "[red]down[/red]"
+            where = part.get("dashboard") or part.get("url") or part.get("tracking_uri") or part.get(
+                "path"
+            )
+            console.print(f"{name:<10} {mark:<28} {where}")
+        ws = report["workspace"]
+        if ws.get("healthy"):
+            console.print(f"{'':<10} data versions: {ws.get('versions', 0)}, latest {ws.get('latest')}")
+    if not report["healthy"]:
+        raise typer.Exit(1)
+
+
+def down(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Stop what `up` started. All data (MLflow, workspace, DVC remote) is kept."""
+    cfg = settings()
+    stopped = stack.down(cfg)
+    if as_json:
+        print_json({"stopped": stopped})
+    elif stopped:
+        console.print(f"stopped: {', '.join(stopped)} (data kept in {cfg.home})")
+    else:
+        console.print("nothing was running")
+
+
+def ui(port: int = typer.Option(None, help="Port of the MLflow UI (default 5000).")) -> None:
+    """Serve the MLflow UI against the platform's store (foreground; Ctrl-C stops it)."""
+    cfg = settings(mlflow_ui_port=port)
+    console.print(f"MLflow UI at http://127.0.0.1:{cfg.mlflow_ui_port}")
+    raise typer.Exit(stack.serve_ui(cfg))

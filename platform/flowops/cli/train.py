@@ -1,0 +1,225 @@
+"""`flowops train`, `flowops tune` and `flowops models validate|promote|list|prune|reproduce`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import Enum
+
+import typer
+from rich.table import Table
+
+from flowops.cli._common import console, print_json, settings, submit_and_follow
+from flowops.errors import FlowOpsError, InvalidInput
+
+models_app = typer.Typer(help="Registered model versions and their stages (aliases).",
+                         no_args_is_help=True)
+
+
+class Target(str, Enum):
+    local = "local"
+    k8s = "k8s"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    app.command("tune")(tune_cmd)
+    app.add_typer(models_app, name="models")
+
+
+def _config(**values):
+    from pydantic import ValidationError
+
+    from flowops.train import TrainConfig
+
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInput(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def _submit_and_follow(cfg, workload: str, args: list[str], no_wait: bool) -> None:
+    submit_and_follow(cfg, workload, args, no_wait=no_wait, metadata={"stage": workload})
+
+
+def train_cmd(
+    data_version: str = typer.Option(None, "--data-version", help="Data version (vN); default: latest."),
+    workers: int = typer.Option(1, "--workers", help="Ray Train workers."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs per worker."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per worker (0: CPU)."),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Batch size per worker."),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
+    width: int = typer.Option(32, "--width", help="Channels of the first conv block."),
+    init_from: str = typer.Option(None, "--init-from",
+                                  help="Fine-tune from models:/<name>@<alias> or models:/<name>/<N>."),
+    freeze_epochs: int = typer.Option(0, "--freeze-epochs",
+                                      help="Epochs with the feature extractor frozen."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed => same weights on CPU)."),
+    experiment: str = typer.Option("train", "--experiment", help="MLflow experiment."),
+    model_name: str = typer.Option(None, "--model-name", help="Registered model name."),
+    include_pseudo: bool = typer.Option(False, "--include-pseudo",
+                                        help="Also train on the data version's pseudo-labels."),
+    max_failures: int = typer.Option(2, "--max-failures", help="Worker failures to recover from."),
+    local: bool = typer.Option(False, "--local", help="Run in this process instead of as a Ray job."),
+    target: Target = typer.Option(Target.local, "--target",
+                                  help="local: the embedded/configured Ray cluster; k8s: a KubeRay RayJob."),
+    apply: bool = typer.Option(False, "--apply", help="With --target k8s: apply the RayJob (else print it)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return after submitting."),
+    as_json: bool = typer.Option(False, "--json", help="With --local: print the result as JSON."),
+) -> None:
+    """Train the classifier on a data version (Ray Train job); registers a new model version."""
+    from flowops import train
+
+    cfg = settings()
+    config = _config(
+        data_version=data_version, workers=workers, cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker, epochs=epochs, batch_size=batch_size, lr=lr, width=width,
+        init_from=init_from, freeze_epochs=freeze_epochs, seed=seed, experiment=experiment,
+        model_name=model_name, include_pseudo=include_pseudo, max_failures=max_failures, local=local,
+    )
+    if target is Target.k8s:  # checked by the RayJob on the Kubernetes cluster, not here
+        try:
+            from flowops.cluster import submit_train_k8s
+        except ImportError:
+            raise FlowOpsError("--target k8s needs flowops.cluster.submit_train_k8s, "
+                               "which this installation lacks") from None
+        typer.echo(submit_train_k8s(cfg, train.job_args(config), apply))  # raw YAML, no wrapping
+        return
+    if not local:
+        config = train.precheck(cfg, config)
+    if local:
+        result = train.train(cfg, config)
+        if as_json:
+            print_json(result.to_dict())
+        else:
+            console.print(f"run {result.run_id}: holdout accuracy "
+                          f"{result.metrics['holdout_accuracy']:.4f}; registered "
+                          f"{result.model_name} version {result.version}")
+        return
+    _submit_and_follow(cfg, "train", train.job_args(config), no_wait)
+
+
+def tune_cmd(
+    data_version: str = typer.Option(None, "--data-version", help="Data version (vN); default: latest."),
+    trials: int = typer.Option(4, "--trials", help="Number of trials."),
+    epochs: int = typer.Option(4, "--epochs", help="Maximum epochs per trial (ASHA stops early)."),
+    experiment: str = typer.Option("tune", "--experiment", help="MLflow experiment (parent run)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the search and the trials."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return after submitting."),
+) -> None:
+    """A small Ray Tune search (learning rate, width) with ASHA; registers the best trial's model."""
+    from flowops import data
+
+    cfg = settings()
+    if cfg.data_repo is None:
+        data_version = data.resolve_version(cfg, data_version)
+    args = ["--trials", str(trials), "--epochs", str(epochs), "--experiment", experiment,
+            "--seed", str(seed)]
+    if data_version:
+        args += ["--data-version", data_version]
+    _submit_and_follow(cfg, "tune", args, no_wait)
+
+
+# models ----------------------------------------------------------------------------------------
+
+
+@models_app.command("validate")
+def validate_cmd(
+    version: str = typer.Argument(..., help="Model version number."),
+    min_accuracy: float = typer.Option(
+        None, "--min-accuracy", help="Holdout accuracy floor (default FLOWOPS_GATE_MIN_ACCURACY or 0.80)."
+    ),
+    max_regression: float = typer.Option(
+        None, "--max-regression",
+        help="Allowed drop vs production (default FLOWOPS_GATE_MAX_REGRESSION or 0.02).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the gate's report as JSON."),
+) -> None:
+    """Run the validation gate; on pass the version gets alias `staging`, else a non-zero exit."""
+    from flowops import registry
+
+    report = registry.validate_version(settings(), version, min_accuracy, max_regression)
+    if as_json:
+        print_json(report)
+        return
+    prod = (f"; production v{report['production_version']}: {report['production_accuracy']}"
+            if report["production_version"] else "; no production version")
+    console.print(f"[green]version {report['version']} passed[/green]: holdout accuracy "
+                  f"{report['accuracy']} >= {report['min_accuracy']}{prod}; alias staging set")
+
+
+@models_app.command("promote")
+def promote_cmd(
+    version: str = typer.Argument(..., help="Model version number."),
+    force: bool = typer.Option(False, "--force", help="Promote even without passed validation."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Move alias `production` to VERSION (refused unless it passed validation)."""
+    from flowops import registry
+
+    result = registry.promote(settings(), version, force=force)
+    if as_json:
+        print_json(result)
+        return
+    was = f" (was {result['previous_production']})" if result["previous_production"] else ""
+    console.print(f"[green]production -> version {result['version']}[/green]{was}")
+
+
+@models_app.command("list")
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Versions with aliases, stage, validation, key metrics, data version and lineage."""
+    from flowops import registry
+
+    rows = registry.list_versions(settings())
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("version", "aliases", "stage", "validation", "holdout acc", "macro F1", "data",
+                  "base", "created")
+    for r in rows:
+        created = dt.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M") if r["created"] else "-"
+        table.add_row(r["version"], ",".join(r["aliases"]) or "-", r["stage"], r["validation"] or "-",
+                      r["holdout_accuracy"] or "-", r["macro_f1"] or "-", r["data_version"] or "-",
+                      r["base_model_version"] or "-", created)
+    console.print(table if rows else "no registered versions yet: run `flowops train`")
+
+
+@models_app.command("prune")
+def prune_cmd(
+    older_than: str = typer.Option(..., "--older-than", help="Age, e.g. 30d, 12h, 2w."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be deleted."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Delete versions older than the age; aliased versions are never touched."""
+    from flowops import registry
+
+    result = registry.prune(settings(), older_than, dry_run=dry_run)
+    if as_json:
+        print_json(result)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb}: {', '.join(result['deleted']) or 'nothing'}; kept: "
+                  f"{', '.join(result['kept']) or 'nothing'}")
+
+
+@models_app.command("reproduce")
+def reproduce_cmd(
+    version: str = typer.Argument(..., help="Model version number."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Re-run the training recorded on VERSION; exit 1 if metrics or weights differ."""
+    from flowops import registry
+
+    report = registry.reproduce(settings(), version)
+    if as_json:
+        print_json(report)
+    else:
+        word = "[green]match[/green]" if report["match"] else "[red]MISMATCH[/red]"
+        console.print(
+            f"version {report['version']}: {word} (weights {report['weights_hash'][:12]} vs "
+            f"{report['reproduced_weights_hash'][:12]}, holdout accuracy {report['holdout_accuracy']} "
+            f"vs {report['reproduced_holdout_accuracy']}; run {report['run_id']})"
+        )
+    if not report["match"]:
+        raise typer.Exit(1)

@@ -1,0 +1,489 @@
+"""Versioned data: a git + DVC workspace whose `data/` folder holds images and a manifest.
+
+Layout of a data version (the DVC-tracked folder `data/`):
+
+    images/<split>/<class>/<id>.png   labeled images (train, holdout)
+    images/unlabeled/<id>.png         the unlabeled pool (the path does not reveal the class)
+    manifest.csv                      id, path, label, split, source, label_source
+    answers.csv                       true labels of the unlabeled pool, kept aside (simulated labelers)
+    meta.json                         classes, image size
+
+Every change is a new data version: a git tag `vN` on a commit of `data.dvc` plus `VERSION.json`
+(counts per pool and class), pushed to the DVC remote. Workloads read a version through DVC's API
+by its id (`materialize`, `read_manifest`), so any machine that reaches the git repository and the
+DVC remote reads exactly that version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flowops.durable import file_lock
+from flowops.errors import FlowOpsError, InvalidInput, NotFound
+from flowops.settings import Settings
+
+MANIFEST_COLUMNS = ["id", "path", "label", "split", "source", "label_source"]
+SPLITS = ("train", "unlabeled", "holdout")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+DATA_DIR = "data"
+
+
+@dataclass
+class VersionInfo:
+    """One data version: its id, commit and counts."""
+
+    id: str
+    commit: str = ""
+    created: float = 0.0
+    message: str = ""
+    parent: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # per split
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> n
+    classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# git / dvc plumbing -------------------------------------------------------------------------------
+
+
+def _run(args: list[str], cwd: Path, what: str, timeout: float = 600) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise FlowOpsError(f"{what} failed: {msg[-1] if msg else 'exit ' + str(out.returncode)}")
+    return out.stdout
+
+
+def _git(ws: Path, *args: str) -> str:
+    return _run(["git", *args], ws, f"git {args[0]}")
+
+
+def _dvc(ws: Path, *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], ws, f"dvc {args[0]}")
+
+
+def data_lock(settings: Settings):
+    """Serialise version cuts in one workspace (waits for the other writer)."""
+    return file_lock(settings.home / "data.lock")
+
+
+def init_workspace(settings: Settings) -> bool:
+    """Create the git + DVC workspace with a local default remote. Returns True if created now."""
+    ws = settings.workspace
+    if (ws / ".dvc").is_dir() and (ws / ".git").is_dir():
+        return False
+    ws.mkdir(parents=True, exist_ok=True)
+    if "://" not in settings.remote:
+        Path(settings.remote).mkdir(parents=True, exist_ok=True)
+    if not (ws / ".git").is_dir():
+        _git(ws, "init", "-q", "-b", "main")
+    _git(ws, "config", "user.name", "flowops")
+    _git(ws, "config", "user.email", "flowops@localhost")
+    _dvc(ws, "init", "-q", "--force")
+    _dvc(ws, "config", "core.analytics", "false")
+    _dvc(ws, "config", "core.autostage", "true")
+    _dvc(ws, "remote", "add", "-d", "-f", "storage", settings.remote)
+    (ws / "README.md").write_text(
+        "# FlowOps data workspace\n\nManaged by `flowops data`. Each git tag vN is a data version;\n"
+        "`data/` is tracked by DVC and pushed to the remote in `.dvc/config`.\n"
+    )
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-q", "-m", "Initialise FlowOps data workspace")
+    return True
+
+
+def workspace_status(settings: Settings) -> dict[str, Any]:
+    ws = settings.workspace
+    healthy = (ws / ".git").is_dir() and (ws / ".dvc").is_dir()
+    report: dict[str, Any] = {"healthy": healthy, "path": str(ws), "remote": settings.remote}
+    if healthy:
+        tags = _version_tags(settings)
+        report["versions"] = len(tags)
+        report["latest"] = tags[-1] if tags else None
+    return report
+
+
+def _version_tags(settings: Settings) -> list[str]:
+    """Data version ids (tags vN), from the local workspace or the configured data repository."""
+    if settings.data_repo and Path(settings.data_repo) != settings.workspace:
+        out = _run(["git", "ls-remote", "--tags", settings.data_repo], settings.home
+                   if settings.home.is_dir() else Path("/"), "git ls-remote")
+        names = [line.split("refs/tags/")[-1] for line in out.splitlines() if "refs/tags/" in line]
+    elif (settings.workspace / ".git").is_dir():
+        names = _git(settings.workspace, "tag", "--list", "v*").split()
+    else:
+        return []
+    tags = {t for t in names if t.startswith("v") and t[1:].isdigit()}
+    return sorted(tags, key=lambda t: int(t[1:]))
+
+
+# Versions ------------------------------------------------------------------------------------------
+
+
+def list_versions(settings: Settings) -> list[VersionInfo]:
+    versions = []
+    for tag in _version_tags(settings):
+        raw = json.loads(_git(settings.workspace, "show", f"{tag}:VERSION.json"))
+        raw["commit"] = _git(settings.workspace, "rev-list", "-n", "1", tag).strip()
+        versions.append(VersionInfo(**raw))
+    return versions
+
+
+def latest_version(settings: Settings) -> str | None:
+    tags = _version_tags(settings)
+    return tags[-1] if tags else None
+
+
+def resolve_version(settings: Settings, version: str | None) -> str:
+    """A version id that exists: the one asked for, or the latest. Clear error otherwise."""
+    tags = _version_tags(settings)
+    if not tags:
+        raise NotFound("no data version exists yet: run `flowops data init` first")
+    if version in (None, "", "latest"):
+        return tags[-1]
+    if version not in tags:
+        shown = ", ".join(tags[-10:])
+        raise NotFound(f"data version {version!r} does not exist; existing versions: {shown}")
+    return version
+
+
+def show_version(settings: Settings, version: str | None) -> VersionInfo:
+    tag = resolve_version(settings, version)
+    for info in list_versions(settings):
+        if info.id == tag:
+            return info
+    raise NotFound(f"data version {tag!r} has no VERSION.json")  # pragma: no cover
+
+
+def read_manifest(settings: Settings, version: str | None = None) -> pd.DataFrame:
+    """The manifest of a data version, read through DVC's API (the remote if not cached locally)."""
+    import dvc.api
+
+    tag = resolve_version(settings, version)
+    text = dvc.api.read(f"{DATA_DIR}/manifest.csv", repo=settings.repo, rev=tag)
+    return _parse_manifest(text)
+
+
+def _parse_manifest(text: str) -> pd.DataFrame:
+    frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InvalidInput(f"manifest lacks column(s) {missing}; expected {MANIFEST_COLUMNS}")
+    return frame
+
+
+def read_meta(settings: Settings, version: str | None = None) -> dict[str, Any]:
+    import dvc.api
+
+    tag = resolve_version(settings, version)
+    return json.loads(dvc.api.read(f"{DATA_DIR}/meta.json", repo=settings.repo, rev=tag))
+
+
+def materialize(settings: Settings, version: str | None = None) -> Path:
+    """A local, read-only copy of a data version's `data/` folder, fetched through DVC's API.
+
+    Cached per version under the home folder; safe when several workers ask at once.
+    """
+    from dvc.api import DVCFileSystem
+
+    tag = resolve_version(settings, version)
+    target = settings.cache_dir / "data" / tag
+    if (target / "manifest.csv").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=target.parent))
+    try:
+        fs = DVCFileSystem(url=settings.repo, rev=tag)
+        fs.get(DATA_DIR, str(staging / DATA_DIR), recursive=True)
+        try:
+            os.rename(staging / DATA_DIR, target)
+        except OSError:  # another worker finished first
+            if not (target / "manifest.csv").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# Cutting versions -------------------------------------------------------------------------------
+
+
+def summarize(manifest: pd.DataFrame, classes: list[str]) -> tuple[dict, dict]:
+    counts = {s: int((manifest["split"] == s).sum()) for s in sorted(set(manifest["split"]))}
+    class_counts: dict[str, dict[str, int]] = {}
+    for split, group in manifest.groupby("split"):
+        labeled = group[group["label"] != ""]
+        class_counts[str(split)] = {
+            c: int(n) for c, n in sorted(Counter(labeled["label"]).items(), key=lambda kv: kv[0])
+        }
+    return counts, class_counts
+
+
+def write_manifest(path: Path, manifest: pd.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    manifest[MANIFEST_COLUMNS + [c for c in manifest.columns if c not in MANIFEST_COLUMNS]].to_csv(
+        tmp, index=False
+    )
+    os.replace(tmp, path)
+
+
+def cut_version(
+    settings: Settings, message: str, apply: Callable[[Path], None], *, base: str | None = "latest"
+) -> VersionInfo:
+    """Create a new data version: `apply` edits a staging copy of `data/`; all or nothing.
+
+    The staging copy hard-links the current files, so `apply` must replace files (write a new
+    file, then rename) rather than modify them in place. If `apply`, DVC or git fails, the
+    workspace and the previous versions are left exactly as they were.
+    """
+    ws = settings.workspace
+    if not (ws / ".dvc").is_dir():
+        init_workspace(settings)
+    with data_lock(settings):
+        parent = latest_version(settings) if base else None
+        if parent:
+            _git(ws, "checkout", "-q", "main")
+            _git(ws, "reset", "-q", "--hard", parent)
+            _dvc(ws, "checkout", "-q", "--force", f"{DATA_DIR}.dvc")
+        current = ws / DATA_DIR
+        staging = ws / f".{DATA_DIR}.staging"
+        backup = ws / f".{DATA_DIR}.previous"
+        for leftover in (staging, backup):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if parent and current.is_dir():
+            shutil.copytree(current, staging, copy_function=os.link)
+        else:
+            staging.mkdir()
+        try:
+            apply(staging)
+            meta = json.loads((staging / "meta.json").read_text())
+            manifest = _parse_manifest((staging / "manifest.csv").read_text())
+        except FlowOpsError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except Exception as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FlowOpsError(f"could not build the new data version: {exc}") from exc
+
+        tags = _version_tags(settings)
+        new_id = f"v{int(tags[-1][1:]) + 1 if tags else 1}"
+        counts, class_counts = summarize(manifest, meta["classes"])
+        info = VersionInfo(
+            id=new_id, created=time.time(), message=message, parent=parent,
+            counts=counts, class_counts=class_counts, classes=list(meta["classes"]),
+        )
+        if current.exists():
+            os.rename(current, backup)
+        os.rename(staging, current)
+        try:
+            _dvc(ws, "add", "-q", DATA_DIR)
+            (ws / "VERSION.json").write_text(json.dumps(info.to_dict(), indent=2))
+            _git(ws, "add", "-A")
+            _git(ws, "commit", "-q", "-m", f"{new_id}: {message}")
+            _dvc(ws, "push", "-q")
+            _git(ws, "tag", new_id)
+        except Exception:
+            shutil.rmtree(current, ignore_errors=True)
+            if backup.exists():
+                os.rename(backup, current)
+            if parent:
+                _git(ws, "reset", "-q", "--hard", parent)
+            else:
+                _git(ws, "reset", "-q", "--hard")
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+        info.commit = _git(ws, "rev-parse", "HEAD").strip()
+        return info
+
+
+# The default dataset and users' image folders ---------------------------------------------------
+
+
+def _digits_images(
+    unlabeled_fraction: float, holdout_fraction: float, seed: int
+) -> tuple[list[dict], dict]:
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype("uint8")
+    labels = [str(t) for t in digits.target]
+    idx = list(range(len(labels)))
+    rest, holdout = train_test_split(
+        idx, test_size=holdout_fraction, random_state=seed, stratify=labels
+    )
+    train, unlabeled = train_test_split(
+        rest, test_size=unlabeled_fraction, random_state=seed, stratify=[labels[i] for i in rest]
+    )
+    split_of = {i: "holdout" for i in holdout} | {i: "train" for i in train}
+    split_of |= {i: "unlabeled" for i in unlabeled}
+    items = []
+    for i in idx:
+        buf = io.BytesIO()
+        Image.fromarray(pixels[i], mode="L").save(buf, format="PNG")
+        items.append({"id": f"d{i:05d}", "label": labels[i], "split": split_of[i],
+                      "bytes": buf.getvalue(), "suffix": ".png", "source": "sklearn-digits"})
+    meta = {"classes": [str(c) for c in range(10)], "image_size": 8, "channels": 1,
+            "source": "sklearn-digits"}
+    return items, meta
+
+
+def _folder_images(
+    root: Path, unlabeled_fraction: float, holdout_fraction: float, seed: int, image_size: int
+) -> tuple[list[dict], dict]:
+    from PIL import Image, UnidentifiedImageError
+    from sklearn.model_selection import train_test_split
+
+    if not root.is_dir():
+        raise InvalidInput(f"--from {root}: not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise InvalidInput(
+            f"--from {root}: expected an image-folder layout (one sub-folder per class, at least 2), "
+            f"found {len(class_dirs)} sub-folder(s)"
+        )
+    files, bad = [], []
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError):
+                bad.append(str(path.relative_to(root)))
+                continue
+            files.append((path, class_dir.name))
+    if bad:
+        raise InvalidInput(
+            f"--from {root}: {len(bad)} file(s) are not readable images, e.g. {', '.join(bad[:3])}"
+        )
+    per_class = Counter(label for _, label in files)
+    too_small = [c for c in (d.name for d in class_dirs) if per_class.get(c, 0) < 5]
+    if too_small:
+        raise InvalidInput(
+            f"--from {root}: every class needs at least 5 images ({', '.join(IMAGE_SUFFIXES)}); "
+            f"too few in: {', '.join(too_small)}"
+        )
+    labels = [label for _, label in files]
+    idx = list(range(len(files)))
+    rest, holdout = train_test_split(idx, test_size=holdout_fraction, random_state=seed,
+                                     stratify=labels)
+    train, unlabeled = train_test_split(rest, test_size=unlabeled_fraction, random_state=seed,
+                                        stratify=[labels[i] for i in rest])
+    split_of = {i: "holdout" for i in holdout} | {i: "train" for i in train}
+    split_of |= {i: "unlabeled" for i in unlabeled}
+    items = [
+        {"id": f"u{i:06d}", "label": label, "split": split_of[i], "bytes": path.read_bytes(),
+         "suffix": path.suffix.lower(), "source": "folder"}
+        for i, (path, label) in enumerate(files)
+    ]
+    meta = {"classes": [d.name for d in class_dirs], "image_size": image_size, "channels": 1,
+            "source": str(root)}
+    return items, meta
+
+
+def init_dataset(
+    settings: Settings,
+    from_dir: Path | None = None,
+    *,
+    unlabeled_fraction: float = 0.75,
+    holdout_fraction: float = 0.2,
+    image_size: int = 28,
+    seed: int = 0,
+) -> VersionInfo:
+    """Write the default dataset (or a user's image folder) as a new data version."""
+    if not 0 < holdout_fraction < 0.9 or not 0 < unlabeled_fraction < 0.95:
+        raise InvalidInput(
+            "fractions must be in (0, 0.9) for --holdout-fraction and (0, 0.95) for "
+            "--unlabeled-fraction"
+        )
+    if not 4 <= image_size <= 512:
+        raise InvalidInput(f"--image-size {image_size} is outside 4-512")
+    if from_dir is None:
+        items, meta = _digits_images(unlabeled_fraction, holdout_fraction, seed)
+    else:
+        items, meta = _folder_images(
+            Path(from_dir).expanduser().resolve(), unlabeled_fraction, holdout_fraction, seed,
+            image_size,
+        )
+
+    def write(staging: Path) -> None:
+        for old in staging.iterdir():  # a fresh dataset replaces the previous content entirely
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        rows, answers = [], []
+        for item in items:
+            if item["split"] == "unlabeled":
+                rel = f"images/unlabeled/{item['id']}{item['suffix']}"
+                answers.append({"id": item["id"], "label": item["label"]})
+                label, label_source = "", ""
+            else:
+                rel = f"images/{item['split']}/{item['label']}/{item['id']}{item['suffix']}"
+                label, label_source = item["label"], "original"
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(item["bytes"])
+            rows.append({"id": item["id"], "path": rel, "label": label, "split": item["split"],
+                         "source": item["source"], "label_source": label_source})
+        write_manifest(staging / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
+        pd.DataFrame(answers, columns=["id", "label"]).to_csv(staging / "answers.csv", index=False)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    source = "scikit-learn digits" if from_dir is None else f"image folder {from_dir}"
+    return cut_version(settings, f"dataset from {source}", write, base=None)
+
+
+# Checks ------------------------------------------------------------------------------------------
+
+
+def check_version(settings: Settings, version: str | None = None) -> dict[str, Any]:
+    """Validate a data version: manifest schema, every image decodes, counts per class and pool."""
+    from PIL import Image, UnidentifiedImageError
+
+    tag = resolve_version(settings, version)
+    root = materialize(settings, tag)
+    problems: list[str] = []
+    manifest = _parse_manifest((root / "manifest.csv").read_text())
+    meta = json.loads((root / "meta.json").read_text())
+    classes = set(meta.get("classes", []))
+    if manifest["id"].duplicated().any():
+        problems.append(f"{int(manifest['id'].duplicated().sum())} duplicate id(s)")
+    bad_split = sorted(set(manifest["split"]) - set(SPLITS) - {"pseudo"})
+    if bad_split:
+        problems.append(f"unknown split(s) {bad_split}; allowed {list(SPLITS)}")
+    labeled = manifest[manifest["split"].isin(["train", "holdout"])]
+    bad_labels = sorted(set(labeled["label"]) - classes)
+    if bad_labels:
+        problems.append(f"label(s) {bad_labels} not among classes {sorted(classes)}")
+    undecodable = []
+    for rel in manifest["path"]:
+        try:
+            with Image.open(root / rel) as img:
+                img.load()
+        except (FileNotFoundError, UnidentifiedImageError, OSError):
+            undecodable.append(rel)
+    if undecodable:
+        problems.append(f"{len(undecodable)} image(s) missing or not decodable, "
+                        f"e.g. {', '.join(undecodable[:3])}")
+    counts, class_counts = summarize(manifest, meta["classes"])
+    return {"version": tag, "ok": not problems, "problems": problems, "images": len(manifest),
+            "counts": counts, "class_counts": class_counts, "classes": meta["classes"]}

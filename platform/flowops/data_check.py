@@ -1,0 +1,32 @@
+"""The data_check workload: validate a data version, log the summary to MLflow, fail if invalid."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flowops import data, tracking
+from flowops.errors import InvalidInput
+from flowops.settings import Settings
+
+EXPERIMENT = "data-checks"
+
+
+def run_data_check(settings: Settings, version: str | None) -> dict[str, Any]:
+    import mlflow
+
+    summary = data.check_version(settings, version)
+    with tracking.start_run(settings, EXPERIMENT, run_name=f"data-check-{summary['version']}"):
+        mlflow.set_tags({"data_version": summary["version"], "workload": "data_check",
+                         "ok": str(summary["ok"]).lower()})
+        mlflow.log_param("data_version", summary["version"])
+        mlflow.log_metric("images", summary["images"])
+        for split, n in summary["counts"].items():
+            mlflow.log_metric(f"count_{split}", n)
+        mlflow.log_dict(summary, "data_check.json")
+    print(json.dumps(summary, indent=2))
+    if not summary["ok"]:
+        raise InvalidInput(f"data version {summary['version']} is invalid: "
+                           + "; ".join(summary["problems"]))
+    print(f"data version {summary['version']} OK: {summary['images']} images, {summary['counts']}")
+    return summary

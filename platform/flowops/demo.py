@@ -1,0 +1,309 @@
+"""The main job on the embedded stack (`make demo` / `flowops demo`): the whole FlowOps story.
+
+up → data init → train v1 on 2 Ray Train workers → validate → promote + deploy → pseudo-label the
+pool → the loop controller starts → simulated labelers label the most uncertain images → the
+threshold is reached → v2 is fine-tuned from v1 → canary under generated traffic with feedback →
+promoted; then a deliberately bad model (undertrained from scratch, validated against a lowered
+gate) goes through the canary and is rolled back automatically. Ends with the timeline and URLs.
+
+`TrafficGenerator` (also used by the loop's tests and benchmark) sends holdout images to the
+serving app on 127.0.0.1 at a bounded rate and reports the true label of some as feedback.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowops import data, jobs, labels, loop, stack, timeline
+from flowops.errors import ClusterUnavailable, FlowOpsError, JobFailed
+from flowops.settings import Settings
+
+
+class DemoConfig(BaseModel):
+    """Sizes of the demo (small enough for ~10 minutes on 2 CPU cores)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: int = Field(60, ge=1, description="Labels that trigger the retrain.")
+    epochs_v1: int = Field(30, ge=1)
+    lr_v1: float = Field(0.01, gt=0)
+    epochs_finetune: int = Field(10, ge=1)
+    lr_finetune: float = Field(0.005, gt=0)
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0, description="Fractional, to fit beside serving.")
+    rate_per_s: float = Field(25.0, gt=0, le=200, description="Generated requests per second.")
+    feedback_share: float = Field(0.5, ge=0, le=1)
+    min_requests: int = Field(40, ge=1)
+    min_duration_s: float = Field(4.0, ge=0)
+    bad_gate: float = Field(0.05, ge=0, le=1, description="Lowered gate for the bad model.")
+    timeout_s: float = Field(900, gt=0, description="Longest wait for one rollout.")
+
+
+# Traffic -----------------------------------------------------------------------------------------
+
+
+class TrafficGenerator:
+    """Bounded synthetic users on 127.0.0.1: predict a holdout image, then (sometimes) send its
+    true label as feedback. Counts every request and every failed one (5xx or no answer)."""
+
+    def __init__(self, settings: Settings, rate_per_s: float = 25.0, feedback_share: float = 0.5,
+                 seed: int = 0, max_requests: int = 200_000):
+        self.url = f"http://127.0.0.1:{settings.serve_port}"
+        self.rate_per_s = min(rate_per_s, 200.0)
+        self.feedback_share = feedback_share
+        self.max_requests = max_requests
+        self.rng = random.Random(seed)
+        self.images, self.truth = _holdout_images(settings)
+        self.sent = self.failed = self.feedback = 0
+        self.by_version: dict[str, int] = {}
+        self.failures: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> TrafficGenerator:
+        self._thread = threading.Thread(target=self._run, name="flowops-traffic", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        return {"sent": self.sent, "failed": self.failed, "feedback": self.feedback,
+                "by_version": dict(self.by_version), "failures": self.failures[-5:]}
+
+    def _run(self) -> None:
+        import httpx
+
+        interval = 1.0 / self.rate_per_s
+        with httpx.Client(timeout=10.0) as client:
+            while not self._stop.is_set() and self.sent < self.max_requests:
+                started = time.monotonic()
+                self._one(client)
+                self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def _one(self, client) -> None:
+        import httpx
+
+        i = self.rng.randrange(len(self.images))
+        self.sent += 1
+        try:
+            resp = client.post(f"{self.url}/predict", json={
+                "instances": [self.images[i]], "routing_key": f"user-{self.rng.random()}"})
+        except httpx.HTTPError as exc:
+            self.failed += 1
+            self.failures.append((time.time(), type(exc).__name__))
+            return
+        if resp.status_code >= 500:
+            self.failed += 1
+            self.failures.append((time.time(), f"HTTP {resp.status_code}"))
+            return
+        if resp.status_code != 200:
+            return
+        pred = resp.json()["predictions"][0]
+        version = str(pred["model_version"])
+        self.by_version[version] = self.by_version.get(version, 0) + 1
+        if self.rng.random() < self.feedback_share:
+            try:
+                fb = client.post(f"{self.url}/feedback",
+                                 json={"request_id": pred["request_id"], "label": self.truth[i]})
+                self.feedback += fb.status_code == 200
+            except httpx.HTTPError:
+                pass
+
+
+def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str]]:
+    from PIL import Image
+
+    version = loop.latest_data_version(settings)
+    root = data.materialize(settings, version)
+    manifest = data.read_manifest(settings, version)
+    rows = manifest[manifest["split"] == "holdout"]
+    images, truth = [], []
+    for row in rows.itertuples(index=False):
+        with Image.open(root / row.path) as img:
+            images.append(np.asarray(img.convert("L"), dtype=np.uint8).tolist())
+        truth.append(row.label)
+    if not images:
+        raise FlowOpsError("the latest data version has no holdout images to send as traffic")
+    return images, truth
+
+
+# The story -----------------------------------------------------------------------------------
+
+
+def _train_job(settings: Settings, run_name: str, args: list[str], say) -> str:
+    """Train as a Ray job (resumable pipeline); returns the registered model version."""
+    pid = f"demo-{run_name}-{int(time.time())}"
+    args = [*args, "--run-name", run_name, "--data-version", loop.latest_data_version(settings)]
+    jobs.run_pipeline(settings, "demo-train", [jobs.Step("train", "train", args)],
+                      pipeline_id=pid, on_event=lambda run, step: say(
+                          f"   job {step.job_id}: {step.status}"))
+    return loop._registered_version(settings, run_name)
+
+
+def wait_rollout(settings: Settings, rid: str, timeout_s: float, say) -> dict[str, Any]:
+    """Follow a rollout's events until it is done; print each as it happens."""
+    deadline = time.monotonic() + timeout_s
+    printed: set[str] = set()
+    while time.monotonic() < deadline:
+        for event in timeline.read_events(settings, rid):
+            if event["key"] not in printed:
+                printed.add(event["key"])
+                say(f"   {time.strftime('%H:%M:%S', time.localtime(event['ts']))} "
+                    f"{rid} {_describe(event)}")
+        record = loop.read_state(settings)["rollouts"].get(rid, {})
+        if record.get("stage") == "done":
+            return record
+        _check_controller(settings)
+        time.sleep(1.0)
+    raise JobFailed(f"rollout {rid} did not finish within {timeout_s:.0f}s; "
+                    "see `flowops loop status`")
+
+
+def _check_controller(settings: Settings) -> None:
+    info = jobs.info(settings, loop.controller_submission_id(settings))
+    if info.status in jobs.TERMINAL:
+        raise JobFailed(jobs.failure_message(settings, info))
+
+
+def _describe(event: dict[str, Any]) -> str:
+    name = event["event"]
+    extra = {
+        "retrain_triggered": lambda e: f"({e.get('reason')})",
+        "data_version_cut": lambda e: f"{e.get('data_version')} ({e.get('labels')} human labels)",
+        "training_started": lambda e: f"fine-tuning v{e.get('base_version')} on "
+                                      f"{e.get('data_version')}",
+        "training_done": lambda e: f"model v{e.get('version')}",
+        "canary_started": lambda e: f"v{e.get('version')} at {e.get('weight')}% beside "
+                                    f"v{e.get('stable')}",
+        "analysis_step": lambda e: f"{e.get('weight')}% passed "
+                                   f"({e.get('evidence', {}).get('canary_requests')} canary "
+                                   "requests)",
+        "analysis_done": lambda e: f"{e.get('decision')}: {'; '.join(e.get('reasons', []))[:200]}",
+        "rolled_back": lambda e: f"100% stable {e.get('rollback_s')}s after the decisive evidence",
+        "promoted": lambda e: f"v{e.get('version')} serves 100% and is production",
+    }.get(name, lambda e: f"v{e.get('version') or '-'}")
+    return f"{name}: {extra(event)}"
+
+
+def run_demo(settings: Settings, say: Callable[[str], None] = print,
+             config: DemoConfig | None = None) -> dict[str, Any]:
+    """The whole story; returns the timeline."""
+    from flowops import registry, serving
+
+    cfg = config or DemoConfig()
+    say("1/8 starting the embedded stack (Ray, Serve, MLflow store, data workspace)")
+    stack.up(settings)
+    if data.latest_version(settings) is None:
+        say("2/8 writing the default dataset (scikit-learn digits) as data version v1")
+        data.init_dataset(settings)
+    else:
+        say(f"2/8 data version {data.latest_version(settings)} already exists")
+
+    prod = loop.production_version(settings)
+    if prod is None:
+        say(f"3/8 training model v1 on {cfg.workers} Ray Train workers (a Ray job)")
+        prod = _train_job(settings, f"demo-v1-{loop._home_tag(settings)}",
+                          ["--epochs", str(cfg.epochs_v1), "--lr", str(cfg.lr_v1),
+                           "--workers", str(cfg.workers),
+                           "--cpus-per-worker", str(cfg.cpus_per_worker)], say)
+        report = registry.validate_version(settings, prod)
+        say(f"   validated v{prod}: {_gate_summary(report)}")
+        registry.promote(settings, prod)
+        say(f"   v{prod} is production")
+    else:
+        say(f"3/8 production model is v{prod} already")
+    serving.deploy(settings, stable=prod)
+    say(f"   serving v{prod} at {settings.serve_url} (docs: {settings.serve_url}/docs)")
+
+    say("4/8 pseudo-labeling the unlabeled pool with production (Ray Data job)")
+    jobs.run(settings, "pseudo_label", ["--model-uri", f"models:/{settings.model_name}/{prod}",
+                                        "--data-version", loop.latest_data_version(settings)],
+             metadata={"demo": "bootstrap"})
+
+    say(f"5/8 starting the loop controller (threshold {cfg.threshold} labels) and user traffic")
+    try:
+        loop.stop_controller(settings)
+    except FlowOpsError:
+        pass
+    loop.start_controller(settings, loop.LoopConfig(
+        threshold=cfg.threshold, epochs=cfg.epochs_finetune, workers=cfg.workers,
+        cpus_per_worker=cfg.cpus_per_worker, poll_s=1.0,
+        train_args=["--lr", str(cfg.lr_finetune)],
+        analysis=loop.AnalysisConfig(min_requests=cfg.min_requests,
+                                     min_duration_s=cfg.min_duration_s)))
+    traffic = TrafficGenerator(settings, cfg.rate_per_s, cfg.feedback_share).start()
+    try:
+        say(f"6/8 simulated labelers label the {cfg.threshold} most uncertain images")
+        before = set(loop.read_state(settings)["order"])
+        result = loop.simulate_labels(settings, cfg.threshold)
+        say(f"   {result['recorded']} labels from the {result['from']}; "
+            f"inbox {labels.counts(settings)['new']} new")
+        rid = _wait_new_rollout(settings, before)
+        good = wait_rollout(settings, rid, cfg.timeout_s, say)
+        say(f"   {rid}: {good.get('status')}")
+
+        say("7/8 a deliberately bad model: trained from scratch for 2 epochs at a tiny learning "
+            f"rate, validated against a lowered gate ({cfg.bad_gate:.2f})")
+        bad = _train_job(settings, f"demo-bad-{loop._home_tag(settings)}-{int(time.time())}",
+                         ["--epochs", "2", "--lr", "0.001", "--workers", "1"], say)
+        rid = loop.submit_candidate(settings, bad, gate=_lowered_gate(cfg.bad_gate),
+                                    reason="demo: a bad model goes through the canary")
+        bad_record = wait_rollout(settings, rid, cfg.timeout_s, say)
+        say(f"   {rid}: {bad_record.get('status')}")
+    finally:
+        summary = traffic.stop()
+        try:
+            loop.stop_controller(settings)
+        except FlowOpsError:
+            pass
+    say(f"   traffic: {summary['sent']} requests, {summary['failed']} failed, "
+        f"{summary['feedback']} feedback labels; per version {summary['by_version']}")
+
+    say("8/8 timeline (`flowops loop report`)")
+    rows = timeline.timeline(settings)
+    for line in timeline.format_timeline(rows):
+        say("   " + line)
+    say("")
+    say(f"Ray dashboard : {settings.job_api}/#/jobs")
+    say(f"MLflow UI     : run `flowops ui`, then http://127.0.0.1:{settings.mlflow_ui_port} "
+        "(experiments train, rollouts)")
+    say(f"API docs      : {settings.serve_url}/docs")
+    return {"timeline": rows, "traffic": summary}
+
+
+def _wait_new_rollout(settings: Settings, before: set[str], timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = [r for r in loop.read_state(settings)["order"] if r not in before]
+        if new:
+            return new[0]
+        _check_controller(settings)
+        time.sleep(0.5)
+    raise ClusterUnavailable("the loop controller did not pick up the labels within "
+                             f"{timeout_s:.0f}s; see `flowops loop status`")
+
+
+def _gate_summary(report: Any) -> str:
+    if isinstance(report, dict):
+        keys = [k for k in ("holdout_accuracy", "accuracy", "macro_f1") if k in report]
+        if keys:
+            return ", ".join(f"{k} {report[k]:.3f}" for k in keys
+                             if isinstance(report[k], int | float))
+    return "passed"
+
+
+def _lowered_gate(min_accuracy: float) -> dict[str, Any]:
+    """The registry gate, lowered for the demo's bad model (floor and regression tolerance)."""
+    return {"min_accuracy": min_accuracy, "max_regression": 1.0}

@@ -1,0 +1,121 @@
+"""Evaluation: a data version's images as arrays, and a model's metrics on them.
+
+Training (final holdout metrics), the validation gate (candidate vs production on the same
+holdout) and `models reproduce` all measure through here, so the numbers are comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flowops.errors import InvalidInput
+from flowops.settings import Settings
+
+
+@dataclass
+class Split:
+    """Images (N, S, S) float32 in [0, 1] and integer labels (indices into `classes`)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_images(root: Path, paths: list[str], image_size: int) -> np.ndarray:
+    """Decode image files (relative to a materialized data version) the way serving does."""
+    from flowops.model import decode_image
+
+    if not paths:
+        return np.zeros((0, image_size, image_size), dtype=np.float32)
+    return np.stack([decode_image((root / p).read_bytes(), image_size) for p in paths])
+
+
+def split_from_rows(root: Path, rows: pd.DataFrame, classes: list[str], image_size: int) -> Split:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(rows["label"]) - set(index))
+    if unknown:
+        raise InvalidInput(f"labels {unknown} are not among the data version's classes {classes}")
+    return Split(
+        x=load_images(root, list(rows["path"]), image_size),
+        y=np.array([index[label] for label in rows["label"]], dtype=np.int64),
+        ids=list(rows["id"]),
+    )
+
+
+def holdout_split(settings: Settings, version: str) -> tuple[Split, list[str], int]:
+    """The holdout images of a data version, with its classes and image size."""
+    from flowops import data
+
+    root = data.materialize(settings, version)
+    meta = data.read_meta(settings, version)
+    manifest = data.read_manifest(settings, version)
+    rows = manifest[manifest["split"] == "holdout"]
+    if rows.empty:
+        raise InvalidInput(f"data version {version} has no holdout images to evaluate on")
+    classes, size = list(meta["classes"]), int(meta["image_size"])
+    return split_from_rows(root, rows, classes, size), classes, size
+
+
+def predict(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Predicted class indices for images (N, S, S)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).unsqueeze(1)
+            out.append(model(batch.to(device)).argmax(dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class F1 and the confusion matrix (rows: true, columns: predicted)."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    labels = list(range(len(classes)))
+    per_class = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    return {
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class_f1": {c: float(f) for c, f in zip(classes, per_class, strict=True)},
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "n": int(len(y_true)),
+    }
+
+
+def evaluate_model(model, split: Split, classes: list[str]) -> dict[str, Any]:
+    return classification_metrics(split.y, predict(model, split.x), classes)
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str], title: str = "holdout"):
+    """A matplotlib figure of the confusion matrix (Agg backend, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(classes), 1.0 + 0.45 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix ({title})")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > threshold else "black")
+    fig.tight_layout()
+    return fig

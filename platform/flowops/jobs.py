@@ -1,0 +1,367 @@
+"""The job submission layer: every workload is a Ray job (`python -m jobs.<name> ...`).
+
+Submits through Ray's `JobSubmissionClient` with the runtime environment a workload needs (the
+project as working directory, the platform's settings as environment variables), readable
+submission ids and metadata; follows, waits for, stops and lists jobs; and runs **pipelines**
+(ordered jobs, each started when the previous one succeeded), recorded durably in the home folder.
+
+Pipelines are resumable: a step's submission id is derived from the pipeline id, so a runner that
+restarts (a controller killed mid-pipeline) adopts the job it had already submitted instead of
+starting a duplicate.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import shlex
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, JobFailed, NotFound
+from flowops.settings import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+WORKING_DIR_EXCLUDES = [
+    ".git", ".venv", ".flowops", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
+    "tests/benchmarks/*.json", "*.egg-info", "build", "dist", "docs", "cluster", ".whl", ".gl",
+]
+
+
+@dataclass
+class JobInfo:
+    id: str
+    workload: str
+    status: str
+    entrypoint: str
+    start_time: float | None
+    end_time: float | None
+    message: str
+    metadata: dict[str, str]
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.start_time is None:
+            return None
+        end = self.end_time or time.time()
+        return round(end - self.start_time, 1)
+
+
+def known_workloads() -> list[str]:
+    """The entrypoints in `jobs/` (module names, without the package's private modules)."""
+    import jobs as jobs_pkg
+
+    folder = Path(next(iter(jobs_pkg.__path__)))
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _check_workload(workload: str) -> None:
+    known = known_workloads()
+    if workload not in known:
+        raise InvalidInput(f"unknown workload {workload!r}; known workloads: {', '.join(known)}")
+
+
+def client(settings: Settings):
+    """A JobSubmissionClient for the configured cluster, sending the token."""
+    from flowops.stack import apply_ray_auth_env, require_cluster
+
+    apply_ray_auth_env(settings)  # before Ray is imported: it reads RAY_AUTH_MODE once
+    require_cluster(settings)
+    from ray.job_submission import JobSubmissionClient
+    try:
+        return JobSubmissionClient(settings.job_api)
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare exceptions for connection errors
+        raise ClusterUnavailable(f"cannot reach the Ray job API at {settings.job_api}: {exc}") from None
+
+
+def runtime_env(settings: Settings, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The project as working directory when running from a checkout, and the platform settings."""
+    from flowops.tracking import project_commit
+
+    env = {**settings.job_env(), "FLOWOPS_GIT_COMMIT": project_commit(), **(extra_env or {})}
+    renv: dict[str, Any] = {"env_vars": env}
+    if (PROJECT_ROOT / "jobs").is_dir() and (PROJECT_ROOT / "pyproject.toml").exists():
+        renv["working_dir"] = str(PROJECT_ROOT)
+        renv["excludes"] = WORKING_DIR_EXCLUDES
+    return renv
+
+
+def new_submission_id(workload: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{workload.replace('_', '-')}-{stamp}-{uuid.uuid4().hex[:4]}"
+
+
+def submit(
+    settings: Settings,
+    workload: str,
+    args: list[str] | None = None,
+    *,
+    submission_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+    entrypoint_num_cpus: float = 0,
+    entrypoint_num_gpus: float = 0,
+    extra_env: dict[str, str] | None = None,
+) -> str:
+    """Submit `python -m jobs.<workload> ARGS` as a Ray job; returns its submission id."""
+    _check_workload(workload)
+    args = [str(a) for a in (args or [])]
+    job_client = client(settings)
+    sid = submission_id or new_submission_id(workload)
+    meta = {"workload": workload, "user": getpass.getuser(), **(metadata or {})}
+    meta = {k: str(v) for k, v in meta.items() if v is not None}
+    try:
+        job_client.submit_job(
+            entrypoint=shlex.join(["python", "-m", f"jobs.{workload}", *args]),
+            submission_id=sid,
+            runtime_env=runtime_env(settings, extra_env),
+            metadata=meta,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=entrypoint_num_gpus,
+        )
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc)
+        if "already exists" in text:
+            raise Conflict(f"a job with submission id {sid!r} already exists") from None
+        raise ClusterUnavailable(f"submitting {workload} failed: {text.splitlines()[0]}") from None
+    _record_metric("submitted", workload)
+    return sid
+
+
+def _record_metric(event: str, workload: str, duration_s: float | None = None) -> None:
+    """Platform job metrics (observability); a no-op when the metrics module is absent."""
+    try:
+        from flowops import metrics
+    except ImportError:
+        return
+    hook = getattr(metrics, "record_job_event", None)
+    if hook:
+        hook(event, workload, duration_s)
+
+
+def info(settings: Settings, job_id: str, job_client=None) -> JobInfo:
+    job_client = job_client or client(settings)
+    try:
+        details = job_client.get_job_info(job_id)
+    except Exception:  # noqa: BLE001
+        raise NotFound(f"no job {job_id!r} on {settings.job_api}; see `flowops jobs list`") from None
+    return _to_info(details)
+
+
+def _to_info(details) -> JobInfo:
+    meta = dict(details.metadata or {})
+    entry = details.entrypoint or ""
+    match = re.search(r"-m jobs\.(\w+)", entry)
+    return JobInfo(
+        id=details.submission_id or details.job_id or "",
+        workload=meta.get("workload") or (match.group(1) if match else "-"),
+        status=str(getattr(details.status, "value", details.status)),
+        entrypoint=entry,
+        start_time=details.start_time / 1000 if details.start_time else None,
+        end_time=details.end_time / 1000 if details.end_time else None,
+        message=details.message or "",
+        metadata=meta,
+    )
+
+
+def list_jobs(settings: Settings) -> list[JobInfo]:
+    jobs = [_to_info(d) for d in client(settings).list_jobs() if d.submission_id]
+    return sorted(jobs, key=lambda j: j.start_time or 0)
+
+
+def logs(settings: Settings, job_id: str) -> str:
+    job_client = client(settings)
+    info(settings, job_id, job_client)
+    return job_client.get_job_logs(job_id)
+
+
+def stop(settings: Settings, job_id: str) -> bool:
+    job_client = client(settings)
+    info(settings, job_id, job_client)
+    return job_client.stop_job(job_id)
+
+
+def wait(
+    settings: Settings,
+    job_id: str,
+    *,
+    timeout_s: float | None = None,
+    on_log: Callable[[str], None] | None = None,
+    on_poll: Callable[[JobInfo], None] | None = None,
+    poll_s: float = 1.0,
+) -> JobInfo:
+    """Wait for a job to end, passing new log text to `on_log` as it arrives and each polled
+    status to `on_poll` (e.g. a heartbeat)."""
+    job_client = client(settings)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    seen = 0
+    while True:
+        current = info(settings, job_id, job_client)
+        if on_poll:
+            on_poll(current)
+        if on_log:
+            text = job_client.get_job_logs(job_id)
+            if len(text) > seen:
+                on_log(text[seen:])
+                seen = len(text)
+        if current.status in TERMINAL:
+            if current.status == "FAILED":
+                _record_metric("failed", current.workload, current.duration_s)
+            else:
+                _record_metric("finished", current.workload, current.duration_s)
+            return current
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobFailed(f"job {job_id} still {current.status} after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+def run(settings: Settings, workload: str, args: list[str] | None = None, **kwargs) -> JobInfo:
+    """Submit and wait; raise JobFailed with the job's last log line if it did not succeed."""
+    on_log = kwargs.pop("on_log", None)
+    timeout_s = kwargs.pop("timeout_s", None)
+    job_id = submit(settings, workload, args, **kwargs)
+    result = wait(settings, job_id, timeout_s=timeout_s, on_log=on_log)
+    if result.status != "SUCCEEDED":
+        raise JobFailed(failure_message(settings, result))
+    return result
+
+
+def failure_message(settings: Settings, job: JobInfo) -> str:
+    """One line: which job failed and the last error line of its logs."""
+    reason = job.message
+    try:
+        lines = [ln for ln in logs(settings, job.id).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "rror" in ln or ln.startswith("error:")]
+        if errors or lines:
+            reason = (errors or lines)[-1].strip()
+    except Exception:  # noqa: BLE001 - the message is best effort
+        pass
+    return f"job {job.id} ({job.workload}) {job.status}: {reason[:300]}"
+
+
+# Pipelines -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    name: str
+    workload: str
+    args: list[str] = field(default_factory=list)
+    status: str = "PENDING"  # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, SKIPPED
+    job_id: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    message: str = ""
+
+
+@dataclass
+class PipelineRun:
+    id: str
+    name: str
+    steps: list[Step]
+    status: str = "PENDING"
+    created: float = field(default_factory=time.time)
+    ended: float | None = None
+    message: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PipelineRun:
+        steps = [Step(**s) for s in raw.pop("steps")]
+        return cls(steps=steps, **raw)
+
+
+def _pipeline_path(settings: Settings, pipeline_id: str) -> Path:
+    return settings.pipelines_dir / f"{pipeline_id}.json"
+
+
+def save_pipeline(settings: Settings, run_: PipelineRun) -> None:
+    from flowops.stack import atomic_write_text
+
+    settings.pipelines_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_pipeline_path(settings, run_.id), json.dumps(run_.to_dict(), indent=2))
+
+
+def load_pipeline(settings: Settings, pipeline_id: str) -> PipelineRun | None:
+    path = _pipeline_path(settings, pipeline_id)
+    if not path.exists():
+        return None
+    return PipelineRun.from_dict(json.loads(path.read_text()))
+
+
+def list_pipelines(settings: Settings) -> list[PipelineRun]:
+    if not settings.pipelines_dir.is_dir():
+        return []
+    runs = [PipelineRun.from_dict(json.loads(p.read_text()))
+            for p in settings.pipelines_dir.glob("*.json")]
+    return sorted(runs, key=lambda r: r.created)
+
+
+def run_pipeline(
+    settings: Settings,
+    name: str,
+    steps: list[Step],
+    *,
+    pipeline_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+    on_event: Callable[[PipelineRun, Step], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+    on_poll: Callable[[JobInfo], None] | None = None,
+    step_timeout_s: float | None = None,
+) -> PipelineRun:
+    """Run steps in order; each starts when the previous succeeded. Resumes a recorded run.
+
+    Raises JobFailed naming the failed step; the record says which steps ran and how.
+    """
+    for step in steps:
+        _check_workload(step.workload)
+    pid = pipeline_id or new_submission_id(name)
+    run_ = load_pipeline(settings, pid) or PipelineRun(
+        id=pid, name=name, steps=steps, metadata=dict(metadata or {})
+    )
+    if run_.status == "SUCCEEDED":
+        return run_
+    if run_.status in TERMINAL:  # a recorded failure stays a failure: it is not silently re-run
+        raise JobFailed(f"pipeline {pid} already ended {run_.status}: {run_.message}")
+    run_.status = "RUNNING"
+    save_pipeline(settings, run_)
+    for index, step in enumerate(run_.steps):
+        if step.status == "SUCCEEDED":
+            continue
+        job_id = step.job_id or f"{pid}--{index}-{step.name}"
+        if step.job_id is None:
+            step.job_id, step.started, step.status = job_id, time.time(), "RUNNING"
+            save_pipeline(settings, run_)  # recorded before submitting: a restart adopts it
+            if on_event:
+                on_event(run_, step)
+            try:
+                submit(settings, step.workload, step.args, submission_id=job_id,
+                       metadata={"pipeline": pid, "step": step.name, **run_.metadata})
+            except Conflict:
+                pass  # submitted before a restart: adopt the existing job
+        result = wait(settings, job_id, on_log=on_log, on_poll=on_poll, timeout_s=step_timeout_s)
+        step.status, step.ended = result.status, result.end_time or time.time()
+        if result.status != "SUCCEEDED":
+            step.message = failure_message(settings, result)
+            run_.status, run_.ended = "FAILED", time.time()
+            run_.message = f"step {step.name!r} {result.status}: {step.message}"
+            for later in run_.steps[index + 1:]:
+                later.status = "SKIPPED"
+            save_pipeline(settings, run_)
+            if on_event:
+                on_event(run_, step)
+            raise JobFailed(f"pipeline {pid} stopped at step {step.name!r}: {step.message}")
+        save_pipeline(settings, run_)
+        if on_event:
+            on_event(run_, step)
+    run_.status, run_.ended = "SUCCEEDED", time.time()
+    save_pipeline(settings, run_)
+    return run_

@@ -1,0 +1,471 @@
+"""Batch pseudo-labeling: run a registered model over a pool of a data version with Ray Data.
+
+    manifest rows of the pool (id, path)          streamed in blocks of --batch-size rows
+      -> map_batches(load_images)                 Ray tasks: read + decode + size rule
+      -> map_batches(Predictor, ActorPoolStrategy) stateful model actors (GPUs if asked)
+      -> driver streams the result into predictions.parquet (+ errors.csv for bad files)
+
+Only the (id, path) list is held in memory; images are read inside the pipeline, so pools larger
+than memory work. Bad files (unreadable, corrupt, truncated, not an image, wrongly sized under
+`size_rule="exact"`) become rows of `errors.csv`; they never fail the job.
+
+The output is versioned: a new data version adds `data/predictions.parquet` and
+`data/predictions_errors.csv` (and, with `accept_threshold`, `data/pseudo_labels.csv`). The run is
+logged to MLflow (experiment `pseudo-labeling`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowops import data
+from flowops.errors import InvalidInput, NotFound
+from flowops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "pseudo-labeling"
+PREDICTIONS_FILE = "predictions.parquet"
+ERRORS_FILE = "predictions_errors.csv"
+PSEUDO_LABELS_FILE = "pseudo_labels.csv"
+PSEUDO_COLUMNS = ["id", "label", "score", "model_version"]
+POOLS = ("unlabeled", "train", "holdout", "all")
+
+
+class PseudoLabelConfig(BaseModel):
+    """What to score with which model, and how much of the cluster to use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_uri: str | None = Field(None, description="Default: models:/<model_name>@production.")
+    data_version: str | None = Field(None, description="Data version to score (default: latest).")
+    pool: Literal["unlabeled", "train", "holdout", "all"] = "unlabeled"
+    batch_size: int = Field(1024, ge=1, le=65536, description="Images per model call.")
+    actors: int = Field(1, ge=1, le=256, description="Model actors in the pool.")
+    cpus_per_actor: float = Field(0.5, gt=0, le=64, description="CPUs reserved per model actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, le=8, description="GPUs per model actor.")
+    size_rule: Literal["resize", "exact"] = Field(
+        "resize", description="resize: any size is resized; exact: other sizes are bad files."
+    )
+    accept_threshold: float | None = Field(
+        None, gt=0, le=1, description="Also accept predictions with score >= this as pseudo-labels."
+    )
+    version_output: bool = Field(True, description="Cut a data version holding the predictions.")
+    output_dir: Path | None = Field(None, description="Where to write (default: home/batch/<run>).")
+    limit: int | None = Field(None, ge=1, description="Score only the first N images of the pool.")
+
+
+@dataclass
+class PseudoLabelResult:
+    model_name: str
+    model_version: str
+    data_version: str
+    pool: str
+    images: int
+    scored: int
+    errors: int
+    duration_s: float
+    images_per_s: float
+    predictions_path: str
+    errors_path: str
+    output_version: str | None = None
+    accepted: int | None = None
+    run_id: str | None = None
+    class_counts: dict[str, int] = field(default_factory=dict)
+    score_histogram: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Resolving inputs ---------------------------------------------------------------------------------
+
+
+def default_model_uri(settings: Settings) -> str:
+    return f"models:/{settings.model_name}@production"
+
+
+def resolve_data_version(settings: Settings, version: str | None) -> str:
+    """`latest`/None -> the newest data version; otherwise the version, checked to exist."""
+    return data.resolve_version(settings, version)
+
+
+def pool_rows(manifest: pd.DataFrame, pool: str) -> pd.DataFrame:
+    if pool not in POOLS:
+        raise InvalidInput(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
+    rows = manifest if pool == "all" else manifest[manifest["split"] == pool]
+    return rows[["id", "path"]].reset_index(drop=True)
+
+
+# The Ray Data pipeline ----------------------------------------------------------------------------
+
+
+def load_images(batch: dict[str, np.ndarray], root: str, image_size: int, size_rule: str) -> dict:
+    """Read and decode a batch of files; a bad file gets a zero image and an error message."""
+    import io
+
+    from PIL import Image
+
+    from flowops.model import decode_image
+
+    n = len(batch["id"])
+    pixels = np.zeros((n, image_size, image_size), dtype=np.float32)
+    errors = []
+    for i, rel in enumerate(batch["path"]):
+        try:
+            raw = Path(root, rel).read_bytes()
+        except OSError as exc:
+            errors.append(f"unreadable file: {exc.strerror or exc}")
+            continue
+        try:
+            if size_rule == "exact":
+                with Image.open(io.BytesIO(raw)) as img:
+                    if img.size != (image_size, image_size):
+                        w, h = img.size
+                        errors.append(f"wrong size {w}x{h}, expected {image_size}x{image_size}")
+                        continue
+            pixels[i] = decode_image(raw, image_size)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure makes this file a bad file
+            errors.append(str(exc).splitlines()[0][:200] or type(exc).__name__)
+            continue
+        errors.append("")
+    return {"id": batch["id"], "path": batch["path"], "pixels": pixels,
+            "error": np.asarray(errors, dtype=object)}
+
+
+class Predictor:
+    """A stateful model actor: holds the model once, scores decoded batches."""
+
+    def __init__(self, model, device: str = "cpu"):
+        import torch
+
+        self.device = device
+        self.model = model.to(device).eval()
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from flowops.model import predict_proba, to_batch
+
+        probs = predict_proba(self.model, to_batch(batch["pixels"]))
+        return {"id": batch["id"], "path": batch["path"], "error": batch["error"],
+                "probabilities": probs.astype(np.float32)}
+
+
+def ensure_ray(settings: Settings) -> None:
+    """Connect this process to the cluster: inside a Ray job the job's, else the platform's."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from flowops.stack import apply_ray_auth_env
+
+    apply_ray_auth_env(settings)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(address=settings.gcs_address, log_to_driver=False)
+
+
+def score_batches(
+    rows: pd.DataFrame, root: Path, model, cfg: PseudoLabelConfig
+) -> Iterator[dict[str, np.ndarray]]:
+    """Stream scored batches (id, path, error, probabilities) of `rows` through Ray Data."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    size = model.image_size
+    chunks = [rows.iloc[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    ds = ray.data.from_pandas(chunks or [rows])
+    ds = ds.map_batches(
+        load_images, batch_size=cfg.batch_size, batch_format="numpy",
+        fn_kwargs={"root": str(root), "image_size": size, "size_rule": cfg.size_rule},
+        num_cpus=cfg.cpus_per_actor,
+    )
+    device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
+    ds = ds.map_batches(
+        Predictor, batch_size=cfg.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model": model, "device": device},
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+
+
+# Writing the output -------------------------------------------------------------------------------
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()), ("path", pa.string()), ("label", pa.string()),
+        ("score", pa.float32()), ("probabilities", pa.list_(pa.float32())),
+        ("entropy", pa.float32()), ("margin", pa.float32()),
+        ("model_version", pa.string()), ("data_version", pa.string()),
+    ])
+
+
+@dataclass
+class _Tally:
+    scored: int = 0
+    errors: int = 0
+    classes: Counter = field(default_factory=Counter)
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(10, dtype=np.int64))
+
+
+def write_predictions(
+    batches: Iterator[dict[str, np.ndarray]], classes: list[str], model_version: str,
+    data_version: str, out_dir: Path, on_batch: Callable[[int], None] | None = None,
+) -> _Tally:
+    """Stream scored batches into predictions.parquet and bad files into the errors file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema = _schema()
+    tally = _Tally()
+    class_arr = np.asarray(classes, dtype=object)
+    with pq.ParquetWriter(out_dir / PREDICTIONS_FILE, schema) as writer, \
+            open(out_dir / ERRORS_FILE, "w") as err_fh:
+        err_fh.write("id,path,error\n")
+        for batch in batches:
+            bad = np.asarray([bool(e) for e in batch["error"]], dtype=bool)
+            for i in np.flatnonzero(bad):
+                err_fh.write(_csv_row(batch["id"][i], batch["path"][i], batch["error"][i]))
+            tally.errors += int(bad.sum())
+            good = ~bad
+            if not good.any():
+                continue
+            probs = np.asarray(batch["probabilities"])[good]
+            top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else None
+            score = probs.max(axis=1)
+            margin = (top2[:, 1] - top2[:, 0]) if top2 is not None else score
+            entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+            labels = class_arr[probs.argmax(axis=1)]
+            n = int(good.sum())
+            table = pa.table({
+                "id": pa.array(batch["id"][good].astype(str)),
+                "path": pa.array(batch["path"][good].astype(str)),
+                "label": pa.array(labels.astype(str)),
+                "score": pa.array(score.astype(np.float32)),
+                "probabilities": pa.ListArray.from_arrays(
+                    pa.array(np.arange(0, (n + 1) * probs.shape[1], probs.shape[1],
+                                       dtype=np.int32)),
+                    pa.array(probs.reshape(-1).astype(np.float32)),
+                ),
+                "entropy": pa.array(entropy.astype(np.float32)),
+                "margin": pa.array(margin.astype(np.float32)),
+                "model_version": pa.array([model_version] * n),
+                "data_version": pa.array([data_version] * n),
+            }, schema=schema)
+            writer.write_table(table)
+            tally.scored += n
+            tally.classes.update(labels.tolist())
+            tally.histogram += np.histogram(score, bins=10, range=(0.0, 1.0))[0]
+            if on_batch:
+                on_batch(tally.scored + tally.errors)
+    return tally
+
+
+def _csv_row(*values: Any) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([str(v) for v in values])
+    return buf.getvalue()
+
+
+# Accepting confident predictions ------------------------------------------------------------------
+
+
+def human_labeled_ids(settings: Settings, manifest: pd.DataFrame) -> set[str]:
+    """Images a person has labeled: in the label inbox, or labeled rows of the manifest."""
+    from flowops import labels as inbox
+
+    ids = set(manifest.loc[manifest["label"] != "", "id"])
+    with inbox.connect(settings) as conn:
+        ids.update(r[0] for r in conn.execute("SELECT DISTINCT image_id FROM labels"))
+    return ids
+
+
+def select_confident(
+    predictions: pd.DataFrame, threshold: float, exclude: set[str]
+) -> pd.DataFrame:
+    """Predictions with score >= threshold on images no human has labeled, as pseudo-label rows."""
+    if not 0 < threshold <= 1:
+        raise InvalidInput(f"confidence threshold {threshold} is outside (0, 1]")
+    picked = predictions[(predictions["score"] >= threshold) & ~predictions["id"].isin(exclude)]
+    picked = picked.drop_duplicates("id", keep="last")
+    return picked[PSEUDO_COLUMNS].reset_index(drop=True)
+
+
+def _replace_file(src: Path, dest: Path) -> None:
+    """Copy src to dest by writing a new file and renaming (dest may be a hard link to the cache)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _write_pseudo(settings: Settings, staging: Path, predictions: pd.DataFrame,
+                  threshold: float) -> int:
+    manifest = pd.read_csv(staging / "manifest.csv", dtype=str, keep_default_na=False)
+    picked = select_confident(predictions, threshold, human_labeled_ids(settings, manifest))
+    picked = picked[picked["id"].isin(set(manifest["id"]))]
+    tmp = staging / f".{PSEUDO_LABELS_FILE}.tmp"
+    picked.to_csv(tmp, index=False, float_format="%.6f")
+    os.replace(tmp, staging / PSEUDO_LABELS_FILE)
+    return len(picked)
+
+
+def accept_pseudo_labels(
+    settings: Settings, threshold: float, data_version: str | None = None
+) -> tuple[data.VersionInfo, int]:
+    """Cut a data version whose `pseudo_labels.csv` holds the confident predictions of a version.
+
+    Reads `predictions.parquet` of `data_version` (default latest); images labeled by people (the
+    inbox, labeled manifest rows) are left out. The manifest is never changed.
+    """
+    tag = resolve_data_version(settings, data_version)
+    predictions = read_predictions(settings, tag)
+    accepted: dict[str, int] = {}
+
+    def apply(staging: Path) -> None:
+        accepted["n"] = _write_pseudo(settings, staging, predictions, threshold)
+
+    model_versions = ",".join(sorted(set(predictions["model_version"]))) or "-"
+    info = data.cut_version(
+        settings, f"pseudo-labels: score >= {threshold} from model v{model_versions} "
+        f"(predictions of {tag})", apply,
+    )
+    return info, accepted.get("n", 0)
+
+
+def read_predictions(settings: Settings, version: str | None = None) -> pd.DataFrame:
+    """`predictions.parquet` of a data version; NotFound when no pseudo-label run wrote one."""
+    tag = resolve_data_version(settings, version)
+    path = data.materialize(settings, tag) / PREDICTIONS_FILE
+    if not path.exists():
+        raise NotFound(
+            f"data version {tag} holds no predictions; run `flowops pseudo-label` first"
+        )
+    return pd.read_parquet(path)
+
+
+# The workload -------------------------------------------------------------------------------------
+
+
+def run_pseudo_label(
+    settings: Settings, cfg: PseudoLabelConfig, on_progress: Callable[[str], None] | None = None
+) -> PseudoLabelResult:
+    """Score a pool with a registered model; write, version and log the predictions."""
+    import mlflow
+
+    from flowops import model as model_lib
+    from flowops import tracking
+
+    say = on_progress or (lambda msg: print(msg, flush=True))
+    # 1. The model first: an unknown URI fails before any data is read.
+    uri = cfg.model_uri or default_model_uri(settings)
+    name, version = model_lib.resolve_model_version(settings, uri)
+    tag = resolve_data_version(settings, cfg.data_version)
+    loaded = model_lib.load_model(settings, f"models:/{name}/{version}")
+    say(f"model {name} v{version} ({uri}); data version {tag}, pool {cfg.pool}")
+
+    root = data.materialize(settings, tag)
+    meta = json.loads((root / "meta.json").read_text())
+    if [str(c) for c in meta["classes"]] != [str(c) for c in loaded.classes]:
+        raise InvalidInput(
+            f"model {name} v{version} predicts classes {loaded.classes}, but data version {tag} "
+            f"has classes {meta['classes']}"
+        )
+    manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+    rows = pool_rows(manifest, cfg.pool)
+    if cfg.limit:
+        rows = rows.iloc[: cfg.limit]
+    if rows.empty:
+        raise InvalidInput(f"pool {cfg.pool!r} of data version {tag} is empty; nothing to score")
+
+    run_name = f"pseudo-label-{tag}-m{version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = cfg.output_dir or settings.home / "batch" / run_name
+    ensure_ray(settings)
+    say(f"scoring {len(rows)} images with {cfg.actors} actor(s), batch size {cfg.batch_size}")
+    started = time.perf_counter()
+    next_report = [0]
+
+    def progress(done: int) -> None:
+        if done >= next_report[0]:
+            say(f"  {done}/{len(rows)} images")
+            next_report[0] = done + max(len(rows) // 5, 1)
+
+    tally = write_predictions(
+        score_batches(rows, root, loaded.model, cfg), loaded.classes, version, tag, out_dir,
+        on_batch=progress,
+    )
+    duration = time.perf_counter() - started
+    rate = (tally.scored + tally.errors) / duration if duration > 0 else 0.0
+    hist = {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": int(n) for i, n in enumerate(tally.histogram)}
+    result = PseudoLabelResult(
+        model_name=name, model_version=version, data_version=tag, pool=cfg.pool,
+        images=len(rows), scored=tally.scored, errors=tally.errors,
+        duration_s=round(duration, 3), images_per_s=round(rate, 1),
+        predictions_path=str(out_dir / PREDICTIONS_FILE), errors_path=str(out_dir / ERRORS_FILE),
+        class_counts={c: int(tally.classes.get(c, 0)) for c in loaded.classes},
+        score_histogram=hist,
+    )
+    say(f"scored {tally.scored} images, {tally.errors} bad file(s), {rate:.0f} images/s")
+
+    if cfg.version_output:
+        predictions = pd.read_parquet(out_dir / PREDICTIONS_FILE)
+
+        def apply(staging: Path) -> None:
+            _replace_file(out_dir / PREDICTIONS_FILE, staging / PREDICTIONS_FILE)
+            _replace_file(out_dir / ERRORS_FILE, staging / ERRORS_FILE)
+            if cfg.accept_threshold is not None:
+                result.accepted = _write_pseudo(
+                    settings, staging, predictions, cfg.accept_threshold
+                )
+
+        info = data.cut_version(
+            settings, f"predictions of {name} v{version} on {tag}/{cfg.pool}: "
+            f"{tally.scored} scored, {tally.errors} bad", apply,
+        )
+        result.output_version = info.id
+        say(f"predictions versioned as data version {info.id}")
+
+    with tracking.start_run(settings, EXPERIMENT, run_name=run_name) as run:
+        mlflow.set_tags({"workload": "pseudo_label", "data_version": tag,
+                         "model_version": version, "model_name": name,
+                         "output_version": result.output_version or ""})
+        mlflow.log_params({"model_uri": uri, "model_version": version, "data_version": tag,
+                           "pool": cfg.pool, "batch_size": cfg.batch_size, "actors": cfg.actors,
+                           "cpus_per_actor": cfg.cpus_per_actor,
+                           "gpus_per_actor": cfg.gpus_per_actor, "size_rule": cfg.size_rule,
+                           "accept_threshold": cfg.accept_threshold})
+        mlflow.log_metrics({"images": result.images, "scored": result.scored,
+                            "errors": result.errors, "duration_s": result.duration_s,
+                            "images_per_s": result.images_per_s})
+        if result.accepted is not None:
+            mlflow.log_metric("accepted_pseudo_labels", result.accepted)
+        mlflow.log_metrics({f"class_{c}": n for c, n in result.class_counts.items()})
+        mlflow.log_dict({"score_histogram": hist, "class_counts": result.class_counts},
+                        "pseudo_label_summary.json")
+        mlflow.log_artifact(str(out_dir / ERRORS_FILE))
+        result.run_id = run.info.run_id
+    return result

@@ -1,0 +1,92 @@
+"""The labeling queue: pseudo-labels ordered for human review, most uncertain first.
+
+The queue is `predictions.parquet` of a data version (written by `flowops pseudo-label`), minus
+the images people have already labeled (the label inbox, labeled manifest rows), sorted by margin
+(top-1 minus top-2 probability, smallest first), then by entropy (largest first).
+
+`to_labelstudio_tasks` turns it into Label Studio tasks with the predictions as pre-annotations;
+`labelstudio_config` is the labeling config they match (`choice` -> `image`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import pandas as pd
+
+from flowops import data
+from flowops.errors import InvalidInput
+from flowops.pseudo_label import human_labeled_ids, read_predictions, resolve_data_version
+from flowops.settings import Settings
+
+QUEUE_COLUMNS = ["id", "path", "label", "score", "margin", "entropy", "model_version",
+                 "data_version"]
+# Label Studio serves local files under /data/local-files/?d=<path relative to its document root>.
+# With LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<FLOWOPS_HOME>/workspace, `data/<manifest path>` works.
+DEFAULT_IMAGE_PREFIX = "/data/local-files/?d=data/"
+
+
+def review_queue(settings: Settings, top: int = 50, data_version: str | None = None) -> pd.DataFrame:
+    """The `top` most uncertain predictions of a data version that no person has labeled yet."""
+    if top < 1:
+        raise InvalidInput(f"--top must be at least 1, got {top}")
+    tag = resolve_data_version(settings, data_version)
+    predictions = read_predictions(settings, tag)
+    manifest = pd.read_csv(data.materialize(settings, tag) / "manifest.csv", dtype=str,
+                           keep_default_na=False)
+    labeled = human_labeled_ids(settings, manifest)
+    queue = predictions[~predictions["id"].isin(labeled)]
+    queue = queue.sort_values(["margin", "entropy", "id"], ascending=[True, False, True],
+                              kind="mergesort")
+    return queue.head(top).reset_index(drop=True)
+
+
+def to_labelstudio_tasks(
+    queue: pd.DataFrame, image_prefix: str = DEFAULT_IMAGE_PREFIX
+) -> list[dict[str, Any]]:
+    """Label Studio tasks: `data.image` (+ `data.id`), the prediction as a pre-annotation."""
+    tasks = []
+    for row in queue.itertuples(index=False):
+        tasks.append({
+            "data": {"image": f"{image_prefix}{row.path}", "id": str(row.id),
+                     "margin": round(float(row.margin), 6)},
+            "predictions": [{
+                "model_version": str(row.model_version),
+                "score": round(float(row.score), 6),
+                "result": [{
+                    "from_name": "choice", "to_name": "image", "type": "choices",
+                    "value": {"choices": [str(row.label)]},
+                }],
+            }],
+        })
+    return tasks
+
+
+def export_labelstudio(
+    queue: pd.DataFrame, path: Path, image_prefix: str = DEFAULT_IMAGE_PREFIX
+) -> int:
+    """Write the queue as a Label Studio import file (JSON list of tasks). Returns the count."""
+    from flowops.stack import atomic_write_text
+
+    tasks = to_labelstudio_tasks(queue, image_prefix)
+    path = Path(path).expanduser()
+    if path.parent and not path.parent.is_dir():
+        raise InvalidInput(f"cannot write {path}: folder {path.parent} does not exist")
+    atomic_write_text(path, json.dumps(tasks, indent=2))
+    return len(tasks)
+
+
+def labelstudio_config(classes: list[str]) -> str:
+    """The labeling config (XML) the exported tasks match."""
+    choices = "\n".join(f"    <Choice value={quoteattr(str(c))}/>" for c in classes)
+    return (
+        "<View>\n"
+        '  <Image name="image" value="$image"/>\n'
+        '  <Choices name="choice" toName="image" choice="single" showInLine="true">\n'
+        f"{choices}\n"
+        "  </Choices>\n"
+        "</View>\n"
+    )

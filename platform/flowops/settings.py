@@ -1,0 +1,237 @@
+"""Typed settings: environment variables `FLOWOPS_*`, an optional YAML config file, defaults.
+
+Read when asked for (`get_settings()`), never at import time. Every path is resolved to an absolute
+path, so the values can be handed to Ray jobs that run in another working directory
+(`Settings.job_env()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from flowops.errors import InvalidInput
+
+CONFIG_ENV = "FLOWOPS_CONFIG"
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by FLOWOPS_CONFIG, else `flowops.yaml` in the cwd if present."""
+
+    def _load(self) -> dict[str, Any]:
+        named = os.environ.get(CONFIG_ENV)
+        path = Path(named) if named else Path("flowops.yaml")
+        if not path.exists():
+            if named:
+                raise InvalidInput(f"config file {path} (from {CONFIG_ENV}) does not exist")
+            return {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InvalidInput(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"config file {path} must hold a mapping of setting: value")
+        return data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ is used
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._load()
+
+
+class Settings(BaseSettings):
+    """Where FlowOps keeps its state and how it reaches Ray, MLflow and DVC."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWOPS_", extra="forbid", validate_default=True)
+
+    home: Path = Field(Path(".flowops"), description="Folder of the local state (made absolute).")
+    ray_address: str | None = Field(
+        None, description="Job API address of an existing cluster (http://host:8265). "
+        "Default: the embedded cluster that `flowops up` starts."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI. Default: SQLite in the home folder."
+    )
+    data_repo: str | None = Field(
+        None, description="Git repository of the data workspace (path or URL). Default: home/workspace."
+    )
+    dvc_remote: str | None = Field(
+        None, description="DVC remote URL. Default: a local folder in the home folder."
+    )
+    model_name: str = Field("digits-classifier", description="Registered model name.")
+    ray_port: int = Field(6380, description="Ray GCS port of the embedded head node.")
+    dashboard_port: int = Field(8265, description="Ray dashboard and job API port.")
+    client_port: int = Field(10001, description="Ray Client server port (ray://).")
+    serve_port: int = Field(8000, description="Ray Serve HTTP port.")
+    metrics_port: int = Field(8090, description="Ray's Prometheus metrics export port.")
+    mlflow_ui_port: int = Field(5000, description="Port of `flowops ui` (the MLflow UI).")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs the embedded head offers Ray.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs the embedded head offers Ray.")
+    serve_fast_path: bool = Field(
+        True, description="Serve HTTP through HAProxy straight to the ingress replicas (Serve's "
+        "throughput-optimized mode) instead of through Serve's Python proxy actor."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator(
+        "ray_port", "dashboard_port", "client_port", "serve_port", "metrics_port", "mlflow_ui_port"
+    )
+    @classmethod
+    def _valid_port(cls, value: int) -> int:
+        if not 1024 <= value <= 65535:
+            raise ValueError(f"port {value} is outside 1024-65535")
+        return value
+
+    # Derived locations -------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "state.json"
+
+    @property
+    def token_path(self) -> Path:
+        return self.home / "ray" / "auth_token"
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        """Ray's temp folder: short (unix socket paths are limited) and unique per home."""
+        digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:10]
+        return Path("/tmp") / f"flowops-{digest}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def workspace(self) -> Path:
+        """Local checkout of the data workspace (a git + DVC repository)."""
+        return self.home / "workspace"
+
+    @property
+    def repo(self) -> str:
+        """What DVC's API reads data versions from: the workspace, or the configured repository."""
+        return self.data_repo or str(self.workspace)
+
+    @property
+    def remote(self) -> str:
+        return self.dvc_remote or str(self.home / "dvc-remote")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def pipelines_dir(self) -> Path:
+        return self.home / "pipelines"
+
+    @property
+    def job_api(self) -> str:
+        return self.ray_address or f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.ray_port}"
+
+    @property
+    def client_address(self) -> str:
+        return f"ray://127.0.0.1:{self.client_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://127.0.0.1:{self.serve_port}"
+
+    def ray_auth_env(self) -> dict[str, str]:
+        """What Ray's clients need to send the token: an explicit RAY_AUTH_TOKEN wins, else our file."""
+        env = {"RAY_AUTH_MODE": "token"}
+        if not os.environ.get("RAY_AUTH_TOKEN"):
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+        return env
+
+    def serve_env(self) -> dict[str, str]:
+        """Environment of the embedded head that selects Serve's request path.
+
+        The fast path is Ray Serve's throughput-optimized mode: HAProxy listens on the Serve port
+        and forwards each request straight to an ingress replica's own HTTP server (one hop
+        instead of client -> proxy actor -> replica), user code runs on the replica's event loop,
+        request logs are buffered. (Ray keeps HAProxy's files per node id, so two clusters on one
+        machine do not share them.) A replica drains for 5 s (not 30) when it stops, enough for
+        a local HAProxy to drop it.
+        """
+        if not self.serve_fast_path:
+            return {}
+        return {
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+        }
+
+    def job_env(self) -> dict[str, str]:
+        """Environment variables that make a Ray job see the same platform as this process."""
+        env = {
+            "FLOWOPS_HOME": str(self.home),
+            "FLOWOPS_MODEL_NAME": self.model_name,
+            "FLOWOPS_DATA_REPO": self.repo,
+            "FLOWOPS_DVC_REMOTE": self.remote,
+            "FLOWOPS_MLFLOW_TRACKING_URI": self.tracking_uri,
+            "FLOWOPS_RAY_ADDRESS": self.job_api,
+            "FLOWOPS_SERVE_PORT": str(self.serve_port),
+            "FLOWOPS_DASHBOARD_PORT": str(self.dashboard_port),
+            "FLOWOPS_RAY_PORT": str(self.ray_port),
+            "FLOWOPS_CLIENT_PORT": str(self.client_port),
+            "FLOWOPS_METRICS_PORT": str(self.metrics_port),
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "PYTHONUNBUFFERED": "1",
+        }
+        for key in ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY"):
+            if os.environ.get(key):
+                env[key] = os.environ[key]
+        return env
+
+    def python_bin_dir(self) -> str:
+        """The folder of the interpreter running FlowOps: Ray jobs' `python` must be this one."""
+        return str(Path(sys.executable).parent)
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Read settings now (env, config file, defaults), with explicit overrides on top."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise InvalidInput(f"invalid setting {where}: {first['msg']}") from None

@@ -1,0 +1,469 @@
+"""The embedded stack: a local Ray head node, the MLflow store and the data workspace.
+
+`up` is idempotent and repairs a stale state (a recorded Ray that died); `down` stops exactly the
+processes `up` started (every process of the session it recorded) and keeps all data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from flowops import data as data_mod
+from flowops import tracking
+from flowops.durable import atomic_write_text, file_lock
+from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError
+from flowops.settings import Settings
+
+RAY_START_TIMEOUT_S = 240  # generous: a loaded 2-core machine can take minutes
+
+
+@dataclass
+class UpResult:
+    started: list[str]
+    already_running: list[str]
+    repaired: list[str]
+
+
+# State file ------------------------------------------------------------------------------------
+
+
+def read_state(settings: Settings) -> dict[str, Any]:
+    try:
+        return json.loads(settings.state_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_state(settings: Settings, state: dict[str, Any]) -> None:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.state_file, json.dumps(state, indent=2))
+
+
+@contextlib.contextmanager
+def stack_lock(settings: Settings) -> Iterator[None]:
+    """Only one `up`/`down` at a time per home folder; a second one fails at once."""
+    try:
+        with file_lock(settings.home / "stack.lock", blocking=False):
+            yield
+    except BlockingIOError:
+        raise Conflict(
+            f"another `flowops up` or `down` is running for {settings.home}; "
+            "wait for it to finish, then try again"
+        ) from None
+
+
+# Token ------------------------------------------------------------------------------------------
+
+
+def ensure_token(settings: Settings) -> Path:
+    """Create the Ray auth token once, readable only by the user (0600)."""
+    path = settings.token_path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def apply_ray_auth_env(settings: Settings) -> None:
+    """Make this process's Ray clients (JobSubmissionClient, ray.init, serve) send the token."""
+    os.environ.update(settings.ray_auth_env())
+
+
+def auth_headers(settings: Settings) -> dict[str, str]:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token and settings.token_path.exists():
+        token = settings.token_path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# Ports and processes -----------------------------------------------------------------------------
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Every live process of a session (what `ray start` in its own session spawned)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error, PermissionError):
+            continue
+    return found
+
+
+def kill_session(sid: int, grace_s: float = 10.0) -> int:
+    """SIGTERM every process of the session, SIGKILL what is left after the grace period."""
+    procs = session_processes(sid)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+def ray_healthy(settings: Settings, timeout: float = 3.0) -> bool:
+    try:
+        resp = httpx.get(
+            f"{settings.job_api}/api/version", headers=auth_headers(settings), timeout=timeout
+        )
+        return resp.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def serve_healthy(settings: Settings, timeout: float = 2.0) -> bool:
+    """Serve's HTTP proxy answers (a 503 'route table not populated' means: no app deployed yet)."""
+    try:
+        resp = httpx.get(f"{settings.serve_url}/-/healthz", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200 or "not populated" in resp.text
+
+
+# Ray head ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayHead:
+    """What `ray start --head` needs; also used for isolated dev clusters (flowops.devenv)."""
+
+    temp_dir: Path
+    token_path: Path
+    log_path: Path
+    ray_port: int
+    dashboard_port: int
+    client_port: int
+    metrics_port: int
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    env: dict[str, str] | None = None  # extra environment (e.g. CUDA_VISIBLE_DEVICES, FLOWOPS_*)
+
+    def command(self) -> list[str]:
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        cmd = [
+            ray_bin, "start", "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.ray_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={self.client_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            # Fixed defaults would clash between two clusters on one machine: pick free ones.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        if self.num_gpus is not None:
+            cmd.append(f"--num-gpus={self.num_gpus}")
+        return cmd
+
+    def start(self, attempts: int = 2) -> int:
+        """Start the head in a new session; return the session id that owns all its processes.
+
+        Ray gives its raylet a fixed 30 s to register; on an overloaded machine that can pass, so a
+        start that failed that way is retried.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except ClusterUnavailable as exc:
+                if attempt == attempts or "timed out during startup" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start_once(self) -> int:
+        busy = [
+            f"{name} port {port}"
+            for name, port in (
+                ("Ray GCS", self.ray_port), ("dashboard/job API", self.dashboard_port),
+                ("Ray Client", self.client_port), ("metrics", self.metrics_port),
+            )
+            if port_in_use(port)
+        ]
+        if busy:
+            raise Conflict(
+                f"{', '.join(busy)} already in use by another process; choose other ports "
+                "(flowops up --dashboard-port/--ray-port/--client-port/--metrics-port, "
+                "or FLOWOPS_*_PORT)"
+            )
+        if 10002 <= self.client_port <= 19999:
+            raise Conflict(
+                f"Ray Client port {self.client_port} falls in Ray's worker port range 10002-19999"
+            )
+        env = {**os.environ, **(self.env or {})}
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)})
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.pop("RAY_ADDRESS", None)
+        # Jobs run `python -m jobs.<name>`: `python` must be this interpreter (the project's venv).
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, stdin=subprocess.DEVNULL,
+            )
+            try:
+                code = proc.wait(timeout=RAY_START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                kill_session(proc.pid)
+                raise ClusterUnavailable(
+                    f"ray start did not finish in {RAY_START_TIMEOUT_S}s; see {self.log_path}"
+                ) from None
+        if code != 0:
+            kill_session(proc.pid)
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise ClusterUnavailable(
+                f"ray start failed (exit {code}): {' '.join(tail)}; see {self.log_path}"
+            )
+        return proc.pid
+
+
+def _wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise ClusterUnavailable(f"{what} did not become healthy within {timeout_s:.0f}s")
+
+
+def _ray_state_alive(settings: Settings, state: dict[str, Any]) -> bool:
+    ray = state.get("ray")
+    return bool(ray) and bool(session_processes(ray["sid"])) and ray_healthy(settings)
+
+
+def _start_serve(settings: Settings) -> None:
+    """Start Serve's controller and HTTP proxy on the configured port (detached, so it persists)."""
+    apply_ray_auth_env(settings)
+    code = (
+        "import ray; from ray import serve;"
+        f"ray.init(address={settings.gcs_address!r}, logging_level='ERROR', log_to_driver=False);"
+        f"serve.start(http_options={{'host': '127.0.0.1', 'port': {settings.serve_port}}})"
+    )
+    env = {**os.environ, **settings.ray_auth_env()}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise ClusterUnavailable(f"could not start Ray Serve on port {settings.serve_port}: {last}")
+    _wait_until(lambda: serve_healthy(settings), 180, f"Ray Serve on {settings.serve_url}")
+
+
+def init_mlflow_store(settings: Settings) -> None:
+    """Create the SQLite schema and the artifact folder (first use runs MLflow's migrations)."""
+    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    tracking.ensure_experiment(settings, "Default-flowops")
+
+
+def _serve_env(settings: Settings) -> dict[str, str]:
+    """Serve's request path for a head started now. HAProxy's stats and metrics listeners have
+    fixed default ports (8404, 9101): free ones are chosen so two clusters fit on one machine."""
+    env = settings.serve_env()
+    if settings.serve_fast_path:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    return env
+
+
+def up(settings: Settings, with_serve: bool = True, prometheus_url: str | None = None) -> UpResult:
+    """Start (or repair) the embedded stack. A no-op for what already runs.
+
+    `prometheus_url` points the Ray dashboard's graphs at that Prometheus (Ray reads it when the
+    head starts, so it applies to a head started now).
+    """
+    if settings.ray_address:
+        raise Conflict(
+            f"FLOWOPS_RAY_ADDRESS points at an existing cluster ({settings.ray_address}); "
+            "`flowops up` starts the embedded one: unset it to use the embedded stack"
+        )
+    result = UpResult([], [], [])
+    with stack_lock(settings):
+        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        ensure_token(settings)
+        state = read_state(settings)
+
+        if _ray_state_alive(settings, state):
+            result.already_running.append("ray")
+        else:
+            if state.get("ray"):  # recorded, but dead or unhealthy: clean up what is left
+                kill_session(state["ray"]["sid"])
+                result.repaired.append("ray")
+                state.pop("ray")
+            head = RayHead(
+                temp_dir=settings.ray_temp_dir,
+                token_path=settings.token_path,
+                log_path=settings.logs_dir / "ray-start.log",
+                ray_port=settings.ray_port,
+                dashboard_port=settings.dashboard_port,
+                client_port=settings.client_port,
+                metrics_port=settings.metrics_port,
+                num_cpus=settings.num_cpus,
+                num_gpus=settings.num_gpus,
+                env={**settings.job_env(), **_serve_env(settings),
+                     **({"RAY_PROMETHEUS_HOST": prometheus_url} if prometheus_url else {})},
+            )
+            if port_in_use(settings.serve_port):
+                raise Conflict(
+                    f"Serve HTTP port {settings.serve_port} already in use by another process; "
+                    "choose another with --serve-port or FLOWOPS_SERVE_PORT"
+                )
+            sid = head.start()
+            state["ray"] = {
+                "sid": sid,
+                "temp_dir": str(settings.ray_temp_dir),
+                "ports": {
+                    "gcs": settings.ray_port, "dashboard": settings.dashboard_port,
+                    "client": settings.client_port, "serve": settings.serve_port,
+                    "metrics": settings.metrics_port,
+                },
+                "started_at": time.time(),
+            }
+            write_state(settings, state)
+            try:
+                _wait_until(lambda: ray_healthy(settings), 180, f"Ray job API at {settings.job_api}")
+            except FlowOpsError:
+                kill_session(sid)
+                state.pop("ray", None)
+                write_state(settings, state)
+                raise
+            result.started.append("ray")
+
+        if with_serve:
+            if serve_healthy(settings):
+                result.already_running.append("serve")
+            else:
+                _start_serve(settings)
+                result.started.append("serve")
+
+        mlflow_new = not (settings.mlflow_dir / "mlflow.db").exists()
+        init_mlflow_store(settings)
+        (result.started if mlflow_new else result.already_running).append("mlflow")
+
+        ws_new = data_mod.init_workspace(settings)
+        (result.started if ws_new else result.already_running).append("workspace")
+        write_state(settings, state)
+    return result
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop what `up` started (by its recorded session id). Data stays."""
+    stopped = []
+    with stack_lock(settings):
+        state = read_state(settings)
+        for name in ("ui", "prometheus"):
+            entry = state.pop(name, None)
+            if entry and kill_session(entry["sid"], grace_s=5):
+                stopped.append(name)
+        ray = state.pop("ray", None)
+        if ray and kill_session(ray["sid"]):
+            stopped.append("ray")
+        write_state(settings, state)
+    return stopped
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Health and addresses of every component."""
+    state = read_state(settings)
+    ray = state.get("ray")
+    processes = len(session_processes(ray["sid"])) if ray else 0
+    # A managed head is healthy only while its recorded processes live (as `up` judges it);
+    # something else answering on the port is not our cluster.
+    ray_ok = ray_healthy(settings) and (processes > 0 or not ray)
+    report: dict[str, Any] = {
+        "home": str(settings.home),
+        "ray": {
+            "healthy": ray_ok,
+            "managed": bool(ray),
+            "processes": processes,
+            "dashboard": settings.job_api,
+            "job_api": settings.job_api,
+            "gcs": settings.gcs_address,
+            "client": settings.client_address,
+            "token_file": str(settings.token_path),
+        },
+        "serve": {"healthy": serve_healthy(settings), "url": settings.serve_url},
+    }
+    try:
+        client = tracking.configure_mlflow(settings)
+        n = len(client.search_experiments())
+        report["mlflow"] = {"healthy": True, "tracking_uri": settings.tracking_uri,
+                            "experiments": n, "ui": f"http://127.0.0.1:{settings.mlflow_ui_port}"}
+    except Exception as exc:  # noqa: BLE001 - any failure means the store is unhealthy
+        report["mlflow"] = {"healthy": False, "tracking_uri": settings.tracking_uri,
+                            "error": str(exc).splitlines()[0][:200]}
+    report["workspace"] = data_mod.workspace_status(settings)
+    report["healthy"] = all(
+        report[k]["healthy"] for k in ("ray", "mlflow", "workspace")
+    )
+    return report
+
+
+def require_cluster(settings: Settings) -> None:
+    """Raise a clear error when the job API is not reachable."""
+    if not ray_healthy(settings):
+        hint = (
+            "start it with `flowops up`" if not settings.ray_address
+            else "check FLOWOPS_RAY_ADDRESS and the token (RAY_AUTH_TOKEN)"
+        )
+        raise ClusterUnavailable(f"no Ray cluster answers at {settings.job_api}: {hint}")
+
+
+def serve_ui(settings: Settings) -> int:
+    """Run the MLflow UI against the store, in the foreground."""
+    if port_in_use(settings.mlflow_ui_port):
+        raise Conflict(
+            f"port {settings.mlflow_ui_port} is in use; choose another with --port "
+            "or FLOWOPS_MLFLOW_UI_PORT"
+        )
+    init_mlflow_store(settings)
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", settings.tracking_uri,
+        "--default-artifact-root", settings.artifact_root.as_uri(),
+        "--host", "127.0.0.1", "--port", str(settings.mlflow_ui_port),
+    ]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0

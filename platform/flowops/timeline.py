@@ -1,0 +1,140 @@
+"""The loop's event log and timeline: `<home>/loop/events.jsonl`, one JSON object per line.
+
+Every stage of a rollout appends an event `{"ts", "event", "rollout", "version", ...}`. Each event
+has a key (`rollout:event[:step]`) and is written at most once, so a controller that restarts and
+redoes a stage does not double-count it (the metrics exporter counts `retrain_triggered`,
+`promoted` and `rolled_back`). `timeline()` turns the log into per-rollout stage rows for
+`flowops loop report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flowops.settings import Settings
+
+# Stages in the order the report prints them: (label, event that starts it, event that ends it).
+STAGES = [
+    ("threshold reached", "retrain_triggered", "retrain_triggered"),
+    ("data version cut", "retrain_triggered", "data_version_cut"),
+    ("training", "training_started", "training_done"),
+    ("validation", "training_done", "validated"),
+    ("canary analysis", "canary_started", "analysis_done"),
+    ("promoted", "analysis_done", "promoted"),
+    ("rolled back", "analysis_done", "rolled_back"),
+    ("pseudo-labels refreshed", "pseudo_label_started", "pseudo_label_done"),
+]
+END_EVENTS = {"promoted", "rolled_back", "validation_failed", "rollout_failed"}
+
+
+def loop_dir(settings: Settings) -> Path:
+    return settings.home / "loop"
+
+
+def events_path(settings: Settings) -> Path:
+    return loop_dir(settings) / "events.jsonl"
+
+
+def _locked(settings: Settings):
+    from flowops.durable import file_lock
+
+    return file_lock(loop_dir(settings) / "events.lock")
+
+
+def read_events(settings: Settings, rollout: str | None = None) -> list[dict[str, Any]]:
+    """All events (optionally of one rollout), oldest first; a torn last line is ignored."""
+    path = events_path(settings)
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rollout is None or event.get("rollout") == rollout:
+            events.append(event)
+    return events
+
+
+def emit(settings: Settings, event: str, *, rollout: str | None = None, version: str | None = None,
+         key: str | None = None, ts: float | None = None, **fields: Any) -> dict[str, Any]:
+    """Append an event durably (fsync) unless an event with the same key was already written."""
+    key = key or (f"{rollout}:{event}" if rollout else None)
+    record = {"ts": ts or time.time(), "event": event, "rollout": rollout, "version": version,
+              "key": key, **fields}
+    with _locked(settings):
+        if key is not None:
+            for old in read_events(settings, rollout):
+                if old.get("key") == key:
+                    return old
+        with open(events_path(settings), "a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    return record
+
+
+def timeline(settings: Settings) -> list[dict[str, Any]]:
+    """Per rollout: its events, stage rows (start, end, seconds) and the outcome."""
+    by_rollout: dict[str, list[dict[str, Any]]] = {}
+    for event in read_events(settings):
+        if event.get("rollout"):
+            by_rollout.setdefault(event["rollout"], []).append(event)
+    out = []
+    for rid, events in by_rollout.items():
+        first = {}
+        for e in events:
+            first.setdefault(e["event"], e)
+        rows = []
+        for label, start_ev, end_ev in STAGES:
+            if end_ev not in first:
+                continue
+            start = first.get(start_ev, first[end_ev])["ts"]
+            end = first[end_ev]["ts"]
+            rows.append({"stage": label, "start": start, "end": end,
+                         "seconds": round(end - start, 2)})
+        outcome = next((e["event"] for e in events if e["event"] in END_EVENTS), "in progress")
+        entry: dict[str, Any] = {
+            "rollout": rid, "outcome": outcome, "stages": rows,
+            "version": next((e.get("version") for e in reversed(events) if e.get("version")), None),
+            "data_version": next((e.get("data_version") for e in events
+                                  if e.get("data_version")), None),
+        }
+        if "rolled_back" in first:
+            rb = first["rolled_back"]
+            entry["rollback_s"] = rb.get("rollback_s")
+            entry["reasons"] = rb.get("reasons", [])
+        if "promoted" in first and "retrain_triggered" in first:
+            entry["threshold_to_100_s"] = round(
+                first["promoted"]["ts"] - first["retrain_triggered"]["ts"], 2)
+        out.append(entry)
+    return sorted(out, key=lambda r: r["stages"][0]["start"] if r["stages"] else 0)
+
+
+def format_timeline(rollouts: list[dict[str, Any]]) -> list[str]:
+    """Human-readable lines of `timeline()`."""
+    if not rollouts:
+        return ["no rollout yet: the loop records one when new labels reach the threshold"]
+    lines = []
+    for r in rollouts:
+        head = f"{r['rollout']}: model v{r['version'] or '?'}"
+        if r.get("data_version"):
+            head += f" on data {r['data_version']}"
+        lines.append(f"{head} -> {r['outcome']}")
+        t0 = r["stages"][0]["start"] if r["stages"] else 0
+        for row in r["stages"]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(row["end"]))
+            lines.append(f"  {stamp}  +{row['end'] - t0:7.1f}s  {row['stage']:<24} "
+                         f"({row['seconds']:.1f}s)")
+        if r.get("threshold_to_100_s") is not None:
+            lines.append(f"  threshold reached -> new version at 100%: {r['threshold_to_100_s']:.1f}s")
+        if r.get("rollback_s") is not None:
+            lines.append(f"  decisive evidence -> 100% stable: {r['rollback_s']:.3f}s")
+            for reason in r.get("reasons", []):
+                lines.append(f"  reason: {reason}")
+    return lines

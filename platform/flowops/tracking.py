@@ -1,0 +1,73 @@
+"""MLflow access shared by every stage: one place sets the URIs and the artifact location.
+
+With a SQLite store, MLflow's default artifact root is `./mlruns` relative to the current folder,
+which for a Ray job is a throw-away working directory. Experiments are therefore always created
+with an artifact location under the FlowOps home.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+from flowops.settings import Settings
+
+
+def _quiet_mlflow_logs() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def configure_mlflow(settings: Settings):
+    """Point this process's MLflow at the platform's store and return an MlflowClient."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow_logs()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def ensure_experiment(settings: Settings, name: str) -> str:
+    """Return the id of experiment `name`, creating it with an artifact location in the home."""
+    client = configure_mlflow(settings)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if settings.mlflow_tracking_uri is None:  # embedded store: keep artifacts in the home folder
+        location = (settings.artifact_root / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def start_run(settings: Settings, experiment: str, run_name: str | None = None, **kwargs):
+    """`mlflow.start_run` in the named experiment (created if needed)."""
+    import mlflow
+
+    experiment_id = ensure_experiment(settings, experiment)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, **kwargs)
+
+
+@lru_cache(maxsize=1)
+def project_commit() -> str:
+    """The git commit of the FlowOps checkout running this code ('unknown' outside a checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("FLOWOPS_GIT_COMMIT", "unknown")

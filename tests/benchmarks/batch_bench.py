@@ -1,0 +1,206 @@
+"""Benchmark: the same model over the same 50,000+ image files, (a) a plain single-process PyTorch
+loop and (b) the Ray Data pipeline of `flowops pseudo-label` with 1 and 2 model actors.
+
+    .venv/bin/python tests/benchmarks/batch_bench.py [--images 50000] [--cpus 2] [--rounds 2]
+
+Starts its own Ray head (temp home, free ports, token auth) with --cpus CPUs, writes the images
+once (augmented digits, one PNG each, read by a manifest), then runs the variants interleaved
+`--rounds` times (other work shares the CPU: compare the ratios of one run, not absolute rates)
+and writes batch_bench.json beside this file. Both paths include reading the files, decoding,
+inference and writing predictions.parquet with the same writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "platform"))
+
+
+def make_images(root: Path, count: int) -> pd.DataFrame:
+    from sklearn.datasets import load_digits
+
+    from flowops.synth import SynthConfig, _png, augment
+
+    digits = load_digits()
+    pixels = np.clip(np.round(digits.images * (255 / 16)), 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    cfg = SynthConfig(count=count)
+    rows = []
+    for i in range(count):
+        rel = f"images/{i // 1000:04d}/b{i:07d}.png"
+        if i % 1000 == 0:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png(augment(pixels[i % len(pixels)], rng, cfg)))
+        rows.append((f"b{i:07d}", rel))
+    return pd.DataFrame(rows, columns=["id", "path"])
+
+
+def fit_model():
+    import torch
+    from sklearn.datasets import load_digits
+
+    from flowops.model import ImageClassifier
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    net = ImageClassifier([str(c) for c in range(10)], 8)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval()
+
+
+def plain_batches(rows: pd.DataFrame, root: Path, model, batch_size: int):
+    """The baseline: one process reads, decodes and scores the files in batches."""
+    from flowops.model import decode_image, predict_proba, to_batch
+
+    size = model.image_size
+    for start in range(0, len(rows), batch_size):
+        chunk = rows.iloc[start : start + batch_size]
+        arrays, errors = [], []
+        for rel in chunk["path"]:
+            try:
+                arrays.append(decode_image((root / rel).read_bytes(), size))
+                errors.append("")
+            except Exception as exc:  # noqa: BLE001
+                arrays.append(np.zeros((size, size), np.float32))
+                errors.append(str(exc))
+        yield {"id": chunk["id"].to_numpy(object), "path": chunk["path"].to_numpy(object),
+               "error": np.asarray(errors, dtype=object),
+               "probabilities": predict_proba(model, to_batch(arrays))}
+
+
+def timed(fn) -> tuple[float, int]:
+    started = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - started, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs the benchmark's Ray head offers")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+
+    import torch
+
+    from flowops import pseudo_label as pl
+    from flowops.stack import RayHead, free_port, kill_session
+
+    work = Path(tempfile.mkdtemp(prefix="fo-batch-bench-", dir="/tmp"))
+    sid = None
+    try:
+        t0 = time.perf_counter()
+        rows = make_images(work / "data", args.images)
+        write_s = time.perf_counter() - t0
+        print(f"wrote {len(rows)} PNG files in {write_s:.1f}s", flush=True)
+        model = fit_model()
+
+        token = work / "ray" / "auth_token"
+        token.parent.mkdir(parents=True)
+        token.write_text(secrets.token_hex(32))
+        os.chmod(token, 0o600)
+        ports = [free_port() for _ in range(4)]
+        while any(10002 <= p <= 19999 for p in ports):
+            ports = [free_port() for _ in range(4)]
+        head = RayHead(temp_dir=Path(f"/tmp/fo-bb-{secrets.token_hex(3)}"), token_path=token,
+                       log_path=work / "ray-start.log", ray_port=ports[0],
+                       dashboard_port=ports[1], client_port=ports[2], metrics_port=ports[3],
+                       num_cpus=args.cpus)
+        sid = head.start()
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+        os.environ.pop("RAY_ADDRESS", None)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{ports[0]}", log_to_driver=False)
+
+        classes = model.classes
+        root = work / "data"
+
+        def run_plain() -> int:
+            tally = pl.write_predictions(plain_batches(rows, root, model, args.batch_size),
+                                         classes, "bench", "bench", work / "out-plain")
+            return tally.scored
+
+        def run_ray(actors: int) -> int:
+            cfg = pl.PseudoLabelConfig(batch_size=args.batch_size, actors=actors,
+                                       cpus_per_actor=min(1.0, args.cpus / actors))
+            tally = pl.write_predictions(pl.score_batches(rows, root, model, cfg), classes,
+                                         "bench", "bench", work / f"out-ray{actors}")
+            return tally.scored
+
+        variants = {"plain": run_plain, "ray_data_1_actor": lambda: run_ray(1),
+                    "ray_data_2_actors": lambda: run_ray(2)}
+        timings: dict[str, list[float]] = {k: [] for k in variants}
+        run_ray(1)  # warm-up: worker processes, imports (not timed)
+        for r in range(args.rounds):
+            for name, fn in variants.items():
+                seconds, n = timed(fn)
+                assert n == len(rows), (name, n)
+                timings[name].append(seconds)
+                print(f"round {r + 1} {name:<18} {seconds:6.2f}s {n / seconds:8.0f} images/s",
+                      flush=True)
+        best = {k: min(v) for k, v in timings.items()}
+        rate = {k: round(len(rows) / s, 1) for k, s in best.items()}
+        plain_preds = pd.read_parquet(work / "out-plain" / "predictions.parquet")
+        ray_preds = pd.read_parquet(work / "out-ray2" / "predictions.parquet")
+        same = (plain_preds.set_index("id")["label"]
+                == ray_preds.set_index("id")["label"].reindex(plain_preds["id"])).mean()
+        report = {
+            "benchmark": "batch pseudo-labeling: plain PyTorch loop vs Ray Data actor pool",
+            "images": len(rows), "batch_size": args.batch_size, "ray_cpus": args.cpus,
+            "rounds": args.rounds, "seconds": {k: [round(s, 3) for s in v]
+                                               for k, v in timings.items()},
+            "images_per_s_best": rate,
+            "ratio_ray_1_actor_vs_plain": round(rate["ray_data_1_actor"] / rate["plain"], 3),
+            "ratio_ray_2_actors_vs_plain": round(rate["ray_data_2_actors"] / rate["plain"], 3),
+            "scaling_2_vs_1_actor": round(rate["ray_data_2_actors"] / rate["ray_data_1_actor"], 3),
+            "goal": "ray_data >= 0.9 x plain on one 2-core machine",
+            "goal_met": max(rate["ray_data_1_actor"], rate["ray_data_2_actors"])
+            >= 0.9 * rate["plain"],
+            "same_predictions_share": round(float(same), 4),
+            "write_images_s": round(write_s, 1),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "torch": torch.__version__, "ray": ray.__version__,
+                        "torch_threads_plain": torch.get_num_threads(),
+                        "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+            "note": "CPU shared with other work; ratios of one interleaved run, best of rounds",
+        }
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        if sid is not None:
+            kill_session(sid)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

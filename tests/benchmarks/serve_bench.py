@@ -1,0 +1,245 @@
+"""Closed-loop serving benchmark: (a) the canary app through its router, (b) one bare model
+deployment, (c) a plain single-process FastAPI + uvicorn server with the same model.
+
+Each target gets a time-bounded run at concurrency 1 and 32 (one 8x8 digit per request, the same
+JSON body everywhere); prints req/s, p50, p99 and the ratios, and writes serve_bench.json beside
+this file. Needs a running stack (`flowops up`) with FLOWOPS_* pointing at it; registers a small
+model as `production` if none exists. Only 127.0.0.1 is targeted.
+
+    python tests/benchmarks/serve_bench.py [--duration 5] [--rounds 3] [--warmup 2]
+"""
+
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def _body() -> bytes:
+    from tests.integration.conftest_serving import digits_pixels
+
+    pixels, _ = digits_pixels(1)
+    return json.dumps({"instances": [pixels[0].tolist()]}).encode()
+
+
+async def _closed_loop(url: str, body: bytes, concurrency: int, duration: float,
+                       warmup: float) -> dict:
+    """`concurrency` clients, each sending its next request when the last one is answered.
+
+    aiohttp (a Ray dependency) rather than httpx: the load generator shares the 2 cores with the
+    servers, and aiohttp spends several times less CPU per request."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop = measure_from + duration
+
+        async def worker() -> None:
+            nonlocal errors
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop:
+                    return
+                try:
+                    async with client.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except Exception:  # noqa: BLE001 - counted, the run goes on
+                    ok = False
+                t1 = time.perf_counter()
+                if t0 >= measure_from and t1 <= stop:
+                    if ok:
+                        latencies.append((t1 - t0) * 1000)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    latencies.sort()
+    n = len(latencies)
+    pct = lambda q: round(latencies[min(n - 1, int(q * n))], 2) if n else None  # noqa: E731
+    return {"concurrency": concurrency, "requests": n, "errors": errors,
+            "req_per_s": round(n / duration, 1), "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+
+def _median_run(rounds: list[dict]) -> dict:
+    """The round with the median throughput, plus every round's req/s for the record."""
+    ordered = sorted(rounds, key=lambda r: r["req_per_s"])
+    return {**ordered[len(ordered) // 2], "rounds_req_per_s": [r["req_per_s"] for r in rounds]}
+
+
+def _ensure_model(settings) -> str:
+    from flowops.errors import NotFound
+    from flowops.model import resolve_model_version
+
+    try:
+        return resolve_model_version(settings, f"models:/{settings.model_name}@production")[1]
+    except NotFound:
+        from tests.integration.conftest_serving import fit_classifier, register_version
+
+        return register_version(settings, fit_classifier(), alias="production")
+
+
+def _plain_server(port: int) -> None:
+    """(c): one process, FastAPI + uvicorn, the same model and preprocessing, no batching."""
+    import numpy as np
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from flowops.errors import FlowOpsError
+    from flowops.model import load_model, predict_proba, to_batch
+    from flowops.serving_app import PredictRequest, decode_instance, error_response, parse_body
+    from flowops.settings import get_settings
+
+    torch.set_num_threads(1)
+    loaded = load_model(get_settings(), f"models:/{get_settings().model_name}@production")
+    model, version = loaded.model, loaded.version
+    app = FastAPI()
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            req = parse_body(await request.body(), PredictRequest)
+            arrays = [decode_instance(x, i, model.image_size) for i, x in enumerate(req.instances)]
+        except FlowOpsError as exc:
+            return error_response(exc)
+        probs = predict_proba(model, to_batch(arrays))
+        preds = [{"label": model.classes[int(np.argmax(p))], "score": float(np.max(p)),
+                  "probabilities": {c: float(x) for c, x in zip(model.classes, p, strict=True)},
+                  "model_version": version} for p in probs]
+        return JSONResponse({"predictions": preds}, headers={"X-Model-Version": version})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="Measured seconds per run.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (median kept).")
+    parser.add_argument("--warmup", type=float, default=2.0, help="Unmeasured seconds first.")
+    parser.add_argument("--canary-weight", type=int, default=10, help="Canary share in (a).")
+    parser.add_argument("--plain-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_server:
+        _plain_server(args.plain_server)
+        return
+
+    from flowops.settings import get_settings
+    from flowops.stack import apply_ray_auth_env, free_port
+
+    settings = get_settings()
+    apply_ray_auth_env(settings)  # before Ray is imported
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from flowops import serving
+    from flowops.serving_app import bind_bare
+
+    version = _ensure_model(settings)
+    canary = None
+    if args.canary_weight:
+        from tests.integration.conftest_serving import fit_classifier, register_version
+
+        canary = register_version(settings, fit_classifier(seed=1))
+    serving.deploy(settings, stable=version, canary=canary, weight=args.canary_weight if canary else 0)
+    if not ray.is_initialized():
+        ray.init(address=settings.gcs_address, logging_level="ERROR", log_to_driver=False)
+    serve.run(bind_bare(f"models:/{settings.model_name}/{version}", str(settings.home),
+                        settings.tracking_uri), name="bench-bare", route_prefix="/bench-bare")
+
+    port = free_port()
+    plain = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port)],
+                             env={**os.environ}, start_new_session=True)
+    body = _body()
+    targets = {
+        "router_app": f"{settings.serve_url}/predict",
+        "bare_deployment": f"{settings.serve_url}/bench-bare/predict",
+        "plain_fastapi": f"http://127.0.0.1:{port}/predict",
+    }
+    # The router app with its canary share set to 0 (same replicas, weight changed at runtime):
+    # the routing/ledger/metrics overhead alone, apart from the cost of serving two models.
+    weights = {"router_app": args.canary_weight if canary else 0}
+    if canary:
+        targets = {"router_app_no_canary": targets["router_app"], **targets}
+        weights["router_app_no_canary"] = 0
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.post(targets["plain_fastapi"], content=body, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        # Interleaved rounds (every target at every concurrency once per round), then the median
+        # round per cell: a noisy neighbour hurts one round of each target, not all of one target.
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for rnd in range(1, args.rounds + 1):
+            for c in (1, 32):
+                for name, url in targets.items():
+                    if name in weights and canary:
+                        serving.set_weight(settings, weights[name])
+                    r = asyncio.run(_closed_loop(url, body, c, args.duration, args.warmup))
+                    runs.setdefault((name, c), []).append(r)
+                    print(f"round {rnd} {name:16s} c={c:<3d} {r['req_per_s']:8.1f} req/s  "
+                          f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors {r['errors']}")
+        results: dict[str, list[dict]] = {
+            name: [_median_run(runs[(name, c)]) for c in (1, 32)] for name in targets
+        }
+        for name, rows in results.items():
+            for r in rows:
+                print(f"median {name:16s} c={r['concurrency']:<3d} {r['req_per_s']:8.1f} req/s  "
+                      f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors {r['errors']}")
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+        serve.delete("bench-bare")
+
+    def rps(name: str, i: int) -> float:
+        return results[name][i]["req_per_s"] or 1e-9
+
+    ratios = {
+        f"router_over_bare_c{c}": round(rps("router_app", i) / rps("bare_deployment", i), 3)
+        for i, c in enumerate((1, 32))
+    } | ({
+        f"router_no_canary_over_bare_c{c}":
+            round(rps("router_app_no_canary", i) / rps("bare_deployment", i), 3)
+        for i, c in enumerate((1, 32))
+    } if "router_app_no_canary" in results else {}) | {
+        f"router_over_plain_c{c}": round(rps("router_app", i) / rps("plain_fastapi", i), 3)
+        for i, c in enumerate((1, 32))
+    }
+    print(json.dumps(ratios, indent=2))
+    out = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "ray": ray.__version__},
+        "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+        "serve_fast_path": settings.serve_fast_path, "canary_weight": args.canary_weight,
+        "results": results, "ratios": ratios,
+        "goals": {"router_overhead_vs_bare_at_most": 0.05, "serve_vs_plain_c32_at_least": 0.5,
+                  "p99_c32_ms_under": 100},
+        "note": "2-core machine; load generator (aiohttp) on the same cores as the servers; "
+                "median of interleaved rounds",
+    }
+    (Path(__file__).with_suffix(".json")).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The continuous training loop end to end on the session's real Ray cluster.
+
+One module-scoped production model (trained for real, validated, promoted, served). Then:
+labels → the controller (a Ray job) snapshots them → fine-tunes (a Ray job) — the controller is
+killed mid-training and restarted, and must adopt the running job — → validates → canary under
+real HTTP traffic with feedback → promoted; then a bad model goes through the canary and is rolled
+back. Thresholds and steps are small so the whole module takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LOOP_ARGS = ["--threshold", "20", "--epochs", "3", "--workers", "1", "--steps", "50,100",
+             "--min-requests", "15", "--min-duration-s", "1", "--no-pseudo-label"]
+
+
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def _train_local(settings, run_name: str, **overrides) -> str:
+    from flowops.train import TrainConfig, train
+
+    cfg = TrainConfig(data_version="v1", local=True, run_name=run_name, **overrides)
+    return train(settings, cfg).version
+
+
+@pytest.fixture(scope="module")
+def served(stack, dataset):
+    """A real production model behind the serving app, and traffic with feedback."""
+    from flowops import registry, serving
+    from flowops.demo import TrafficGenerator
+
+    version = _train_local(stack, "loop-test-v1", epochs=25, lr=0.01)
+    registry.validate_version(stack, version, min_accuracy=0.5)
+    registry.promote(stack, version)
+    serving.deploy(stack, stable=version)
+    traffic = TrafficGenerator(stack, rate_per_s=30, feedback_share=0.6).start()
+    yield {"version": version, "traffic": traffic}
+    traffic.stop()
+    run_cli("loop", "stop")
+
+
+def test_labels_add_checks_every_row_and_records_all_or_nothing(stack, dataset, tmp_path):
+    from flowops import data, labels
+
+    manifest = data.read_manifest(stack, dataset)
+    pool = manifest[manifest["split"] == "unlabeled"]["id"].tolist()
+    holdout = manifest[manifest["split"] == "holdout"]["id"].iloc[0]
+    before = labels.counts(stack)["total"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"task_id,image_id,label\nx1,{pool[0]},3\nx2,{pool[1]},cat\n")
+    proc = run_cli("labels", "add", "--file", str(bad))
+    assert proc.returncode != 0 and "line 3" in proc.stderr and "'cat'" in proc.stderr
+    bad.write_text(f"task_id,image_id,label\nx3,{holdout},3\n")
+    proc = run_cli("labels", "add", "--file", str(bad))
+    assert proc.returncode != 0 and "holdout" in proc.stderr
+    bad.write_text("task,image\n1,2\n")
+    proc = run_cli("labels", "add", "--file", str(bad))
+    assert proc.returncode != 0 and "task_id" in proc.stderr and "Traceback" not in proc.stderr
+    assert labels.counts(stack)["total"] == before  # nothing half-written
+
+
+def test_promote_branch_survives_a_controller_restart_mid_training(stack, served):
+    from flowops import data, jobs, labels, loop, registry, serving, timeline
+
+    versions_before = [v.id for v in data.list_versions(stack)]
+    run_cli("loop", "start", *LOOP_ARGS, check=True)
+    # a second controller is refused while one runs
+    second = run_cli("loop", "start", *LOOP_ARGS)
+    assert second.returncode != 0 and "already running" in second.stderr
+    # other tests of the session (labels add, the Label Studio webhook) may have left labels
+    pending_before = labels.counts(stack)["new"]
+    proc = run_cli("labels", "simulate", "--count", "20", "--json", check=True)
+    assert '"recorded": 20' in proc.stdout
+
+    pid = loop._pipeline_id(stack, "r001", "train")
+
+    def training_running():
+        run = jobs.load_pipeline(stack, pid)
+        return run and run.steps[0].job_id and run.steps[0].status == "RUNNING"
+
+    _wait(training_running, 180, "the fine-tuning job to start")
+    # while it waits on the job, the controller's heartbeat stays fresh and names the job
+    job_id = jobs.load_pipeline(stack, pid).steps[0].job_id
+    _wait(lambda: loop.read_state(stack)["controller"].get("job") == job_id, 30,
+          "a heartbeat naming the training job")
+    assert loop.loop_status(stack)["controller"]["heartbeat_age_s"] < 15
+    run_cli("loop", "stop", check=True)  # the controller dies mid-pipeline...
+    run_cli("loop", "start", *LOOP_ARGS, check=True)  # ...and a new one resumes the rollout
+
+    record = _wait(lambda: (loop.read_state(stack)["rollouts"]["r001"]
+                            if loop.read_state(stack)["rollouts"]["r001"].get("stage") == "done"
+                            else None), 420, "rollout r001 to finish", poll_s=2)
+    assert record["status"] == "promoted", record
+    # exactly one training job and one new data version for the snapshot
+    train_jobs = [j for j in jobs.list_jobs(stack) if j.metadata.get("pipeline") == pid]
+    assert len(train_jobs) == 1
+    new_versions = [v for v in data.list_versions(stack) if v.id not in versions_before]
+    assert [v.message.split(":")[0] for v in new_versions] == ["loop r001"]
+    manifest = data.read_manifest(stack, record["data_version"])
+    assert (manifest["label_source"] == "human").sum() == 20 + pending_before
+    assert labels.counts(stack)["new"] == 0
+    # production moved; serving sends 100% to the new version
+    new = record["model_version"]
+    assert registry.production_version(stack) == new
+    routing = serving.routing_status(stack)
+    assert str(routing["stable"]) == new and not routing.get("canary")
+    # the timeline's stages are in order
+    rows = {r["rollout"]: r for r in timeline.timeline(stack)}["r001"]
+    stages = [s["stage"] for s in rows["stages"]]
+    assert stages == ["threshold reached", "data version cut", "training", "validation",
+                      "canary analysis", "promoted"]
+    ends = [s["end"] for s in rows["stages"]]
+    assert ends == sorted(ends)
+    report = run_cli("loop", "report", check=True).stdout
+    assert "r001" in report and "promoted" in report
+    # events are not duplicated by the restart
+    keys = [e["key"] for e in timeline.read_events(stack, "r001")]
+    assert len(keys) == len(set(keys))
+    assert served["traffic"].failed == 0, served["traffic"].summary()
+
+
+def test_rollback_branch_sends_all_traffic_to_stable_within_seconds(stack, served):
+    from flowops import loop, registry, serving, timeline
+    from flowops.tracking import configure_mlflow
+
+    stable = registry.production_version(stack)
+    bad = _train_local(stack, "loop-test-bad", epochs=1, lr=0.001)
+    proc = run_cli("loop", "canary", "--version", bad, "--min-accuracy", "0", check=True)
+    rid = proc.stdout.split()[2]
+    if loop.loop_status(stack)["controller"]["status"] != "RUNNING":
+        run_cli("loop", "start", *LOOP_ARGS, check=True)
+    record = _wait(lambda: (loop.read_state(stack)["rollouts"][rid]
+                            if loop.read_state(stack)["rollouts"][rid].get("stage") == "done"
+                            else None), 300, f"rollout {rid} to finish", poll_s=2)
+    assert record["status"] == "rolled_back", record
+    assert any("accuracy" in r for r in record["reasons"])
+    routing = serving.routing_status(stack)
+    assert str(routing["stable"]) == stable and not routing.get("canary")
+    assert registry.production_version(stack) == stable
+    tags = configure_mlflow(stack).get_model_version(stack.model_name, bad).tags
+    assert tags["rolled_back"] == "true" and "accuracy" in tags["rolled_back_reasons"]
+    event = next(e for e in timeline.read_events(stack, rid) if e["event"] == "rolled_back")
+    assert event["rollback_s"] < 5
+    runs = configure_mlflow(stack).search_runs(
+        [configure_mlflow(stack).get_experiment_by_name("rollouts").experiment_id],
+        filter_string=f"tags.rollout = '{rid}'")
+    assert runs and runs[0].data.tags["decision"] == "rollback"
+    assert served["traffic"].failed == 0, served["traffic"].summary()

@@ -1,0 +1,248 @@
+"""Batch pseudo-labeling on the real Ray cluster of the test session (real job, Ray Data, MLflow,
+git + DVC), the labeling queue and its Label Studio export, and the pseudo-label set.
+
+The tests use the session's cluster (`stack`) but a home folder of their own, so the few corrupt
+files and the model they register never reach the data versions or registry other tests read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from flowops import data, labels
+from flowops import queue as queue_lib
+from flowops.errors import NotFound
+from flowops.settings import get_settings
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BAD = {  # id -> file content; each must end up in the errors file, never fail the job
+    "bad-corrupt": b"\x89PNG\r\n\x1a\n" + b"\x00not really a png" * 4,
+    "bad-text": b"hello, I am a text file named like an image",
+    "bad-truncated": None,  # the first 40 bytes of a real PNG
+    "bad-size": None,  # a valid 16x16 PNG; rejected under --size-rule exact
+}
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_digits_version(settings, n_train=300, n_unlabeled=120, bad=True) -> str:
+    """A small digits dataset (plus corrupt files in the unlabeled pool) as a new data version."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(np.round(digits.images * (255 / 16)), 0, 255)
+
+    def write(staging):
+        for old in staging.iterdir():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        rows, answers = [], []
+        for i in range(n_train + n_unlabeled):
+            label = str(digits.target[i])
+            if i < n_train:
+                rel, split, lab, src = f"images/train/{label}/d{i}.png", "train", label, "original"
+            else:
+                rel, split, lab, src = f"images/unlabeled/d{i}.png", "unlabeled", "", ""
+                answers.append({"id": f"d{i}", "label": label})
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(_png(pixels[i]))
+            rows.append({"id": f"d{i}", "path": rel, "label": lab, "split": split,
+                         "source": "sklearn-digits", "label_source": src})
+        if bad:
+            contents = dict(BAD)
+            contents["bad-truncated"] = _png(pixels[0])[:40]
+            contents["bad-size"] = _png(np.full((16, 16), 200))
+            for image_id, raw in contents.items():
+                rel = f"images/unlabeled/{image_id}.png"
+                (staging / rel).write_bytes(raw)
+                rows.append({"id": image_id, "path": rel, "label": "", "split": "unlabeled",
+                             "source": "test", "label_source": ""})
+        data.write_manifest(staging / "manifest.csv", pd.DataFrame(rows))
+        pd.DataFrame(answers).to_csv(staging / "answers.csv", index=False)
+        (staging / "meta.json").write_text(json.dumps(
+            {"classes": [str(c) for c in range(10)], "image_size": 8, "channels": 1}))
+
+    return data.cut_version(settings, "batch test dataset", write, base=None).id
+
+
+def register_digits_model(settings, versions_tag: str, epochs: int = 30, alias="production"):
+    """Fit the platform's ImageClassifier briefly on the version's train split; register it."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from flowops import model as model_lib
+    from flowops import tracking
+
+    root = data.materialize(settings, versions_tag)
+    manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+    train = manifest[manifest["split"] == "train"]
+    x = model_lib.to_batch([model_lib.decode_image((root / p).read_bytes(), 8)
+                            for p in train["path"]])
+    y = torch.tensor([int(v) for v in train["label"]])
+    torch.manual_seed(0)
+    net = model_lib.ImageClassifier([str(c) for c in range(10)], 8, width=16)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    net.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    with tracking.start_run(settings, "batch-tests", run_name="fit-for-batch-tests"):
+        version = model_lib.log_model_version(settings, net)
+    if alias:
+        MlflowClient(settings.tracking_uri).set_registered_model_alias(
+            settings.model_name, alias, version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def batch_env(stack, tmp_path_factory):
+    """Own home on the session's cluster: token copied, tiny dataset v1, a registered model."""
+    home = tmp_path_factory.mktemp("batch") / ".flowops"
+    settings = get_settings(home=home)
+    settings.token_path.parent.mkdir(parents=True)
+    shutil.copy(stack.token_path, settings.token_path)
+    tag = write_digits_version(settings)
+    version = register_digits_model(settings, tag)
+    return {"settings": settings, "env": {"FLOWOPS_HOME": str(home)}, "data": tag,
+            "model": version}
+
+
+@pytest.fixture(scope="module")
+def job_result(batch_env):
+    """One real `flowops pseudo-label` job over the pool (with bad files), waited for."""
+    proc = run_cli("pseudo-label", "--data-version", batch_env["data"], "--actors", "2",
+                   "--batch-size", "32", "--size-rule", "exact", "--accept-threshold", "0.9",
+                   "--json", env=batch_env["env"], timeout=420)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_unknown_model_fails_before_any_data_is_read(batch_env):
+    settings = batch_env["settings"]
+    cache = settings.cache_dir / "data"
+    shutil.rmtree(cache, ignore_errors=True)  # the model fixture materialized v1
+    proc = run_cli("pseudo-label", "--model-uri", f"models:/{settings.model_name}@nope",
+                   env=batch_env["env"], timeout=120)
+    assert proc.returncode == NotFound.exit_code
+    assert proc.stderr.startswith("error: model models:/digits-classifier@nope does not exist")
+    assert "aliases: production=" in proc.stderr and "Traceback" not in proc.stderr
+    from flowops.pseudo_label import PseudoLabelConfig, run_pseudo_label
+
+    with pytest.raises(NotFound):
+        run_pseudo_label(settings, PseudoLabelConfig(model_uri="models:/no-such-model/1"))
+    assert not cache.exists()  # nothing was materialized
+
+
+def test_job_scores_good_files_and_lists_bad_ones(batch_env, job_result):
+    settings = batch_env["settings"]
+    assert job_result["images"] == 124 and job_result["scored"] == 120
+    assert job_result["errors"] == 4
+    assert job_result["model_version"] == batch_env["model"]
+    assert job_result["data_version"] == batch_env["data"]
+    out = job_result["output_version"]
+    assert out == "v2" and data.latest_version(settings) == "v2"
+    root = data.materialize(settings, out)
+    preds = pd.read_parquet(root / "predictions.parquet")
+    assert len(preds) == 120 and preds["id"].is_unique
+    assert not preds["id"].str.startswith("bad-").any()
+    assert {"id", "path", "label", "score", "probabilities", "entropy", "margin",
+            "model_version", "data_version"} <= set(preds.columns)
+    probs = np.stack(preds["probabilities"].to_numpy())
+    assert probs.shape == (120, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    assert np.allclose(preds["score"], probs.max(axis=1))
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    assert np.allclose(preds["margin"], top2[:, 1] - top2[:, 0], atol=1e-5)
+    answers = pd.read_csv(root / "answers.csv", dtype=str).set_index("id")["label"]
+    accuracy = (preds.set_index("id")["label"] == answers.reindex(preds["id"])).mean()
+    assert accuracy > 0.6  # a real model made these
+    errors = pd.read_csv(root / "predictions_errors.csv")
+    assert sorted(errors["id"]) == sorted(BAD)
+    reasons = errors.set_index("id")["error"]
+    assert reasons["bad-size"] == "wrong size 16x16, expected 8x8"
+    assert all(reasons[i] for i in BAD)
+    # the manifest is not touched by a pseudo-label run
+    before = data.read_manifest(settings, batch_env["data"])
+    assert data.read_manifest(settings, out).equals(before)
+
+
+def test_run_is_logged_to_mlflow(batch_env, job_result):
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(batch_env["settings"].tracking_uri).get_run(job_result["run_id"])
+    assert run.data.metrics["scored"] == 120 and run.data.metrics["errors"] == 4
+    assert run.data.metrics["images_per_s"] > 0
+    assert sum(v for k, v in run.data.metrics.items() if k.startswith("class_")) == 120
+    assert run.data.params["model_version"] == batch_env["model"]
+    assert sum(job_result["score_histogram"].values()) == 120
+
+
+def test_confident_pseudo_labels_are_kept_apart_from_human_labels(batch_env, job_result):
+    settings = batch_env["settings"]
+    out = job_result["output_version"]
+    root = data.materialize(settings, out)
+    pseudo = pd.read_csv(root / "pseudo_labels.csv", dtype={"id": str, "label": str})
+    assert list(pseudo.columns) == ["id", "label", "score", "model_version"]
+    assert len(pseudo) == job_result["accepted"] > 0
+    assert (pseudo["score"] >= 0.9).all()
+    manifest = data.read_manifest(settings, out)
+    human = set(manifest.loc[manifest["label"] != "", "id"])
+    assert not human & set(pseudo["id"])
+    assert "pseudo" not in set(manifest["label_source"])
+
+    # A person labels one confident image; accepting again leaves it out of the pseudo set.
+    chosen = pseudo["id"].iloc[0]
+    labels.record_labels(settings, [labels.Label("t-accept", chosen, "3", "api")])
+    proc = run_cli("labels", "accept-pseudo", "--threshold", "0.9", "--json",
+                   env=batch_env["env"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    again = pd.read_csv(data.materialize(settings, res["version"]) / "pseudo_labels.csv",
+                        dtype={"id": str})
+    assert chosen not in set(again["id"]) and res["accepted"] == len(pseudo) - 1
+    assert data.read_manifest(settings, res["version"]).equals(manifest)
+
+
+def test_queue_is_most_uncertain_first_and_skips_labeled(batch_env, job_result, tmp_path):
+    settings = batch_env["settings"]
+    preds = pd.read_parquet(data.materialize(settings, job_result["output_version"])
+                            / "predictions.parquet")
+    most_uncertain = preds.sort_values("margin")["id"].iloc[0]
+    labels.record_labels(settings, [labels.Label("t-queue", most_uncertain, "1", "api")])
+    queue = queue_lib.review_queue(settings, top=10)
+    assert len(queue) == 10 and most_uncertain not in set(queue["id"])
+    assert queue["margin"].is_monotonic_increasing
+    labeled = {r["image_id"] for r in labels.new_labels(settings)}
+    expected = preds[~preds["id"].isin(labeled)].sort_values("margin")["margin"].head(10)
+    assert np.allclose(queue["margin"], expected)
+
+    export = tmp_path / "tasks.json"
+    proc = run_cli("labels", "queue", "--top", "5", "--export", "labelstudio", str(export),
+                   "--json", env=batch_env["env"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)["queue"]
+    assert [r["id"] for r in listed] == list(queue["id"].head(5))
+    tasks = json.loads(export.read_text())
+    assert len(tasks) == 5
+    for task, row in zip(tasks, listed, strict=True):
+        assert task["data"]["id"] == row["id"]
+        assert task["data"]["image"] == f"/data/local-files/?d=data/{row['path']}"
+        [pred] = task["predictions"]
+        assert pred["model_version"] == batch_env["model"]
+        assert pred["result"][0]["value"]["choices"] == [row["label"]]
+        assert pred["result"][0]["from_name"] == "choice"
+
+    bad = run_cli("labels", "queue", "--export", "csv", str(export), env=batch_env["env"])
+    assert bad.returncode == 2 and "allowed: labelstudio" in bad.stderr

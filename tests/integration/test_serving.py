@@ -1,0 +1,362 @@
+"""The classifier app over real HTTP on the real Serve of the test stack: routing shares, sticky
+routing, runtime weight changes and rollback under load, shadow traffic, canary failures, feedback,
+admin keys, bad input (hypothesis), Prometheus metrics, the CLI, and the Label Studio ML-backend
+round trip with bodies shaped as Label Studio sends them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from tests.conftest import run_cli
+from tests.integration.conftest_serving import (
+    broken_classifier,
+    digits_pixels,
+    fit_classifier,
+    png_b64,
+    register_version,
+)
+
+pytestmark = pytest.mark.integration
+
+PIXELS, LABELS = digits_pixels(64)
+
+
+@pytest.fixture(scope="module")
+def served(stack):
+    """Versions 'good' (production), 'other' (a second good model) and 'broken'; the app deployed."""
+    from flowops import serving
+
+    versions = {
+        "good": register_version(stack, fit_classifier(seed=0), alias="production"),
+        "other": register_version(stack, fit_classifier(seed=1)),
+        "broken": register_version(stack, broken_classifier()),
+    }
+    serving.deploy(stack)
+    yield stack, versions
+    serving.rollback(stack)
+
+
+def _body(i: int) -> dict:
+    return {"instances": [PIXELS[i % len(PIXELS)].tolist()]}
+
+
+async def _fire(url: str, n: int, concurrency: int, headers_for=None) -> list[httpx.Response]:
+    """n POST /predict requests from `concurrency` closed-loop clients."""
+    out: list[httpx.Response] = []
+    counter = iter(range(n))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            headers = headers_for(i) if headers_for else None
+            out.append(await client.post(f"{url}/predict", json=_body(i), headers=headers))
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return out
+
+
+def test_predict_names_the_version_everywhere(served):
+    settings, v = served
+    resp = httpx.post(f"{settings.serve_url}/predict", timeout=30, json={
+        "instances": [PIXELS[0].tolist(), {"b64": png_b64(PIXELS[1])}]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert resp.headers["x-model-version"] == body["model_version"] == v["good"]
+    assert len(body["predictions"]) == 2
+    for pred in body["predictions"]:
+        assert pred["model_version"] == v["good"] and pred["request_id"]
+        assert set(pred["probabilities"]) == {str(i) for i in range(10)}
+        assert abs(sum(pred["probabilities"].values()) - 1) < 1e-3
+        assert pred["label"] == max(pred["probabilities"], key=pred["probabilities"].get)
+    health = httpx.get(f"{settings.serve_url}/health", timeout=10).json()
+    assert health["stable"] == v["good"] and health["canary"] is None
+
+
+def test_canary_share_and_sticky_routing(served):
+    from flowops import serving
+
+    settings, v = served
+    status = serving.set_canary(settings, v["other"], weight=10)
+    assert status["ready"] and status["canary"] == v["other"] and status["weight"] == 10
+    responses = asyncio.run(_fire(settings.serve_url, 1000, 16))
+    assert all(r.status_code == 200 for r in responses)
+    share = sum(r.headers["x-model-version"] == v["other"] for r in responses) / len(responses)
+    assert 0.06 <= share <= 0.14, share
+
+    # Sticky: one key always gets one version; many keys spread over both.
+    by_key = asyncio.run(_fire(settings.serve_url, 200, 8,
+                               headers_for=lambda i: {"X-Routing-Key": f"user-{i % 40}"}))
+    seen: dict[str, set] = {}
+    for r in by_key:
+        seen.setdefault(r.request.headers["x-routing-key"], set()).add(r.headers["x-model-version"])
+    assert all(len(versions) == 1 for versions in seen.values())
+    serving.set_weight(settings, 50)
+    spread = asyncio.run(_fire(settings.serve_url, 100, 8,
+                               headers_for=lambda i: {"X-Routing-Key": f"user-{i}"}))
+    assert {r.headers["x-model-version"] for r in spread} == {v["good"], v["other"]}
+
+
+def test_weight_changes_and_rollback_under_load_lose_nothing(served):
+    from flowops import serving
+
+    settings, v = served
+    serving.set_canary(settings, v["other"], weight=10)
+    log: list[tuple[float, int, str]] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        async def worker(client):
+            i = 0
+            while not stop.is_set():
+                try:
+                    r = await client.post(f"{settings.serve_url}/predict", json=_body(i))
+                    log.append((time.monotonic(), r.status_code, r.headers.get("x-model-version")))
+                except httpx.HTTPError as exc:
+                    log.append((time.monotonic(), 0, type(exc).__name__))
+                i += 1
+
+        async with httpx.AsyncClient(timeout=30) as client:
+            await asyncio.gather(*(worker(client) for _ in range(8)))
+
+    async def scenario() -> float:
+        task = asyncio.create_task(load())
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(serving.set_weight, settings, 60)
+        await asyncio.sleep(1.0)
+        t0 = time.monotonic()
+        await asyncio.to_thread(serving.rollback, settings)
+        await asyncio.sleep(2.5)
+        stop.set()
+        await task
+        return t0
+
+    t0 = asyncio.run(scenario())
+    failures = [entry for entry in log if entry[1] != 200]
+    assert not failures, failures[:5]
+    assert any(ver == v["other"] for _, _, ver in log)  # the canary did answer before
+    late_canary = [t for t, _, ver in log if ver == v["other"] and t > t0 + 2.0]
+    assert not late_canary, "canary still answered more than 2 s after the rollback command"
+    assert serving.routing_status(settings)["canary"] is None
+
+
+def test_shadow_traffic_is_compared_not_returned(served):
+    from flowops import serving
+
+    settings, v = served
+    serving.update_routing(settings, canary=v["other"], weight=0, shadow_pct=100)
+    before = serving.ledger_snapshot(settings).get(v["other"], {}).get("shadow_total", 0)
+    responses = asyncio.run(_fire(settings.serve_url, 60, 4))
+    assert {r.headers["x-model-version"] for r in responses} == {v["good"]}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entry = serving.ledger_snapshot(settings)[v["other"]]
+        if entry["shadow_total"] - before >= 60:
+            break
+        time.sleep(0.2)
+    assert entry["shadow_total"] - before == 60
+    assert 0 < entry["shadow_agree"] <= entry["shadow_total"]  # two fitted models mostly agree
+    serving.rollback(settings)
+
+
+def test_failing_canary_is_counted_and_answered_by_stable(served):
+    from flowops import serving
+
+    settings, v = served
+    serving.set_canary(settings, v["broken"], weight=100)
+    responses = asyncio.run(_fire(settings.serve_url, 30, 4))
+    assert all(r.status_code == 200 and r.headers["x-model-version"] == v["good"] for r in responses)
+    time.sleep(0.4)
+    assert serving.ledger_snapshot(settings)[v["broken"]]["errors"] >= 30
+    serving.rollback(settings)
+
+
+def test_feedback_counts_once_per_prediction(served):
+    from flowops import serving
+
+    settings, v = served
+    pred = httpx.post(f"{settings.serve_url}/predict", json=_body(3), timeout=30).json()["predictions"][0]
+    before = serving.ledger_snapshot(settings)[v["good"]]
+    resp = httpx.post(f"{settings.serve_url}/feedback", timeout=30,
+                      json={"request_id": pred["request_id"], "label": str(LABELS[3])})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["correct"] == (pred["label"] == str(LABELS[3]))
+    after = serving.ledger_snapshot(settings)[v["good"]]
+    assert after["feedback_total"] == before["feedback_total"] + 1
+    again = httpx.post(f"{settings.serve_url}/feedback", timeout=30,
+                       json={"request_id": pred["request_id"], "label": "3"})
+    assert again.status_code == 404 and "request_id" in again.json()["error"]
+
+
+def test_admin_routes_need_the_admin_key(served):
+    settings, _ = served
+    url = f"{settings.serve_url}/routing"
+    assert httpx.put(url, json={"weight": 5}, timeout=10).status_code == 401
+    wrong = httpx.put(url, json={"weight": 5}, headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 403 and "nope" not in wrong.text
+    for path in ("/routing/rollback", "/routing/promote"):
+        assert httpx.post(f"{settings.serve_url}{path}", timeout=10).status_code == 401
+
+
+def test_size_and_count_limits(served):
+    settings, _ = served
+    too_many = {"instances": [PIXELS[0].tolist()] * 65}
+    resp = httpx.post(f"{settings.serve_url}/predict", json=too_many, timeout=30)
+    assert resp.status_code == 400 and "too many instances" in resp.json()["error"]
+    huge = b'{"instances": [' + b"0," * (3 * 1024 * 1024) + b"0]}"
+    resp = httpx.post(f"{settings.serve_url}/predict", content=huge, timeout=30)
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]
+    resp = httpx.post(f"{settings.serve_url}/predict", json={"instances": [{"b64": png_b64(PIXELS[0])[:40]}]})
+    assert resp.status_code == 400 and "instances[0]" in resp.json()["error"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=8), children,
+                                                                      max_size=4),
+    max_leaves=30,
+)
+bodies = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda x: json.dumps(x).encode()),
+    st.builds(lambda inst: json.dumps({"instances": inst}).encode(),
+              st.lists(json_values | st.lists(st.lists(st.floats() | st.integers(-999, 999),
+                                                       max_size=9), max_size=9), max_size=4)),
+    st.builds(lambda b: json.dumps({"instances": [{"b64": b}]}).encode(), st.text(max_size=60)),
+)
+
+
+@pytest.mark.slow
+def test_bad_input_never_gives_a_500(served):
+    settings, _ = served
+    client = httpx.Client(timeout=30)
+
+    @hsettings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies, route=st.sampled_from(["/predict", "/feedback", "/labelstudio/predict",
+                                               "/labelstudio/webhook"]))
+    def check(body: bytes, route: str) -> None:
+        resp = client.post(f"{settings.serve_url}{route}", content=body,
+                           headers={"content-type": "application/json"})
+        assert resp.status_code < 500, (route, body[:200], resp.text)
+        assert "error" in resp.json() or resp.status_code < 300
+
+    check()
+    client.close()
+
+
+def test_metrics_reach_prometheus_and_the_cli_shows_status(served):
+    settings, v = served
+    asyncio.run(_fire(settings.serve_url, 20, 2))
+    deadline, text = time.monotonic() + 40, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{settings.metrics_port}/metrics", timeout=10).text
+        if "flowops_serve_requests_total" in text and "flowops_serve_latency_ms" in text:
+            break
+        time.sleep(2)
+    assert f'version="{v["good"]}"' in text and "flowops_serve_requests_total" in text
+    out = run_cli("serve", "status", "--ledger", "--json", check=True, timeout=120)
+    status = json.loads(out.stdout)
+    assert status["stable"] == v["good"] and status["ledger"][v["good"]]["requests"] > 0
+
+
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="choice" toName="image" choice="single">
+    <Choice value="0"/><Choice value="1"/><Choice value="2"/><Choice value="3"/><Choice value="4"/>
+    <Choice value="5"/><Choice value="6"/><Choice value="7"/><Choice value="8"/><Choice value="9"/>
+  </Choices>
+</View>"""
+
+
+def test_label_studio_round_trip(served):
+    from PIL import Image
+
+    from flowops.labels import new_labels
+
+    settings, v = served
+    base = f"{settings.serve_url}/labelstudio"
+    pixels, _ = digits_pixels(2, seed=3)
+    folder = settings.workspace / "ls-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels[1].astype("uint8"), mode="L").save(folder / "digit-17.png")
+
+    health = httpx.get(f"{base}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    setup = httpx.post(f"{base}/setup", timeout=10, json={
+        "project": "1.1700000000", "schema": LABEL_CONFIG, "hostname": "http://localhost:8080",
+        "access_token": "secret-token", "model_version": "", "extra_params": None})
+    assert setup.status_code == 200 and setup.json()["model_version"] == v["good"]
+
+    tasks = [
+        {"id": 1, "data": {"image": f"data:image/png;base64,{png_b64(pixels[0])}"}, "meta": {},
+         "annotations": [], "predictions": [], "project": 1},
+        {"id": 2, "data": {"image": "/data/local-files/?d=ls-images/digit-17.png"}, "meta": {},
+         "annotations": [], "predictions": [], "project": 1},
+        {"id": 3, "data": {"image": "http://example.com/x.png"}, "project": 1},
+    ]
+    resp = httpx.post(f"{base}/predict", timeout=60, json={
+        "tasks": tasks, "model_version": None, "project": "1.1700000000",
+        "label_config": LABEL_CONFIG, "params": {"login": None, "password": None, "context": None}})
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert len(results) == 3
+    for r in results[:2]:
+        assert r["model_version"] == v["good"] and 0 < r["score"] <= 1
+        (choice,) = r["result"]
+        assert choice["from_name"] == "choice" and choice["to_name"] == "image"
+        assert choice["type"] == "choices" and choice["value"]["choices"][0] in "0123456789"
+    assert results[2]["result"] == [] and "localhost" in results[2]["error"]
+
+    escape = httpx.post(f"{base}/predict", timeout=30, json={
+        "tasks": [{"id": 9, "data": {"image": "/data/local-files/?d=../../etc/passwd"}}],
+        "label_config": LABEL_CONFIG})
+    assert escape.status_code == 422 and "allowed folder" in escape.json()["error"]
+
+    event = {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": 11, "completed_by": 1, "was_cancelled": False, "ground_truth": False,
+                       "lead_time": 3.2, "task": 2, "project": 1,
+                       "result": [{"id": "a1", "type": "choices", "from_name": "choice",
+                                   "to_name": "image", "origin": "manual",
+                                   "value": {"choices": ["7"]}}]},
+        "task": {"id": 2, "data": {"image": "/data/local-files/?d=ls-images/digit-17.png"},
+                 "project": 1, "is_labeled": True},
+        "project": {"id": 1, "title": "digits"},
+    }
+    hook = httpx.post(f"{base}/webhook", json=event, timeout=30)
+    assert hook.status_code == 201, hook.text
+    labels = {r["task_id"]: r for r in new_labels(settings)}
+    assert labels["labelstudio-2"]["image_id"] == "digit-17"
+    assert labels["labelstudio-2"]["label"] == "7" and labels["labelstudio-2"]["source"] == "labelstudio"
+
+    other = httpx.post(f"{base}/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})
+    assert other.status_code == 200 and other.json()["status"] == "ignored"
+
+
+def test_promote_makes_the_canary_stable_and_moves_the_alias(served):
+    from flowops import serving
+    from flowops.model import resolve_model_version
+
+    settings, v = served
+    serving.set_canary(settings, v["other"], weight=20)
+    status = serving.promote_canary(settings)
+    assert status["stable"] == v["other"] and status["canary"] is None and status["ready"]
+    responses = asyncio.run(_fire(settings.serve_url, 20, 4))
+    assert {r.headers["x-model-version"] for r in responses} == {v["other"]}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if resolve_model_version(settings, f"models:/{settings.model_name}@production")[1] == v["other"]:
+            break
+        time.sleep(0.5)
+    assert resolve_model_version(settings, f"models:/{settings.model_name}@production")[1] == v["other"]
+    nothing = httpx.post(f"{settings.serve_url}/routing/promote", timeout=30,
+                         headers={"Authorization": f"Bearer {serving.admin_key(settings)}"})
+    assert nothing.status_code == 409

@@ -1,0 +1,38 @@
+"""The command line's contract with scripts: exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _flowops(*args, home):
+    return subprocess.run([sys.executable, "-m", "flowops.cli.main", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "FLOWOPS_HOME": str(home),
+                               "FLOWOPS_DASHBOARD_PORT": "29998"})
+
+
+def test_unhealthy_status_exits_non_zero(tmp_path):
+    out = _flowops("status", "--json", home=tmp_path)
+    assert out.returncode == 1
+    assert '"healthy": false' in out.stdout
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["data", "versions", "--bogus"], 2, "No such option: --bogus"),
+    (["jobs", "status"], 2, "Missing argument"),
+    (["data", "show", "v7"], 3, "no data version exists yet"),
+])
+def test_usage_and_lookup_errors_are_one_line_with_their_code(tmp_path, args, code, text):
+    out = _flowops(*args, home=tmp_path)
+    assert out.returncode == code, out.stderr
+    assert text in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_exits_zero(tmp_path):
+    assert _flowops("--help", home=tmp_path).returncode == 0

@@ -1,0 +1,145 @@
+"""Data versions on a real git + DVC workspace (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from flowops import data
+from flowops.errors import InvalidInput, NotFound
+from flowops.settings import get_settings
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("datahome")
+
+
+@pytest.fixture(scope="module")
+def settings_v1(home):
+    s = get_settings(home=home / ".flowops")
+    info = data.init_dataset(s)
+    assert info.id == "v1"
+    return s
+
+
+def test_digits_version_counts_and_split(settings_v1):
+    info = data.show_version(settings_v1, "v1")
+    assert info.counts == {"holdout": 360, "train": 359, "unlabeled": 1078}
+    assert sum(info.class_counts["holdout"].values()) == 360
+    assert info.classes == [str(i) for i in range(10)]
+    assert len(info.commit) == 40
+
+
+def test_manifest_schema_and_hidden_answers(settings_v1):
+    manifest = data.read_manifest(settings_v1, "v1")
+    assert list(manifest.columns[:6]) == data.MANIFEST_COLUMNS
+    unlabeled = manifest[manifest.split == "unlabeled"]
+    assert (unlabeled.label == "").all()
+    assert not unlabeled.path.str.contains("/[0-9]/").any()  # the path does not leak the class
+    root = data.materialize(settings_v1, "v1")
+    answers = (root / "answers.csv").read_text().splitlines()
+    assert len(answers) == 1 + len(unlabeled)
+    with Image.open(root / manifest.path.iloc[0]) as img:
+        assert img.size == (8, 8)
+
+
+def test_version_read_back_from_the_remote_on_another_machine(settings_v1, tmp_path):
+    """Another machine that reaches the git repo and the DVC remote reads exactly that version."""
+    import dvc.api
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(settings_v1.workspace), str(clone)], check=True)
+    text = dvc.api.read("data/manifest.csv", repo=str(clone), rev="v1")
+    local = (data.materialize(settings_v1, "v1") / "manifest.csv").read_text()
+    assert text == local
+
+
+def test_unknown_version_names_existing_ones(settings_v1):
+    with pytest.raises(NotFound, match="v1"):
+        data.resolve_version(settings_v1, "v42")
+    assert data.resolve_version(settings_v1, None) == data.latest_version(settings_v1)
+
+
+def test_failed_cut_leaves_previous_version_intact(settings_v1):
+    before = data.list_versions(settings_v1)
+    manifest_before = (settings_v1.workspace / "data" / "manifest.csv").read_text()
+
+    def broken(staging):
+        (staging / "manifest.csv").unlink()
+        (staging / "manifest.csv").write_text("half,written\n")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(Exception, match="disk full"):
+        data.cut_version(settings_v1, "broken", broken)
+    assert data.list_versions(settings_v1) == before
+    assert (settings_v1.workspace / "data" / "manifest.csv").read_text() == manifest_before
+
+
+def test_cut_version_edits_a_copy(settings_v1):
+    def label_one(staging):
+        manifest = data._parse_manifest((staging / "manifest.csv").read_text())
+        idx = manifest.index[manifest.split == "unlabeled"][0]
+        manifest.loc[idx, ["split", "label", "label_source"]] = ["train", "3", "human"]
+        data.write_manifest(staging / "manifest.csv", manifest)
+
+    info = data.cut_version(settings_v1, "one human label", label_one)
+    assert info.parent == "v1"
+    assert info.counts["train"] == 360 and info.counts["unlabeled"] == 1077
+    # v1 is unchanged
+    assert data.show_version(settings_v1, "v1").counts["train"] == 359
+    assert (data.read_manifest(settings_v1, "v1").split == "train").sum() == 359
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=6):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (12, 10), color=i * 20).save(root / c / f"{i}.png")
+    return root
+
+
+def test_init_from_user_folder(tmp_path):
+    s = get_settings(home=tmp_path / "h")
+    info = data.init_dataset(s, _image_folder(tmp_path / "imgs"), image_size=16)
+    assert info.classes == ["cat", "dog"]
+    assert sum(info.counts.values()) == 12
+    assert data.read_meta(s, info.id)["image_size"] == 16
+
+
+def test_bad_folders_fail_clearly_and_keep_the_previous_version(settings_v1, tmp_path):
+    versions = [v.id for v in data.list_versions(settings_v1)]
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(InvalidInput, match="one sub-folder per class"):
+        data.init_dataset(settings_v1, tmp_path / "flat")
+    broken = _image_folder(tmp_path / "broken")
+    (broken / "cat" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidInput, match="not readable images.*bad.png"):
+        data.init_dataset(settings_v1, broken)
+    with pytest.raises(InvalidInput, match="not a folder"):
+        data.init_dataset(settings_v1, tmp_path / "missing")
+    assert [v.id for v in data.list_versions(settings_v1)] == versions
+
+
+def test_check_version_reports_undecodable_images(tmp_path):
+    s = get_settings(home=tmp_path / "h")
+    data.init_dataset(s)
+
+    def corrupt(staging):
+        manifest = data._parse_manifest((staging / "manifest.csv").read_text())
+        victim = staging / manifest.path.iloc[0]
+        victim.unlink()
+        victim.write_bytes(b"\x89PNG truncated")
+
+    data.cut_version(s, "corrupt one image", corrupt)
+    report = data.check_version(s, "v2")
+    assert not report["ok"]
+    assert "not decodable" in report["problems"][0]
+    assert data.check_version(s, "v1")["ok"]
+    shutil.rmtree(s.cache_dir)
+    assert json.dumps(report)  # serialisable for MLflow

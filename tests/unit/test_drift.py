@@ -1,0 +1,193 @@
+"""Drift detection on real digits with a briefly trained ImageClassifier (no cluster).
+
+Measured here (and quoted in docs/observability.md): the false-alarm rate over 100 fresh unshifted
+windows of 100 images, and the detection power on inverted and noisy windows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flowops import drift
+from flowops.errors import InvalidInput
+from flowops.model import ImageClassifier, to_batch
+
+WINDOW = 100
+CLASSES = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (np.round(d.images * 255 / 16) / 255).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(images))
+    train, pool = order[:1000], order[1000:]  # reference = training data; windows = unseen images
+    return images, d.target, train, pool
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    images, target, train, pool = digits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = ImageClassifier(CLASSES, 8)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    x, y = to_batch(images[train]), torch.from_numpy(target[train]).long()
+    for _ in range(3):  # ~30 steps: a usable model (~85% accuracy) in a few seconds
+        model.train()
+        for start in range(0, len(train), 100):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[start:start + 100]), y[start:start + 100]).backward()
+            opt.step()
+    model.eval()
+    accuracy = (model(to_batch(images[pool])).argmax(1).numpy() == target[pool]).mean()
+    print(f"\nreference model accuracy on unseen digits: {accuracy:.1%}")
+    reference = drift.build_reference(images[train], CLASSES, model=model, labels=target[train])
+    yield model, reference
+    torch.set_num_threads(threads)
+
+
+def _rate(digits, trained, transform, trials: int, seed: int) -> float:
+    images, _, _, pool = digits
+    model, reference = trained
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(trials):
+        window = transform(images[rng.choice(pool, WINDOW, replace=False)], rng)
+        hits += drift.check_window(reference, window, model=model).drifted
+    return hits / trials
+
+
+def test_false_alarm_rate_on_fresh_unshifted_windows_is_at_most_5_percent(digits, trained):
+    rate = _rate(digits, trained, lambda w, rng: w, trials=100, seed=1)
+    print(f"\nfalse-alarm rate over 100 unshifted windows of {WINDOW}: {rate:.2%}")
+    assert rate <= 0.05
+
+
+@pytest.mark.parametrize(
+    ("shift", "transform", "min_power"),
+    [
+        ("inverted", lambda w, rng: 1.0 - w, 1.0),
+        ("gaussian noise sd 0.2", lambda w, rng: np.clip(w + rng.normal(0, 0.2, w.shape), 0, 1), 0.95),
+        ("gaussian noise sd 0.1", lambda w, rng: np.clip(w + rng.normal(0, 0.1, w.shape), 0, 1), 0.9),
+        ("dimmed to 80%", lambda w, rng: w * 0.8, 0.9),
+    ],
+)
+def test_shifted_windows_are_flagged(digits, trained, shift, transform, min_power):
+    power = _rate(digits, trained, lambda w, rng: transform(w, rng).astype(np.float32), trials=20, seed=2)
+    print(f"\ndetection power, {shift}, windows of {WINDOW}: {power:.0%}")
+    assert power >= min_power
+
+
+def test_report_names_what_drifted(digits, trained):
+    images, _, _, pool = digits
+    model, reference = trained
+    report = drift.check_window(reference, 1.0 - images[pool[:WINDOW]], model=model)
+    assert report.drifted and report.score > 0.5
+    assert "mean_intensity" in report.drifted_features
+    assert report.class_drifted and report.class_psi > 0.25
+    assert sum(report.predicted_counts.values()) == WINDOW
+    json.dumps(report.to_dict())  # serialisable as logged to MLflow
+
+
+def test_class_shift_alone_is_flagged_by_chi2_and_psi(digits, trained):
+    """Only one class arrives (images look normal individually): the class test catches it."""
+    images, target, _, pool = digits
+    model, reference = trained
+    ones = pool[target[pool] == 1][:60]
+    for cfg in (drift.DriftConfig(), drift.DriftConfig(class_test="psi")):
+        report = drift.check_window(reference, images[ones], model=model, config=cfg)
+        assert report.class_drifted, cfg
+
+
+def test_image_statistics_work_without_a_model(digits):
+    images, target, train, pool = digits
+    reference = drift.build_reference(images[train], CLASSES, labels=target[train])
+    assert reference.embedding.shape == (len(train), 0)
+    assert not drift.check_window(reference, images[pool[:WINDOW]]).drifted
+    assert drift.check_window(reference, 1.0 - images[pool[:WINDOW]]).drifted
+    # predicted classes supplied by the caller (e.g. recorded by the serving app)
+    report = drift.check_window(reference, images[pool[:WINDOW]], predicted=target[pool[:WINDOW]])
+    assert report.class_p is not None and not report.class_drifted
+
+
+def test_benjamini_hochberg_and_bonferroni_adjustments():
+    p = np.array([0.01, 0.04, 0.03, 0.5])
+    assert np.allclose(drift.adjust_p_values(p, "bonferroni"), [0.04, 0.16, 0.12, 1.0])
+    # BH: sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.0533, 0.0533, 0.5
+    assert np.allclose(drift.adjust_p_values(p, "bh"), [0.04, 0.05333333, 0.05333333, 0.5])
+
+
+def test_reference_round_trips_through_npz(tmp_path, digits, trained):
+    _, reference = trained
+    path = tmp_path / "ref.npz"
+    reference.save(path)
+    loaded = drift.Reference.load(path)
+    assert loaded.classes == reference.classes and loaded.image_size == 8
+    assert np.allclose(loaded.embedding, reference.embedding)
+    assert np.allclose(loaded.pca_components, reference.pca_components)
+
+
+def test_window_files_npy_and_parquet(tmp_path, digits):
+    images = digits[0][:40]
+    np.save(tmp_path / "w.npy", (images * 255).astype(np.uint8))
+    assert np.allclose(drift.load_window(tmp_path / "w.npy", 8), images, atol=1 / 255)
+    pd.DataFrame({"pixels": [im.ravel().tolist() for im in images]}).to_parquet(tmp_path / "w.parquet")
+    assert np.allclose(drift.load_window(tmp_path / "w.parquet", 8), images)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (np.zeros((40, 5, 5)), "the model expects 8x8"),
+        (np.zeros((40, 8, 7)), "square images"),
+        (np.full((40, 8, 8), 300.0), "0-255"),
+    ],
+)
+def test_bad_windows_are_one_clear_error(tmp_path, content, message):
+    np.save(tmp_path / "w.npy", content)
+    with pytest.raises(InvalidInput, match=message):
+        drift.load_window(tmp_path / "w.npy", 8)
+
+
+def test_small_window_and_bad_config_are_rejected(digits):
+    images, target, train, _ = digits
+    reference = drift.build_reference(images[train], CLASSES, labels=target[train])
+    with pytest.raises(InvalidInput, match="at least 30 images"):
+        drift.check_window(reference, images[:10])
+    with pytest.raises(InvalidInput, match="drift setting correction"):
+        drift.make_config(correction="holm")
+    with pytest.raises(InvalidInput, match="must be .npy or .parquet"):
+        drift.load_window(__file__, 8)
+
+
+def test_live_input_window_is_a_bounded_uniform_sample_written_atomically(tmp_path):
+    from flowops.errors import NotFound
+    from flowops.settings import get_settings
+
+    window = drift.InputWindow(capacity=100, seed=0)
+    for start in range(0, 10_000, 50):  # 10,000 images in requests of 50; image i holds value i
+        window.add([np.full((8, 8), float(i), dtype=np.float32) for i in range(start, start + 50)])
+    assert window.seen == 10_000 and len(window.images) == 100
+    values = np.array(sorted(img[0, 0] for img in window.images))
+    assert values.min() < 2_000 and values.max() > 8_000  # drawn from all the traffic, not the start
+    assert 3_000 < values.mean() < 7_000
+
+    s = get_settings(home=tmp_path)
+    with pytest.raises(NotFound, match="no live-input window"):
+        drift.newest_window(s)
+    sample = window.take() / 10_000
+    assert window.take() is None and window.seen == 0  # a new window starts empty
+    paths = [drift.write_window(s, sample, f"r{i}", keep=3) for i in range(5)]
+    kept = sorted(drift.windows_dir(s).glob("*"))
+    assert [p.name for p in kept] == [p.name for p in paths[-3:]]  # the newest 3, no temp files
+    assert drift.newest_window(s) == paths[-1]
+    assert drift.load_window(paths[-1], 8).shape == (100, 8, 8)

@@ -1,0 +1,100 @@
+"""Label snapshots are cut exactly once, even when the controller dies between the steps.
+
+Uses a real git + DVC data workspace (no Ray): the default dataset, labels in the real inbox.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from flowops import data, labels, loop, timeline
+from flowops.settings import get_settings
+
+
+class Crash(BaseException):
+    """Stands for the process dying (not an error the code could handle)."""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    s = get_settings(home=tmp_path_factory.mktemp("loop-snap"))
+    data.init_dataset(s)
+    return s
+
+
+def _pool(s, n):
+    manifest = data.read_manifest(s, None)
+    root = data.materialize(s, None)
+    import pandas as pd
+
+    answers = pd.read_csv(root / "answers.csv", dtype=str).set_index("id")["label"]
+    ids = manifest[manifest["split"] == "unlabeled"]["id"].tolist()[:n]
+    return [(i, answers[i]) for i in ids]
+
+
+def test_crash_after_the_cut_before_mark_used_does_not_cut_twice(workspace, monkeypatch):
+    s = workspace
+    items = _pool(s, 6)
+    labels.record_labels(s, [labels.Label(f"t-{i}", i, lab, source="file") for i, lab in items])
+    config = loop.LoopConfig(threshold=5)
+    assert loop.should_retrain(s, config)
+    before = [v.id for v in data.list_versions(s)]
+
+    def die(*args, **kwargs):
+        raise Crash()
+
+    monkeypatch.setattr(labels, "mark_used", die)
+    with pytest.raises(Crash):
+        loop.snapshot_labels(s, "r001", "test")
+    monkeypatch.undo()
+    after_crash = [v.id for v in data.list_versions(s)]
+    assert len(after_crash) == len(before) + 1  # the version was cut, the labels not yet marked
+    assert labels.counts(s)["new"] == 6
+
+    # a restarted controller resumes the recorded rollout at its snapshot stage
+    assert loop.unfinished_rollout(s) == "r001"
+    record = loop.drive_rollout.__globals__["STAGES"]["snapshot"](s, config, "r001")
+    assert record["stage"] == "train" and record["data_version"] == after_crash[-1]
+    assert [v.id for v in data.list_versions(s)] == after_crash  # no second cut
+    assert labels.counts(s)["new"] == 0
+    manifest = data.read_manifest(s, record["data_version"])
+    moved = manifest.set_index("id").loc[[i for i, _ in items]]
+    assert set(moved["split"]) == {"train"} and set(moved["label_source"]) == {"human"}
+    assert list(moved["label"]) == [lab for _, lab in items]
+    root = data.materialize(s, record["data_version"])
+    assert all((root / p).exists() for p in moved["path"])
+    answers = (root / "answers.csv").read_text()
+    assert not any(i in answers for i, _ in items)
+    events = [e["event"] for e in timeline.read_events(s, "r001")]
+    assert events == ["retrain_triggered", "data_version_cut"]
+
+
+def test_below_threshold_nothing_happens_and_max_age_triggers(workspace):
+    s = workspace
+    items = _pool(s, 2)
+    labels.record_labels(s, [labels.Label(f"a-{i}", i, lab) for i, lab in items])
+    assert loop.should_retrain(s, loop.LoopConfig(threshold=50)) is None
+    reason = loop.should_retrain(s, loop.LoopConfig(threshold=50, max_age_s=1e-6))
+    assert reason and "waited" in reason
+
+
+def test_drift_since_the_last_rollout_triggers_a_retrain_once_labels_exist(tmp_path):
+    """The drift monitor's `drift_detected` event is a retrain trigger (with at least min_labels
+    new labels to learn from); a rollout that began after it answers it."""
+    import time
+
+    s = get_settings(home=tmp_path)
+    config = loop.LoopConfig(threshold=50)
+    timeline.emit(s, "drift_detected", version="3", score=0.9, model=s.model_name)
+    assert loop.should_retrain(s, config) is None  # drift, but nothing new to learn from
+    labels.record_labels(s, [labels.Label("t-1", "img-1", "4")])
+    timeline.emit(s, "drift_detected", version="9", score=0.9, model="another-model")  # not ours
+    reason = loop.should_retrain(s, config)
+    assert reason and "drift detected" in reason and "v3" in reason
+    assert loop.should_retrain(s, loop.LoopConfig(threshold=50, retrain_on_drift=False)) is None
+
+    loop.update_rollout(s, "r0001", created=time.time() + 1e-3, stage="snapshot")
+    time.sleep(0.01)
+    assert loop.should_retrain(s, config) is None  # that rollout answers the drift before it
+    timeline.emit(s, "drift_detected", version="4", score=0.7, model=s.model_name)
+    assert "v4" in (loop.should_retrain(s, config) or "")

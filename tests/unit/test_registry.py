@@ -1,0 +1,32 @@
+"""Registry helpers that need no cluster or store."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from flowops.errors import InvalidInput
+from flowops.registry import GateSettings, _number, parse_age
+
+
+def test_parse_age():
+    assert parse_age("30d") == timedelta(days=30)
+    assert parse_age("12h") == timedelta(hours=12)
+    with pytest.raises(InvalidInput, match="30d"):
+        parse_age("30 days")
+
+
+def test_version_numbers_and_uris():
+    assert _number("3") == "3"
+    assert _number("models:/digits/4") == "4"
+    with pytest.raises(InvalidInput, match="alias"):
+        _number("models:/digits@production")
+    with pytest.raises(InvalidInput, match="number"):
+        _number("latest")
+
+
+def test_gate_thresholds_from_env(monkeypatch):
+    monkeypatch.setenv("FLOWOPS_GATE_MIN_ACCURACY", "0.9")
+    assert GateSettings().min_accuracy == 0.9
+    assert GateSettings().max_regression == 0.02

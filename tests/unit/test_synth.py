@@ -1,0 +1,89 @@
+"""`flowops data synth` on a real git + DVC workspace (no Ray needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from flowops import data, synth
+from flowops.settings import get_settings
+
+
+def _tiny_dataset(settings) -> str:
+    """A 30-image dataset (10 train, 15 unlabeled, 5 holdout) written as data version v1."""
+    rng = np.random.default_rng(1)
+
+    def write(staging):
+        rows, answers = [], []
+        for i in range(30):
+            split = "train" if i < 10 else "unlabeled" if i < 25 else "holdout"
+            label = str(i % 3)
+            rel = (f"images/unlabeled/t{i}.png" if split == "unlabeled"
+                   else f"images/{split}/{label}/t{i}.png")
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(buf, "PNG")
+            (staging / rel).write_bytes(buf.getvalue())
+            if split == "unlabeled":
+                answers.append({"id": f"t{i}", "label": label})
+            rows.append({"id": f"t{i}", "path": rel, "label": "" if split == "unlabeled" else label,
+                         "split": split, "source": "test",
+                         "label_source": "" if split == "unlabeled" else "original"})
+        data.write_manifest(staging / "manifest.csv", pd.DataFrame(rows))
+        pd.DataFrame(answers).to_csv(staging / "answers.csv", index=False)
+        (staging / "meta.json").write_text(json.dumps({"classes": ["0", "1", "2"],
+                                                       "image_size": 8, "channels": 1}))
+
+    return data.cut_version(settings, "tiny", write, base=None).id
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    s = get_settings(home=tmp_path_factory.mktemp("synth") / ".flowops")
+    assert _tiny_dataset(s) == "v1"
+    return s
+
+
+def test_augment_keeps_shape_and_changes_pixels():
+    cfg = synth.SynthConfig(count=1)
+    img = np.zeros((8, 8), dtype=np.uint8)
+    img[2:6, 3:5] = 255
+    out = synth.augment(img, np.random.default_rng(0), cfg)
+    assert out.shape == (8, 8) and out.dtype == np.uint8
+    assert not np.array_equal(out, img)
+    again = synth.augment(img, np.random.default_rng(0), cfg)
+    assert np.array_equal(out, again)  # seeded: reproducible
+
+
+def test_synth_adds_unlabeled_images_with_answers_as_new_version(settings):
+    info = synth.synthesize(settings, synth.SynthConfig(count=40, seed=3))
+    assert info.id == "v2" and info.parent == "v1"
+    assert info.counts == {"holdout": 5, "train": 10, "unlabeled": 55}
+    manifest = data.read_manifest(settings, "v2")
+    new = manifest[manifest["source"] == "synth"]
+    assert len(new) == 40 and set(new["split"]) == {"unlabeled"} and set(new["label"]) == {""}
+    root = data.materialize(settings, "v2")
+    answers = pd.read_csv(root / "answers.csv", dtype=str)
+    assert set(new["id"]) <= set(answers["id"])
+    assert set(answers.set_index("id").loc[list(new["id"]), "label"]) <= {"0", "1", "2"}
+    for rel in new["path"].head(5):
+        with Image.open(root / rel) as img:
+            assert img.size == (8, 8)
+    assert data.check_version(settings, "v2")["ok"]
+    # the first version is untouched
+    assert len(data.read_manifest(settings, "v1")) == 30
+
+
+def test_synth_cli_rejects_bad_count_in_one_line(settings):
+    from tests.conftest import run_cli
+
+    proc = run_cli("data", "synth", "--count", "0", env={"FLOWOPS_HOME": str(settings.home)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --count:")
+    assert "Traceback" not in proc.stderr
+    assert data.latest_version(settings) == "v2"  # nothing was cut

@@ -1,0 +1,112 @@
+"""Training without a cluster: config, input checks, the loop's determinism and freezing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flowops.errors import InvalidInput
+from flowops.evaluate import classification_metrics
+from flowops.model import ImageClassifier
+from flowops.train import (
+    TrainConfig,
+    _Session,
+    check_resources,
+    job_args,
+    pseudo_rows,
+    train_loop,
+    weights_hash,
+)
+from jobs.train import build_parser, config_from_args
+
+
+def _loop_config(tmp_path, **over):
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 8, 8), dtype=np.float32)
+    y = (x[:, :4].mean(axis=(1, 2)) > 0.5).astype(np.int64)
+    cfg = {
+        "mode": "local", "seed": 3, "epochs": 2, "batch_size": 8, "lr": 1e-2, "width": 4,
+        "freeze_epochs": 0, "classes": ["a", "b"], "image_size": 8, "init_state": None,
+        "x_train": x[:32], "y_train": y[:32], "x_val": x[32:], "y_val": y[32:], "threads": 1,
+        "fault_marker": None, "mlflow": None, "checkpoint_dir": str(tmp_path),
+    }
+    return {**cfg, **over}
+
+
+def _final_state(folder):
+    last = sorted(folder.glob("checkpoint_epoch_*"))[-1]
+    return _Session._load(last)
+
+
+def test_config_rejects_unknown_and_out_of_range_fields():
+    with pytest.raises(ValueError, match="extra"):
+        TrainConfig(epoch=3)
+    with pytest.raises(ValueError):
+        TrainConfig(workers=0)
+
+
+def test_same_seed_same_weights_and_a_checkpoint_per_epoch(tmp_path):
+    train_loop(_loop_config(tmp_path / "a"))
+    train_loop(_loop_config(tmp_path / "b"))
+    train_loop(_loop_config(tmp_path / "c", seed=4))
+    assert len(list((tmp_path / "a").glob("checkpoint_epoch_*"))) == 2
+    a, b, c = (_final_state(tmp_path / n) for n in "abc")
+    assert a["weights_hash"] == b["weights_hash"] != c["weights_hash"]
+
+
+def test_freeze_epochs_keep_the_feature_extractor_fixed(tmp_path):
+    init = ImageClassifier(["a", "b"], 8, width=4).state_dict()
+    train_loop(_loop_config(tmp_path, init_state=init, freeze_epochs=2))
+    state = _final_state(tmp_path)["model"]
+    for name, tensor in init.items():
+        same = torch.equal(state[name], tensor)
+        assert same if name.startswith("features.") else True
+    assert any(not torch.equal(state[n], init[n]) for n in init if n.startswith("head."))
+
+
+def test_weights_hash_changes_with_any_weight():
+    model = ImageClassifier(["a", "b"], 8, width=4)
+    before = weights_hash(model)
+    with torch.no_grad():
+        model.head[-1].bias[0] += 1e-6
+    assert weights_hash(model) != before
+
+
+def test_resources_beyond_the_cluster_are_refused_with_what_exists():
+    total, node = {"CPU": 4.0}, {"CPU": 4.0}
+    check_resources(TrainConfig(workers=2, cpus_per_worker=2), total, node)
+    with pytest.raises(InvalidInput, match="more than any node has.*4 CPUs"):
+        check_resources(TrainConfig(cpus_per_worker=8), total, node)
+    with pytest.raises(InvalidInput, match="3 workers x 2 CPUs = 6 CPUs asked, the cluster has 4"):
+        check_resources(TrainConfig(workers=3, cpus_per_worker=2), total, node)
+    with pytest.raises(InvalidInput, match="no GPUs"):
+        check_resources(TrainConfig(gpus_per_worker=1), total, node)
+
+
+def test_job_args_round_trip_through_the_entrypoint_parser():
+    config = TrainConfig(data_version="v3", workers=2, epochs=4, lr=0.01, init_from="models:/m@production",
+                         freeze_epochs=1, include_pseudo=True, seed=7, register_version=False)
+    parsed = config_from_args(build_parser().parse_args(job_args(config)))
+    assert parsed == config
+
+
+def test_pseudo_rows_take_the_path_from_the_manifest_and_skip_labeled_ids(tmp_path):
+    manifest = pd.DataFrame({
+        "id": ["u1", "u2", "t1"], "path": ["images/unlabeled/u1.png", "images/unlabeled/u2.png", "x.png"],
+        "label": ["", "", "3"], "split": ["unlabeled", "unlabeled", "train"],
+    })
+    (tmp_path / "pseudo_labels.csv").write_text("id,label,score,model_version\nu1,4,0.99,2\nt1,3,0.9,2\n")
+    rows = pseudo_rows(tmp_path, manifest, [str(i) for i in range(10)])
+    assert rows[["id", "path", "label"]].values.tolist() == [["u1", "images/unlabeled/u1.png", "4"]]
+    (tmp_path / "pseudo_labels.csv").write_text("id,label,score,model_version\nu1,cat,0.99,2\n")
+    with pytest.raises(InvalidInput, match="outside the classes"):
+        pseudo_rows(tmp_path, manifest, [str(i) for i in range(10)])
+
+
+def test_classification_metrics():
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["a", "b"])
+    assert m["accuracy"] == 0.75
+    assert m["confusion"] == [[1, 1], [0, 2]]
+    assert m["per_class_f1"]["b"] == pytest.approx(0.8)

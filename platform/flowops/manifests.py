@@ -411,6 +411,14 @@ def _pod(container: Obj, service_account: str | None, node_selector: dict[str, s
     return pod
 
 
+def _head_container(spec: RayClusterInput) -> Obj:
+    container = _container("ray-head", spec, spec.head_cpus, spec.head_memory, ports=HEAD_PORTS)
+    # The head's Ray Client proxy forks+execs a server per client; gRPC's fork handlers can abort
+    # that child (ray-project/ray#63202). Fork followed by exec needs no handlers.
+    container.setdefault("env", []).append({"name": "GRPC_ENABLE_FORK_SUPPORT", "value": "false"})
+    return container
+
+
 def ray_cluster_spec(spec: RayClusterInput) -> Obj:
     """The `spec` of a RayCluster (also RayJob.rayClusterSpec and RayService.rayClusterConfig)."""
     head_params = {
@@ -424,10 +432,7 @@ def ray_cluster_spec(spec: RayClusterInput) -> Obj:
         "headGroupSpec": {
             "serviceType": "ClusterIP",
             "rayStartParams": head_params,
-            "template": {"spec": _pod(
-                _container("ray-head", spec, spec.head_cpus, spec.head_memory, ports=HEAD_PORTS),
-                spec.head_service_account,
-            )},
+            "template": {"spec": _pod(_head_container(spec), spec.head_service_account)},
         },
         "workerGroupSpecs": [],
     }

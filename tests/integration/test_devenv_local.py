@@ -3,6 +3,7 @@ token (as an IDE would), offering exactly the asked resources, then deleted with
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -40,6 +41,12 @@ def _leftover_sessions(temp_dir: str) -> set[int]:
     return found
 
 
+def _client_server_logs(temp_dir: str) -> str:
+    """The Ray Client servers' own logs, to tell why a connection failed."""
+    logs = sorted(glob.glob(f"{temp_dir}/session_latest/logs/ray_client_server*"))
+    return "".join(f"\n--- {path}\n{open(path, errors='replace').read()[-3000:]}" for path in logs)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_local_devenv_reachable_through_ray_client(tmp_path):
@@ -63,7 +70,13 @@ def test_local_devenv_reachable_through_ray_client(tmp_path):
         client_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=record["token_path"])
         out = subprocess.run([sys.executable, "-c", CLIENT, record["address"]], capture_output=True,
                              text=True, timeout=300, env=client_env, cwd=tmp_path)
-        assert out.returncode == 0, out.stderr[-2000:]
+        if "Starting Ray client server failed" in out.stderr:
+            # Ray's proxy can still lose a client's server at fork (ray-project/ray#63202; the dev
+            # head turns gRPC's fork handlers off, which made it vanish in 36 of 36 stress tries):
+            # an IDE reconnects, and so does this test, once.
+            out = subprocess.run([sys.executable, "-c", CLIENT, record["address"]], capture_output=True,
+                                 text=True, timeout=300, env=client_env, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:] + _client_server_logs(temp_dir)
         seen = json.loads(out.stdout.strip().splitlines()[-1])
         assert seen["resources"]["CPU"] == 1.0 and seen["resources"]["GPU"] == 1.0
         assert seen["task"] == {"gpu_ids": ["0"], "cuda": "0"}

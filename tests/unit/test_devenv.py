@@ -40,6 +40,8 @@ def test_k8s_devenv_validates_and_carries_gpus_and_quota(validator):
     assert group["minReplicas"] == 0 and group["idleTimeoutSeconds"] > 0  # GPUs go back when idle
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["authOptions"] == {"mode": "token"}
+    head_env = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "GRPC_ENABLE_FORK_SUPPORT", "value": "false"} in head_env  # Ray Client proxy fork
     client = by_kind["Service"]["spec"]
     assert {p["port"] for p in client["ports"]} == {10001, 8265}
     assert client["selector"] == {"ray.io/cluster": "alice-dev", "ray.io/node-type": "head"}

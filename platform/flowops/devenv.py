@@ -345,11 +345,6 @@ def create_local(settings: Settings, request: DevenvRequest) -> dict[str, Any]:
         # The Ray Client proxy gives a new client's server 30 s to start by default; a busy
         # workstation can need more (the IDE then sees "Starting Ray client server failed").
         "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120",
-        # The Ray Client proxy starts a server process per client with fork+exec while its gRPC
-        # threads are busy; gRPC's fork handlers then now and then abort the child before exec
-        # ("Starting Ray client server failed", ray-project/ray#63202). A fork that is always
-        # followed by exec needs no handlers: gRPC's own advice is to turn them off.
-        "GRPC_ENABLE_FORK_SUPPORT": "false",
     })
     head = _DevHead(
         temp_dir=temp_dir, token_path=token_path, log_path=folder / "ray-start.log",

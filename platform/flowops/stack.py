@@ -232,6 +232,11 @@ class RayHead:
             )
         env = {**os.environ, **(self.env or {})}
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)})
+        # The Ray Client proxy starts a server process per client with fork+exec while its gRPC
+        # threads are busy; gRPC's fork handlers then now and then abort the child before exec
+        # ("Starting Ray client server failed", ray-project/ray#63202). A fork that is always
+        # followed by exec needs no handlers: gRPC's own advice is to turn them off.
+        env["GRPC_ENABLE_FORK_SUPPORT"] = "false"
         env.pop("RAY_AUTH_TOKEN", None)
         env.pop("RAY_ADDRESS", None)
         # Jobs run `python -m jobs.<name>`: `python` must be this interpreter (the project's venv).

@@ -59,7 +59,10 @@ def test_local_devenv_reachable_through_ray_client(tmp_path):
         record = json.loads(created.stdout)
         assert record["temp_dir"] == temp_dir
         sid = record["sid"]
-        assert session_processes(sid)
+        procs = session_processes(sid)
+        # The Ray Client proxy runs without gRPC's fork handlers (ray-project/ray#63202).
+        (proxy,) = [p for p in procs if "ray.util.client.server" in " ".join(p.cmdline())]
+        assert proxy.environ().get("GRPC_ENABLE_FORK_SUPPORT") == "false"
         assert oct(os.stat(record["token_path"]).st_mode & 0o777) == "0o600"
         assert not any(10002 <= p <= 19999 for p in record["ports"].values())
         listed = json.loads(run_cli("devenv", "list", "--json", env=env, timeout=120, check=True).stdout)

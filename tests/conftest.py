@@ -89,8 +89,8 @@ def platform_env():
 @pytest.fixture(scope="session")
 def stack(platform_env):
     """The running platform (real `flowops up`); stopped with `flowops down` at the end."""
+    from flowops.ray_client import apply_ray_auth_env
     from flowops.settings import get_settings
-    from flowops.stack import apply_ray_auth_env
 
     run_cli("up", "--num-cpus", "4", check=True)
     settings = get_settings()

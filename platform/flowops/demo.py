@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops import data, jobs, labels, loop, stack, timeline
+from flowops import data, events, jobs, labels, loop, stack, timeline
 from flowops.errors import ClusterUnavailable, FlowOpsError, JobFailed
 from flowops.settings import Settings
 
@@ -157,7 +157,7 @@ def wait_rollout(settings: Settings, rid: str, timeout_s: float, say) -> dict[st
     deadline = time.monotonic() + timeout_s
     printed: set[str] = set()
     while time.monotonic() < deadline:
-        for event in timeline.read_events(settings, rid):
+        for event in events.read_events(settings, rid):
             if event["key"] not in printed:
                 printed.add(event["key"])
                 say(f"   {time.strftime('%H:%M:%S', time.localtime(event['ts']))} "

@@ -510,8 +510,8 @@ def run_drift_check(
     history.jsonl, logs it to MLflow (experiment drift-monitor), and when the window drifted and
     `trigger` is set, appends a `drift_detected` event to the loop's event log.
     """
+    from flowops.durable import atomic_write_text
     from flowops.metrics import append_jsonl, drift_latest_path
-    from flowops.stack import atomic_write_text
 
     config = config or DriftConfig()
     model_uri = model_uri or f"models:/{settings.model_name}@production"
@@ -552,9 +552,9 @@ def _emit_drift_event(settings: Settings, report: DriftReport, model_name: str) 
     """Tell the loop: a `drift_detected` event in <home>/loop/events.jsonl (the loop's event log)."""
     fields = {"model": model_name, "score": report.score, "data_version": report.data_version,
               "drifted_features": report.drifted_features, "class_drifted": report.class_drifted}
-    from flowops import timeline
+    from flowops import events
 
-    timeline.emit(settings, "drift_detected", version=report.model_version, **fields)
+    events.emit(settings, "drift_detected", version=report.model_version, **fields)
 
 
 def watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks: int | None = None,

@@ -69,7 +69,7 @@ def _check_workload(workload: str) -> None:
 
 def client(settings: Settings):
     """A JobSubmissionClient for the configured cluster, sending the token."""
-    from flowops.stack import apply_ray_auth_env, require_cluster
+    from flowops.ray_client import apply_ray_auth_env, require_cluster
 
     apply_ray_auth_env(settings)  # before Ray is imported: it reads RAY_AUTH_MODE once
     require_cluster(settings)
@@ -284,7 +284,7 @@ def _pipeline_path(settings: Settings, pipeline_id: str) -> Path:
 
 
 def save_pipeline(settings: Settings, run_: PipelineRun) -> None:
-    from flowops.stack import atomic_write_text
+    from flowops.durable import atomic_write_text
 
     settings.pipelines_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(_pipeline_path(settings, run_.id), json.dumps(run_.to_dict(), indent=2))

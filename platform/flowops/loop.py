@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flowops import data, labels, timeline
+from flowops import data, events, labels
 from flowops.errors import FlowOpsError, GateFailed, InvalidInput, NotFound
 from flowops.rollout import AnalysisConfig, Decision, decide
 from flowops.settings import Settings
@@ -81,7 +81,7 @@ def controller_submission_id(settings: Settings) -> str:
 
 
 def save_config(settings: Settings, config: LoopConfig) -> None:
-    from flowops.stack import atomic_write_text
+    from flowops.durable import atomic_write_text
 
     loop_dir(settings).mkdir(parents=True, exist_ok=True)
     atomic_write_text(loop_dir(settings) / "config.json", config.model_dump_json(indent=2))
@@ -105,7 +105,7 @@ def read_state(settings: Settings) -> dict[str, Any]:
 
 
 def write_state(settings: Settings, state: dict[str, Any]) -> None:
-    from flowops.stack import atomic_write_text
+    from flowops.durable import atomic_write_text
 
     loop_dir(settings).mkdir(parents=True, exist_ok=True)
     atomic_write_text(loop_dir(settings) / "state.json", json.dumps(state, indent=2, default=str))
@@ -249,7 +249,7 @@ def unhandled_drift(settings: Settings) -> dict[str, Any] | None:
     rollout retrains on all labels up to then, so it answers every drift seen before it), or None."""
     rollouts = read_state(settings).get("rollouts", {})
     since = max((r.get("created") or 0 for r in rollouts.values()), default=0)
-    drifts = [e for e in timeline.read_events(settings)
+    drifts = [e for e in events.read_events(settings)
               if e.get("event") == "drift_detected" and float(e.get("ts") or 0) > since
               and e.get("model", settings.model_name) == settings.model_name]
     return drifts[-1] if drifts else None
@@ -304,7 +304,7 @@ def snapshot_labels(settings: Settings, rid: str, reason: str) -> dict[str, Any]
         record = update_rollout(settings, rid, stage="snapshot", status="running",
                                 created=time.time(), reason=reason,
                                 snapshot={"labels": chosen})
-        timeline.emit(settings, "retrain_triggered", rollout=rid, reason=reason,
+        events.emit(settings, "retrain_triggered", rollout=rid, reason=reason,
                       labels=len(chosen))
     chosen = record["snapshot"]["labels"]
     version = record.get("data_version") or _version_for(settings, rid)
@@ -319,7 +319,7 @@ def snapshot_labels(settings: Settings, rid: str, reason: str) -> dict[str, Any]
     still = {r["task_id"] for r in labels.new_labels(settings)
              if chosen.get(r["task_id"]) == [r["image_id"], r["label"]]}
     labels.mark_used(settings, sorted(still), version)
-    timeline.emit(settings, "data_version_cut", rollout=rid, data_version=version,
+    events.emit(settings, "data_version_cut", rollout=rid, data_version=version,
                   labels=len(chosen))
     return update_rollout(settings, rid, stage="train")
 
@@ -404,12 +404,12 @@ def stage_train(settings: Settings, config: LoopConfig, rid: str) -> dict[str, A
             "--run-name", run_name, *config.train_args]
     if base:
         args += ["--init-from", f"models:/{settings.model_name}/{base}"]
-    timeline.emit(settings, "training_started", rollout=rid, data_version=record["data_version"],
+    events.emit(settings, "training_started", rollout=rid, data_version=record["data_version"],
                   base_version=base)
     _run_pipeline(settings, "retrain", jobs.Step("train", "train", args),
                   _pipeline_id(settings, rid, "train"), rid, config)
     version = _registered_version(settings, run_name)
-    timeline.emit(settings, "training_done", rollout=rid, version=version)
+    events.emit(settings, "training_done", rollout=rid, version=version)
     return update_rollout(settings, rid, model_version=version, stage="validate")
 
 
@@ -424,10 +424,10 @@ def stage_validate(settings: Settings, config: LoopConfig, rid: str) -> dict[str
                 "max_regression": config.gate_max_regression, **record.get("gate", {})}
         report = registry.validate_version(settings, version, **gate)
     except GateFailed as exc:
-        timeline.emit(settings, "validation_failed", rollout=rid, version=version,
+        events.emit(settings, "validation_failed", rollout=rid, version=version,
                       reasons=[str(exc)])
         return update_rollout(settings, rid, stage="done", status="rejected", reasons=[str(exc)])
-    timeline.emit(settings, "validated", rollout=rid, version=version,
+    events.emit(settings, "validated", rollout=rid, version=version,
                   report=_jsonable(report))
     return update_rollout(settings, rid, stage="canary")
 
@@ -446,7 +446,7 @@ def stage_canary(settings: Settings, config: LoopConfig, rid: str) -> dict[str, 
     if stable is None or stable == version:  # first model ever: nothing to compare with
         serving.deploy(settings, stable=version, canary=None, weight=0)
         _set_production(settings, version)
-        timeline.emit(settings, "promoted", rollout=rid, version=version, first_model=True)
+        events.emit(settings, "promoted", rollout=rid, version=version, first_model=True)
         return update_rollout(settings, rid, stage="pseudo_label", status="promoted")
     weight = config.analysis.steps[0]
     routing = serving.deploy(settings, stable=stable, canary=version, weight=weight)
@@ -456,7 +456,7 @@ def stage_canary(settings: Settings, config: LoopConfig, rid: str) -> dict[str, 
     ledger = serving.ledger_snapshot(settings)
     started = int(ledger.get(str(version), {}).get("requests", 0))
     run_id = record.get("run_id") or _start_rollout_run(settings, rid, version, stable, config)
-    timeline.emit(settings, "canary_started", rollout=rid, version=version, stable=stable,
+    events.emit(settings, "canary_started", rollout=rid, version=version, stable=stable,
                   weight=weight)
     return update_rollout(settings, rid, stage="analysis", stable_version=stable, run_id=run_id,
                           analysis={"step": 0, "started": time.time(),
@@ -535,7 +535,7 @@ def stage_analysis(settings: Settings, config: LoopConfig, rid: str,
             update_rollout(settings, rid, deciding="rollback")
             serving.rollback(settings)
             return _finish_rollback(settings, rid, record, decision, seen_at, time.time())
-        timeline.emit(settings, "analysis_step", rollout=rid, version=version,
+        events.emit(settings, "analysis_step", rollout=rid, version=version,
                       key=f"{rid}:step:{analysis['step']}", weight=decision.weight,
                       evidence=_jsonable(decision.evidence))
         if decision.action == "promote":
@@ -565,7 +565,7 @@ def _finish_promote(settings: Settings, rid: str, record: dict[str, Any],
     from flowops import serving
 
     version = record["model_version"]
-    timeline.emit(settings, "analysis_done", rollout=rid, version=version, decision="promote",
+    events.emit(settings, "analysis_done", rollout=rid, version=version, decision="promote",
                   reasons=decision.reasons if decision else ["already promoted"])
     if str(serving.routing_status(settings).get("stable")) != str(version):
         serving.promote_canary(settings)
@@ -576,7 +576,7 @@ def _finish_promote(settings: Settings, rid: str, record: dict[str, Any],
         if decision:
             client.log_dict(record["run_id"], decision.to_dict(), "decision.json")
         client.set_terminated(record["run_id"], "FINISHED")
-    timeline.emit(settings, "promoted", rollout=rid, version=version,
+    events.emit(settings, "promoted", rollout=rid, version=version,
                   previous=record.get("stable_version"))
     return update_rollout(settings, rid, stage="pseudo_label", status="promoted",
                           reasons=decision.reasons if decision else [])
@@ -587,7 +587,7 @@ def _finish_rollback(settings: Settings, rid: str, record: dict[str, Any],
                      stable_at: float) -> dict[str, Any]:
     version = record["model_version"]
     reasons = decision.reasons if decision else ["rolled back before a restart"]
-    timeline.emit(settings, "analysis_done", rollout=rid, version=version, ts=evidence_at,
+    events.emit(settings, "analysis_done", rollout=rid, version=version, ts=evidence_at,
                   decision="rollback", reasons=reasons)
     client = _tracking_client(settings)
     text = "; ".join(reasons)[:4000]
@@ -606,7 +606,7 @@ def _finish_rollback(settings: Settings, rid: str, record: dict[str, Any],
             client.log_dict(record["run_id"], decision.to_dict(), "decision.json")
         client.set_terminated(record["run_id"], "FINISHED")
     rollback_s = round(stable_at - evidence_at, 3)
-    timeline.emit(settings, "rolled_back", rollout=rid, version=version, ts=stable_at,
+    events.emit(settings, "rolled_back", rollout=rid, version=version, ts=stable_at,
                   reasons=reasons, rollback_s=rollback_s, evidence_at=evidence_at)
     _record_metric("rolled_back", rollback_s)
     return update_rollout(settings, rid, stage="done", status="rolled_back", reasons=reasons,
@@ -630,14 +630,14 @@ def stage_pseudo_label(settings: Settings, config: LoopConfig, rid: str) -> dict
 
     record = read_state(settings)["rollouts"][rid]
     if config.pseudo_label and "pseudo_label" in jobs.known_workloads():
-        timeline.emit(settings, "pseudo_label_started", rollout=rid,
+        events.emit(settings, "pseudo_label_started", rollout=rid,
                       version=record["model_version"])
         args = ["--model-uri", f"models:/{settings.model_name}/{record['model_version']}",
                 "--data-version", latest_data_version(settings),
                 *config.pseudo_label_args]
         _run_pipeline(settings, "pseudo-label", jobs.Step("pseudo_label", "pseudo_label", args),
                       _pipeline_id(settings, rid, "pseudo"), rid, config)
-        timeline.emit(settings, "pseudo_label_done", rollout=rid, version=record["model_version"])
+        events.emit(settings, "pseudo_label_done", rollout=rid, version=record["model_version"])
     return update_rollout(settings, rid, stage="done")
 
 
@@ -667,7 +667,7 @@ def drive_rollout(settings: Settings, config: LoopConfig, rid: str,
             else:
                 record = STAGES[stage](settings, config, rid)
         except FlowOpsError as exc:
-            timeline.emit(settings, "rollout_failed", rollout=rid,
+            events.emit(settings, "rollout_failed", rollout=rid,
                           version=record.get("model_version"), stage=stage, reasons=[str(exc)])
             return update_rollout(settings, rid, stage="done", status="failed",
                                   reasons=[f"{stage}: {exc}"])
@@ -684,7 +684,7 @@ def submit_candidate(settings: Settings, version: str, gate: dict[str, Any] | No
     rid = next_rollout_id(settings)
     update_rollout(settings, rid, stage="validate", status="running", created=time.time(),
                    model_version=str(version), gate=gate or {}, reason=reason)
-    timeline.emit(settings, "candidate_submitted", rollout=rid, version=str(version),
+    events.emit(settings, "candidate_submitted", rollout=rid, version=str(version),
                   reason=reason)
     return rid
 

@@ -409,7 +409,7 @@ def _exporter_actor_class():
 
 def _exporter_driver(settings: Settings):
     """This process connected (with the token) to the cluster that hosts the exporter actor."""
-    from flowops.stack import apply_ray_auth_env, require_cluster
+    from flowops.ray_client import apply_ray_auth_env, require_cluster
 
     require_cluster(settings)
     apply_ray_auth_env(settings)
@@ -429,7 +429,7 @@ def start_exporter(settings: Settings, port: int | None = None, host: str | None
     try:
         actor = ray.get_actor(EXPORTER_ACTOR, namespace=EXPORTER_NAMESPACE)
     except ValueError:
-        from flowops.stack import port_in_use
+        from flowops.ray_client import port_in_use
 
         if port_in_use(port, host):
             raise Conflict(f"exporter port {port} is already in use; set FLOWOPS_EXPORTER_PORT") from None
@@ -496,7 +496,8 @@ def start_prometheus(settings: Settings, port: int | None = None) -> dict[str, A
     """
     import httpx
 
-    from flowops.stack import kill_session, port_in_use, read_state, session_processes, write_state
+    from flowops.ray_client import kill_session, port_in_use, session_processes
+    from flowops.stack import read_state, write_state
 
     binary = shutil.which("prometheus")
     if binary is None:
@@ -553,7 +554,8 @@ def start_prometheus(settings: Settings, port: int | None = None) -> dict[str, A
 
 def stop_prometheus(settings: Settings) -> bool:
     """Stop the Prometheus that start_prometheus started; False when none was recorded."""
-    from flowops.stack import kill_session, read_state, write_state
+    from flowops.ray_client import kill_session
+    from flowops.stack import read_state, write_state
 
     state = read_state(settings)
     entry = state.pop("prometheus", None)
@@ -622,7 +624,7 @@ _BlockDumper.add_representer(str, _str_block)
 
 
 def write_prometheus_rule(path: Path = PROMETHEUS_RULE_FILE, rules_file: Path = RULES_FILE) -> Path:
-    from flowops.stack import atomic_write_text
+    from flowops.durable import atomic_write_text
 
     atomic_write_text(path, render_prometheus_rule(rules_file))
     return path

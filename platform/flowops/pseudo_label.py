@@ -171,7 +171,7 @@ def ensure_ray(settings: Settings) -> None:
 
     if ray.is_initialized():
         return
-    from flowops.stack import apply_ray_auth_env
+    from flowops.ray_client import apply_ray_auth_env
 
     apply_ray_auth_env(settings)
     if os.environ.get("RAY_ADDRESS"):

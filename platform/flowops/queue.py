@@ -69,7 +69,7 @@ def export_labelstudio(
     queue: pd.DataFrame, path: Path, image_prefix: str = DEFAULT_IMAGE_PREFIX
 ) -> int:
     """Write the queue as a Label Studio import file (JSON list of tasks). Returns the count."""
-    from flowops.stack import atomic_write_text
+    from flowops.durable import atomic_write_text
 
     tasks = to_labelstudio_tasks(queue, image_prefix)
     path = Path(path).expanduser()

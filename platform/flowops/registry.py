@@ -14,22 +14,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from flowops.errors import Conflict, GateFailed, InvalidInput, NotFound
 from flowops.settings import Settings
 
 STAGING, PRODUCTION = "staging", "production"
-
-
-class GateSettings(BaseSettings):
-    """The validation gate's thresholds (env FLOWOPS_GATE_MIN_ACCURACY, FLOWOPS_GATE_MAX_REGRESSION)."""
-
-    model_config = SettingsConfigDict(env_prefix="FLOWOPS_GATE_", extra="ignore")
-
-    min_accuracy: float = Field(0.80, ge=0, le=1, description="Holdout accuracy floor.")
-    max_regression: float = Field(0.02, ge=0, le=1, description="Allowed accuracy drop vs production.")
 
 
 def _client(settings: Settings):
@@ -103,7 +91,7 @@ def validate_version(
     name = name or settings.model_name
     mv = get_version(settings, version, name)
     number = str(mv.version)
-    gate = GateSettings()
+    gate = settings.gate
     floor = gate.min_accuracy if min_accuracy is None else float(min_accuracy)
     tolerance = gate.max_regression if max_regression is None else float(max_regression)
     if not 0 <= floor <= 1 or not 0 <= tolerance <= 1:

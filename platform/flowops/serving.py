@@ -222,7 +222,7 @@ def deploy(settings: Settings, stable: str | None = None, canary: str | None = N
     runtime: replicas load the new version beside the old one, nothing restarts). Otherwise the
     app is (re)deployed with `serve.run`.
     """
-    from flowops.stack import apply_ray_auth_env, require_cluster
+    from flowops.ray_client import apply_ray_auth_env, require_cluster
 
     apply_ray_auth_env(settings)  # before Ray is imported: it reads RAY_AUTH_MODE once
     args: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
@@ -277,7 +277,7 @@ def _serve_run(settings: Settings, cfg: ServeAppConfig) -> None:
     import ray
     from ray import serve
 
-    from flowops.stack import apply_ray_auth_env
+    from flowops.ray_client import apply_ray_auth_env
 
     apply_ray_auth_env(settings)
     if not ray.is_initialized():

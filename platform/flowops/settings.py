@@ -14,16 +14,66 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from flowops.errors import InvalidInput
+from flowops.errors import InvalidInput, invalid_input
 
 CONFIG_ENV = "FLOWOPS_CONFIG"
+# The runtime image of every KubeRay pod (cluster/image/Dockerfile); Ray's minor version matches ours.
+DEFAULT_IMAGE = "ghcr.io/flowops/flowops-ray:2.60.0-py311"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GateSettings(_Section):
+    """The validation gate (env FLOWOPS_GATE_MIN_ACCURACY, FLOWOPS_GATE_MAX_REGRESSION)."""
+
+    min_accuracy: float = Field(0.80, ge=0, le=1, description="Holdout accuracy floor.")
+    max_regression: float = Field(0.02, ge=0, le=1, description="Allowed accuracy drop vs production.")
+
+
+class MonitorSettings(_Section):
+    """Observability ports and intervals (env FLOWOPS_MONITOR_EXPORTER_PORT, ...)."""
+
+    exporter_port: int = Field(8091, ge=1024, le=65535, description="Port of the platform exporter.")
+    exporter_host: str = Field("127.0.0.1", description="Interface the exporter listens on "
+                               "(0.0.0.0 in a Kubernetes pod, so Prometheus can reach it).")
+    prometheus_port: int = Field(9090, ge=1024, le=65535, description="Port of the loopback Prometheus.")
+    scrape_interval_s: int = Field(5, ge=1, le=300, description="Prometheus scrape interval.")
+
+
+class ClusterSettings(_Section):
+    """Kubernetes (env FLOWOPS_CLUSTER_*)."""
+
+    manifests_dir: Path | None = Field(None, description="The kustomize tree (default: the packaged one).")
+    crd_dir: Path | None = Field(None, description="KubeRay CRDs to validate against (default: packaged).")
+    namespace: str = Field("flowops", description="Namespace RayJobs are created in.")
+    image: str = Field(DEFAULT_IMAGE, description="Runtime image (cluster/image/Dockerfile).")
+    train_workers: int = Field(2, ge=1, description="Worker pods of a training RayJob's cluster.")
+    train_worker_cpus: int = Field(2, ge=1, description="CPUs per training worker pod.")
+    train_worker_memory: str = Field("8Gi", description="Memory per training worker pod.")
+    train_worker_gpus: int = Field(0, ge=0, description="GPUs per training worker pod.")
+
+
+class DevenvSettings(_Section):
+    """Dev environments (env FLOWOPS_DEVENV_*)."""
+
+    gpu_types_file: Path | None = Field(
+        None,
+        description="YAML mapping of GPU type -> {node_selector: {...}}; adds to/overrides the defaults.",
+    )
+    image: str = Field(DEFAULT_IMAGE, description="Runtime image of k8s dev clusters.")
+    idle_timeout_s: int = Field(600, ge=60, description="Idle GPU workers are removed after this.")
+
+
+SECTIONS = ("gate", "monitor", "cluster", "devenv")
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -54,7 +104,11 @@ class _YamlFileSource(PydanticBaseSettingsSource):
 class Settings(BaseSettings):
     """Where FlowOps keeps its state and how it reaches Ray, MLflow and DVC."""
 
-    model_config = SettingsConfigDict(env_prefix="FLOWOPS_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FLOWOPS_", extra="forbid", validate_default=True,
+        # FLOWOPS_GATE_MIN_ACCURACY -> gate.min_accuracy: one split after the section name.
+        env_nested_delimiter="_", env_nested_max_split=1,
+    )
 
     home: Path = Field(Path(".flowops"), description="Folder of the local state (made absolute).")
     ray_address: str | None = Field(
@@ -83,6 +137,10 @@ class Settings(BaseSettings):
         True, description="Serve HTTP through HAProxy straight to the ingress replicas (Serve's "
         "throughput-optimized mode) instead of through Serve's Python proxy actor."
     )
+    gate: GateSettings = Field(default_factory=GateSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    devenv: DevenvSettings = Field(default_factory=DevenvSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -216,6 +274,10 @@ class Settings(BaseSettings):
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "PYTHONUNBUFFERED": "1",
         }
+        for section in SECTIONS:
+            values = getattr(self, section).model_dump(mode="json", exclude_defaults=True)
+            for key, value in values.items():
+                env[f"FLOWOPS_{section}_{key}".upper()] = str(value)
         for key in ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY"):
             if os.environ.get(key):
                 env[key] = os.environ[key]
@@ -229,9 +291,5 @@ class Settings(BaseSettings):
 def get_settings(**overrides: Any) -> Settings:
     """Read settings now (env, config file, defaults), with explicit overrides on top."""
     clean = {k: v for k, v in overrides.items() if v is not None}
-    try:
+    with invalid_input("invalid setting"):
         return Settings(**clean)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise InvalidInput(f"invalid setting {where}: {first['msg']}") from None

@@ -10,8 +10,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from flowops import data as data_mod
 from flowops import tracking
-from flowops.durable import atomic_write_text, file_lock
+from flowops.durable import atomic_write_text, file_lock, wait_until
 from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError
+from flowops.ray_client import (
+    apply_ray_auth_env,
+    free_port,
+    kill_session,
+    port_in_use,
+    ray_healthy,
+    session_processes,
+)
 from flowops.settings import Settings
 
 RAY_START_TIMEOUT_S = 240  # generous: a loaded 2-core machine can take minutes
@@ -80,73 +85,6 @@ def ensure_token(settings: Settings) -> Path:
             fh.write(secrets.token_hex(32))
     os.chmod(path, 0o600)
     return path
-
-
-def apply_ray_auth_env(settings: Settings) -> None:
-    """Make this process's Ray clients (JobSubmissionClient, ray.init, serve) send the token."""
-    os.environ.update(settings.ray_auth_env())
-
-
-def auth_headers(settings: Settings) -> dict[str, str]:
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token and settings.token_path.exists():
-        token = settings.token_path.read_text().strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-# Ports and processes -----------------------------------------------------------------------------
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    """Every live process of a session (what `ray start` in its own session spawned)."""
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (ProcessLookupError, psutil.Error, PermissionError):
-            continue
-    return found
-
-
-def kill_session(sid: int, grace_s: float = 10.0) -> int:
-    """SIGTERM every process of the session, SIGKILL what is left after the grace period."""
-    procs = session_processes(sid)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return len(procs)
-
-
-def ray_healthy(settings: Settings, timeout: float = 3.0) -> bool:
-    try:
-        resp = httpx.get(
-            f"{settings.job_api}/api/version", headers=auth_headers(settings), timeout=timeout
-        )
-        return resp.status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def serve_healthy(settings: Settings, timeout: float = 2.0) -> bool:
@@ -264,12 +202,7 @@ class RayHead:
 
 
 def _wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise ClusterUnavailable(f"{what} did not become healthy within {timeout_s:.0f}s")
+    wait_until(check, timeout_s, what=f"{what} becoming healthy", error=ClusterUnavailable)
 
 
 def _ray_state_alive(settings: Settings, state: dict[str, Any]) -> bool:
@@ -281,11 +214,11 @@ def _start_serve(settings: Settings) -> None:
     """Start Serve's controller and HTTP proxy on the configured port (detached, so it persists)."""
     apply_ray_auth_env(settings)
     code = (
-        "import ray; from ray import serve;"
-        f"ray.init(address={settings.gcs_address!r}, logging_level='ERROR', log_to_driver=False);"
+        "from ray import serve; from flowops.ray_client import connect;"
+        "from flowops.settings import get_settings; connect(get_settings());"
         f"serve.start(http_options={{'host': '127.0.0.1', 'port': {settings.serve_port}}})"
     )
-    env = {**os.environ, **settings.ray_auth_env()}
+    env = {**os.environ, **settings.job_env(), **settings.ray_auth_env()}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
     )
@@ -442,16 +375,6 @@ def status(settings: Settings) -> dict[str, Any]:
         report[k]["healthy"] for k in ("ray", "mlflow", "workspace")
     )
     return report
-
-
-def require_cluster(settings: Settings) -> None:
-    """Raise a clear error when the job API is not reachable."""
-    if not ray_healthy(settings):
-        hint = (
-            "start it with `flowops up`" if not settings.ray_address
-            else "check FLOWOPS_RAY_ADDRESS and the token (RAY_AUTH_TOKEN)"
-        )
-        raise ClusterUnavailable(f"no Ray cluster answers at {settings.job_api}: {hint}")
 
 
 def serve_ui(settings: Settings) -> int:

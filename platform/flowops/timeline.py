@@ -1,20 +1,12 @@
-"""The loop's event log and timeline: `<home>/loop/events.jsonl`, one JSON object per line.
-
-Every stage of a rollout appends an event `{"ts", "event", "rollout", "version", ...}`. Each event
-has a key (`rollout:event[:step]`) and is written at most once, so a controller that restarts and
-redoes a stage does not double-count it (the metrics exporter counts `retrain_triggered`,
-`promoted` and `rolled_back`). `timeline()` turns the log into per-rollout stage rows for
-`flowops loop report`.
-"""
+"""The loop's timeline: `timeline()` turns the event log (`flowops.events`) into per-rollout stage
+rows for `flowops loop report`."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
+from flowops.events import read_events
 from flowops.settings import Settings
 
 # Stages in the order the report prints them: (label, event that starts it, event that ends it).
@@ -29,54 +21,6 @@ STAGES = [
     ("pseudo-labels refreshed", "pseudo_label_started", "pseudo_label_done"),
 ]
 END_EVENTS = {"promoted", "rolled_back", "validation_failed", "rollout_failed"}
-
-
-def loop_dir(settings: Settings) -> Path:
-    return settings.home / "loop"
-
-
-def events_path(settings: Settings) -> Path:
-    return loop_dir(settings) / "events.jsonl"
-
-
-def _locked(settings: Settings):
-    from flowops.durable import file_lock
-
-    return file_lock(loop_dir(settings) / "events.lock")
-
-
-def read_events(settings: Settings, rollout: str | None = None) -> list[dict[str, Any]]:
-    """All events (optionally of one rollout), oldest first; a torn last line is ignored."""
-    path = events_path(settings)
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rollout is None or event.get("rollout") == rollout:
-            events.append(event)
-    return events
-
-
-def emit(settings: Settings, event: str, *, rollout: str | None = None, version: str | None = None,
-         key: str | None = None, ts: float | None = None, **fields: Any) -> dict[str, Any]:
-    """Append an event durably (fsync) unless an event with the same key was already written."""
-    key = key or (f"{rollout}:{event}" if rollout else None)
-    record = {"ts": ts or time.time(), "event": event, "rollout": rollout, "version": version,
-              "key": key, **fields}
-    with _locked(settings):
-        if key is not None:
-            for old in read_events(settings, rollout):
-                if old.get("key") == key:
-                    return old
-        with open(events_path(settings), "a") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    return record
 
 
 def timeline(settings: Settings) -> list[dict[str, Any]]:

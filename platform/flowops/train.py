@@ -449,7 +449,7 @@ def check_resources(config: TrainConfig, total: dict[str, float], per_node_max: 
 
 def connect_ray(settings: Settings) -> None:
     """Connect this driver to the cluster (inside a Ray job: the job's cluster)."""
-    from flowops.stack import apply_ray_auth_env
+    from flowops.ray_client import apply_ray_auth_env
 
     apply_ray_auth_env(settings)
     import ray
@@ -459,7 +459,7 @@ def connect_ray(settings: Settings) -> None:
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(log_to_driver=True)
         return
-    from flowops.stack import require_cluster
+    from flowops.ray_client import require_cluster
 
     require_cluster(settings)
     ray.init(address=settings.gcs_address, runtime_env={"env_vars": settings.job_env()},

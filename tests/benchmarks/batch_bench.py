@@ -106,7 +106,8 @@ def main() -> None:
     import torch
 
     from flowops import pseudo_label as pl
-    from flowops.stack import RayHead, free_port, kill_session
+    from flowops.ray_client import free_port, kill_session
+    from flowops.stack import RayHead
 
     work = Path(tempfile.mkdtemp(prefix="fo-batch-bench-", dir="/tmp"))
     sid = None

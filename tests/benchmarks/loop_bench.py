@@ -25,7 +25,7 @@ OUT = Path(__file__).with_name("loop_bench.json")
 
 
 def _free_ports(n: int) -> list[int]:
-    from flowops.stack import free_port
+    from flowops.ray_client import free_port
 
     ports: list[int] = []
     while len(ports) < n:

@@ -140,8 +140,8 @@ def main() -> None:
         _plain_server(args.plain_server)
         return
 
+    from flowops.ray_client import apply_ray_auth_env, free_port
     from flowops.settings import get_settings
-    from flowops.stack import apply_ray_auth_env, free_port
 
     settings = get_settings()
     apply_ray_auth_env(settings)  # before Ray is imported

@@ -81,7 +81,7 @@ def main() -> None:
 
     own = os.environ.get("FLOWOPS_BENCH_USE_ENV") != "1"
     home = _own_cluster() if own else None
-    from flowops import data, stack
+    from flowops import data, ray_client, stack
     from flowops.settings import get_settings
 
     settings = get_settings()
@@ -89,7 +89,7 @@ def main() -> None:
         if own:
             print(f"starting an embedded cluster in {home} ...", flush=True)
             stack.up(settings, with_serve=False)
-        stack.apply_ray_auth_env(settings)
+        ray_client.apply_ray_auth_env(settings)
         if data.latest_version(settings) is None:
             data.init_dataset(settings)
         results = run(settings, args)

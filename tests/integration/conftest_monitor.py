@@ -76,7 +76,7 @@ PROBE = textwrap.dedent('''
     import sys, ray
     from ray import serve
     from flowops.settings import get_settings
-    from flowops.stack import apply_ray_auth_env
+    from flowops.ray_client import apply_ray_auth_env
     s = get_settings(); apply_ray_auth_env(s)
     ray.init(address=s.gcs_address, logging_level="ERROR", log_to_driver=False)
     if sys.argv[1] == "delete":

@@ -14,7 +14,7 @@ import textwrap
 import psutil
 import pytest
 
-from flowops.stack import kill_session, session_processes
+from flowops.ray_client import kill_session, session_processes
 from tests.conftest import run_cli
 
 CLIENT = textwrap.dedent("""

@@ -75,7 +75,7 @@ def test_labels_add_checks_every_row_and_records_all_or_nothing(stack, dataset, 
 
 
 def test_promote_branch_survives_a_controller_restart_mid_training(stack, served):
-    from flowops import data, jobs, labels, loop, registry, serving, timeline
+    from flowops import data, events, jobs, labels, loop, registry, serving, timeline
 
     versions_before = [v.id for v in data.list_versions(stack)]
     run_cli("loop", "start", *LOOP_ARGS, check=True)
@@ -129,13 +129,13 @@ def test_promote_branch_survives_a_controller_restart_mid_training(stack, served
     report = run_cli("loop", "report", check=True).stdout
     assert "r001" in report and "promoted" in report
     # events are not duplicated by the restart
-    keys = [e["key"] for e in timeline.read_events(stack, "r001")]
+    keys = [e["key"] for e in events.read_events(stack, "r001")]
     assert len(keys) == len(set(keys))
     assert served["traffic"].failed == 0, served["traffic"].summary()
 
 
 def test_rollback_branch_sends_all_traffic_to_stable_within_seconds(stack, served):
-    from flowops import loop, registry, serving, timeline
+    from flowops import events, loop, registry, serving
     from flowops.tracking import configure_mlflow
 
     stable = registry.production_version(stack)
@@ -154,7 +154,7 @@ def test_rollback_branch_sends_all_traffic_to_stable_within_seconds(stack, serve
     assert registry.production_version(stack) == stable
     tags = configure_mlflow(stack).get_model_version(stack.model_name, bad).tags
     assert tags["rolled_back"] == "true" and "accuracy" in tags["rolled_back_reasons"]
-    event = next(e for e in timeline.read_events(stack, rid) if e["event"] == "rolled_back")
+    event = next(e for e in events.read_events(stack, rid) if e["event"] == "rolled_back")
     assert event["rollback_s"] < 5
     runs = configure_mlflow(stack).search_runs(
         [configure_mlflow(stack).get_experiment_by_name("rollouts").experiment_id],

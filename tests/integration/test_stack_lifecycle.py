@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flowops import stack
+from flowops import ray_client, stack
 from flowops.settings import get_settings
 from tests.conftest import FLOWOPS, REPO, _free_port
 
@@ -88,14 +88,14 @@ def test_lifecycle(private_env):
 
     # Ray dies (its GCS is killed): status says so, `up` repairs it.
     sid = stack.read_state(settings)["ray"]["sid"]
-    gcs = [p for p in stack.session_processes(sid) if "gcs_server" in " ".join(p.cmdline())]
+    gcs = [p for p in ray_client.session_processes(sid) if "gcs_server" in " ".join(p.cmdline())]
     assert gcs
     deadline = time.monotonic() + 30
-    while stack.session_processes(sid) and time.monotonic() < deadline:  # also late-spawned ones
-        for p in stack.session_processes(sid):
+    while ray_client.session_processes(sid) and time.monotonic() < deadline:  # also late-spawned ones
+        for p in ray_client.session_processes(sid):
             os.kill(p.pid, signal.SIGKILL)
         time.sleep(0.5)
-    assert stack.session_processes(sid) == []
+    assert ray_client.session_processes(sid) == []
     dead = _cli(env, "status", "--json")
     assert dead.returncode == 1, dead.stdout
     assert json.loads(dead.stdout)["ray"]["healthy"] is False
@@ -105,10 +105,10 @@ def test_lifecycle(private_env):
 
     # Down stops every process it started and keeps the data.
     new_sid = stack.read_state(settings)["ray"]["sid"]
-    assert stack.session_processes(new_sid)
+    assert ray_client.session_processes(new_sid)
     out = _cli(env, "down")
     assert out.returncode == 0 and "ray" in out.stdout
-    assert stack.session_processes(new_sid) == []
+    assert ray_client.session_processes(new_sid) == []
     assert (Path(env["FLOWOPS_HOME"]) / "mlflow" / "mlflow.db").exists()
     assert (Path(env["FLOWOPS_HOME"]) / "workspace" / ".dvc").is_dir()
     assert _cli(env, "status").returncode == 1

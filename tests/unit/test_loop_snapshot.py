@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowops import data, labels, loop, timeline
+from flowops import data, events, labels, loop
 from flowops.settings import get_settings
 
 
@@ -65,8 +65,8 @@ def test_crash_after_the_cut_before_mark_used_does_not_cut_twice(workspace, monk
     assert all((root / p).exists() for p in moved["path"])
     answers = (root / "answers.csv").read_text()
     assert not any(i in answers for i, _ in items)
-    events = [e["event"] for e in timeline.read_events(s, "r001")]
-    assert events == ["retrain_triggered", "data_version_cut"]
+    names = [e["event"] for e in events.read_events(s, "r001")]
+    assert names == ["retrain_triggered", "data_version_cut"]
 
 
 def test_below_threshold_nothing_happens_and_max_age_triggers(workspace):
@@ -85,10 +85,10 @@ def test_drift_since_the_last_rollout_triggers_a_retrain_once_labels_exist(tmp_p
 
     s = get_settings(home=tmp_path)
     config = loop.LoopConfig(threshold=50)
-    timeline.emit(s, "drift_detected", version="3", score=0.9, model=s.model_name)
+    events.emit(s, "drift_detected", version="3", score=0.9, model=s.model_name)
     assert loop.should_retrain(s, config) is None  # drift, but nothing new to learn from
     labels.record_labels(s, [labels.Label("t-1", "img-1", "4")])
-    timeline.emit(s, "drift_detected", version="9", score=0.9, model="another-model")  # not ours
+    events.emit(s, "drift_detected", version="9", score=0.9, model="another-model")  # not ours
     reason = loop.should_retrain(s, config)
     assert reason and "drift detected" in reason and "v3" in reason
     assert loop.should_retrain(s, loop.LoopConfig(threshold=50, retrain_on_drift=False)) is None
@@ -96,5 +96,5 @@ def test_drift_since_the_last_rollout_triggers_a_retrain_once_labels_exist(tmp_p
     loop.update_rollout(s, "r0001", created=time.time() + 1e-3, stage="snapshot")
     time.sleep(0.01)
     assert loop.should_retrain(s, config) is None  # that rollout answers the drift before it
-    timeline.emit(s, "drift_detected", version="4", score=0.7, model=s.model_name)
+    events.emit(s, "drift_detected", version="4", score=0.7, model=s.model_name)
     assert "v4" in (loop.should_retrain(s, config) or "")

@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 
 from flowops.errors import InvalidInput
-from flowops.registry import GateSettings, _number, parse_age
+from flowops.registry import _number, parse_age
+from flowops.settings import get_settings
 
 
 def test_parse_age():
@@ -28,5 +29,7 @@ def test_version_numbers_and_uris():
 
 def test_gate_thresholds_from_env(monkeypatch):
     monkeypatch.setenv("FLOWOPS_GATE_MIN_ACCURACY", "0.9")
-    assert GateSettings().min_accuracy == 0.9
-    assert GateSettings().max_regression == 0.02
+    assert get_settings().gate.min_accuracy == 0.9
+    assert get_settings().gate.max_regression == 0.02
+    # and a controller job started by `flowops loop start` gets the same gate
+    assert get_settings().job_env()["FLOWOPS_GATE_MIN_ACCURACY"] == "0.9"

@@ -9,8 +9,8 @@ from rich.table import Table
 
 from flowops import cluster, devenv, manifests
 from flowops.cli._common import console, print_json, settings
+from flowops.durable import atomic_write_text
 from flowops.errors import InvalidInput
-from flowops.stack import atomic_write_text
 
 cluster_app = typer.Typer(help="KubeRay manifests of the platform (cluster/).", no_args_is_help=True)
 devenv_app = typer.Typer(help="Isolated per-engineer Ray dev environments.", no_args_is_help=True)

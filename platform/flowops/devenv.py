@@ -32,9 +32,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from flowops import manifests
 from flowops.durable import atomic_write_text
 from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, NotFound
-from flowops.ray_client import free_port, kill_session, port_in_use, session_processes
+from flowops.ray_client import RayHead, free_port, kill_session, port_in_use, session_processes
 from flowops.settings import Settings
-from flowops.stack import RayHead
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 RAY_WORKER_PORTS = range(10002, 20000)

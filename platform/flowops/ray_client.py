@@ -12,13 +12,19 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
-from flowops.errors import ClusterUnavailable
+from flowops.errors import ClusterUnavailable, Conflict
 from flowops.settings import Settings
+
+RAY_START_TIMEOUT_S = 240  # generous: a loaded 2-core machine can take minutes
 
 # Token ------------------------------------------------------------------------------------------
 
@@ -60,13 +66,11 @@ def connect(
     if ray.is_initialized():
         return ray
     if inside_ray_job():
-        ray.init(namespace=namespace, log_to_driver=log_to_driver)
-        return ray
-    require_cluster(settings)
-    ray.init(
-        address=settings.gcs_address, namespace=namespace, runtime_env=runtime_env,
-        logging_level="ERROR", log_to_driver=log_to_driver,
-    )
+        where: dict[str, Any] = {}  # the job's own cluster and runtime environment
+    else:
+        require_cluster(settings)
+        where = {"address": settings.gcs_address, "runtime_env": runtime_env, "logging_level": "ERROR"}
+    ray.init(namespace=namespace, log_to_driver=log_to_driver, **where)
     return ray
 
 
@@ -146,3 +150,108 @@ def kill_session(sid: int, grace_s: float = 10.0) -> int:
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
     return len(procs)
+
+
+# Local head nodes --------------------------------------------------------------------------------
+
+
+@dataclass
+class RayHead:
+    """What `ray start --head` needs; also used for isolated dev clusters (flowops.devenv)."""
+
+    temp_dir: Path
+    token_path: Path
+    log_path: Path
+    ray_port: int
+    dashboard_port: int
+    client_port: int
+    metrics_port: int
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    env: dict[str, str] | None = None  # extra environment (e.g. CUDA_VISIBLE_DEVICES, FLOWOPS_*)
+
+    def command(self) -> list[str]:
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        cmd = [
+            ray_bin, "start", "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.ray_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={self.client_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            # Fixed defaults would clash between two clusters on one machine: pick free ones.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        if self.num_gpus is not None:
+            cmd.append(f"--num-gpus={self.num_gpus}")
+        return cmd
+
+    def start(self, attempts: int = 2) -> int:
+        """Start the head in a new session; return the session id that owns all its processes.
+
+        Ray gives its raylet a fixed 30 s to register; on an overloaded machine that can pass, so a
+        start that failed that way is retried.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except ClusterUnavailable as exc:
+                if attempt == attempts or "timed out during startup" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start_once(self) -> int:
+        busy = [
+            f"{name} port {port}"
+            for name, port in (
+                ("Ray GCS", self.ray_port), ("dashboard/job API", self.dashboard_port),
+                ("Ray Client", self.client_port), ("metrics", self.metrics_port),
+            )
+            if port_in_use(port)
+        ]
+        if busy:
+            raise Conflict(
+                f"{', '.join(busy)} already in use by another process; choose other ports "
+                "(flowops up --dashboard-port/--ray-port/--client-port/--metrics-port, "
+                "or FLOWOPS_*_PORT)"
+            )
+        if 10002 <= self.client_port <= 19999:
+            raise Conflict(
+                f"Ray Client port {self.client_port} falls in Ray's worker port range 10002-19999"
+            )
+        env = {**os.environ, **(self.env or {})}
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)})
+        # The Ray Client proxy starts a server process per client with fork+exec while its gRPC
+        # threads are busy; gRPC's fork handlers then now and then abort the child before exec
+        # ("Starting Ray client server failed", ray-project/ray#63202). A fork that is always
+        # followed by exec needs no handlers: gRPC's own advice is to turn them off.
+        env["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.pop("RAY_ADDRESS", None)
+        # Jobs run `python -m jobs.<name>`: `python` must be this interpreter (the project's venv).
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, stdin=subprocess.DEVNULL,
+            )
+            try:
+                code = proc.wait(timeout=RAY_START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                kill_session(proc.pid)
+                raise ClusterUnavailable(
+                    f"ray start did not finish in {RAY_START_TIMEOUT_S}s; see {self.log_path}"
+                ) from None
+        if code != 0:
+            kill_session(proc.pid)
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise ClusterUnavailable(
+                f"ray start failed (exit {code}): {' '.join(tail)}; see {self.log_path}"
+            )
+        return proc.pid

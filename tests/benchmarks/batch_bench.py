@@ -106,8 +106,7 @@ def main() -> None:
     import torch
 
     from flowops import pseudo_label as pl
-    from flowops.ray_client import free_port, kill_session
-    from flowops.stack import RayHead
+    from flowops.ray_client import RayHead, free_port, kill_session
 
     work = Path(tempfile.mkdtemp(prefix="fo-batch-bench-", dir="/tmp"))
     sid = None

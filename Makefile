@@ -1,26 +1,31 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv when missing,
-# install torch==2.13.0 first (a bare `torch` requirement would pull a multi-GB CUDA build),
-# then the project with the extras they need.
+# install torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then the
+# project with the extras they need, every version pinned by constraints.txt.
+#
+# Each step leaves a stamp only when it finished, so an interrupted install (Ctrl-C during the
+# torch download, say) is simply redone by the next `make`, never trusted half-done.
 
 PYTHON ?= python3
 VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint tools clean-state
+.PHONY: demo test lint tools
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.torch-$(TORCH_VERSION):
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-
-$(VENV)/.installed-base: pyproject.toml | $(PY)
-	$(PIP) install -q -e .
+	$(PIP) install -q torch==$(TORCH_VERSION)
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[dev]'
+$(VENV)/.installed-base: pyproject.toml constraints.txt $(VENV)/.torch-$(TORCH_VERSION)
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch-$(TORCH_VERSION)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@ $(VENV)/.installed-base
 
 # promtool runs the alert-rule unit tests (Debian's prometheus package).

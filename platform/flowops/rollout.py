@@ -1,122 +1,309 @@
-"""Canary analysis: is the canary worse than stable? (in the spirit of Argo Rollouts' AnalysisRun).
+"""Canary analysis with sequential, anytime-valid tests: is the canary worse than stable?
 
-A rollout walks weight steps (default 10 → 25 → 50 → 100; reaching 100 is the promotion). At each
-step the canary must receive a minimum number of requests over a minimum duration; then it is
-compared with stable, from the serving ledger (`flowops.serving.ledger_snapshot`), on
+The loop asks `decide()` about once a second, from the serving ledger, while the canary walks its
+weight steps (default 10 -> 25 -> 50 -> 100 %). Each look is allowed: the tests stay valid under
+continuous monitoring, so looking every second does not inflate the error rates.
 
-* **error rate** — one-sided two-proportion z-test (Agresti–Caffo adjusted) of
-  `p_canary - p_stable > margin`;
-* **p99 latency** — bootstrap of `p99_canary - (ratio * p99_stable + margin_ms)`; fails when the
-  lower confidence bound is above 0 (Mann–Whitney U p-value kept as evidence);
-* **accuracy** (where feedback labels exist) — the same one-sided test on
-  `acc_stable - acc_canary > margin`.
+**Checks.** Each check compares a "bad outcome" rate, canary minus stable (b = bad_c - bad_s):
 
-A check *fails* only when the degradation beyond its margin is statistically significant, so
-noise does not roll a good model back; any failure rolls back at once. Everything here is a pure
-function of ledger snapshots, so it is tested without a cluster.
+* `accuracy`: a feedback label that disagrees with the prediction (needs feedback labels);
+* `error_rate`: a request that failed;
+* `latency_tail`: a request slower than stable's p99 (stable's own share is about 1 %), a tail
+  measure that needs no distributional assumption about latencies.
+
+**Confidence sequences.** For each check, a time-uniform confidence sequence for b: the mixture
+sequential probability ratio test (mSPRT) of Johari, Koomen, Pekelis and Walsh, "Peeking at A/B
+tests" (KDD 2017), which is the normal-mixture boundary of Howard, Ramdas, McAuliffe and Sekhon,
+"Time-uniform, nonparametric, nonasymptotic confidence sequences" (Ann. Statist. 2021), applied to
+the difference of two proportions with a plug-in (Agresti-Caffo smoothed) variance. The mixing
+scale is itself an equal-weight mixture over `TAUS`, so one test is sharp both for gross failures
+seen in five requests and for small differences seen in thousands (an average of e-processes is
+an e-process). With a plug-in variance the guarantee is asymptotic; `tests/benchmarks/
+canary_bench.py` measures the error rates actually achieved on simulated streams.
+
+**Decisions.**
+
+* Roll back as soon as one check shows harm: the lower bound of its `1 - alpha/k` sequence is
+  above 0 (k checks share alpha, Bonferroni), so a canary that is equal to stable is rolled back
+  with probability at most alpha, however long and often the analysis looks.
+* Promote only when every required check shows non-inferiority: the upper bound of its `1 - beta`
+  sequence is below the check's margin. A canary worse than stable by the margin is promoted with
+  probability at most beta. Missing evidence never promotes.
+* Weight steps are driven by evidence: step i (of the n steps before 100 %) is left once every
+  required check has excluded a degradation larger than `margin * n / (i + 1)` (3x the margin at
+  10 %, 1.5x at 25 %, the margin itself, i.e. promotion, at 50 %).
+* Past `max_duration_s` without a decision: roll back as inconclusive, saying which check needs how
+  much more evidence (the candidate stays in the registry).
+
+Everything here is a pure function of ledger snapshots, vectorised over many ledgers at once so
+the benchmark runs thousands of simulated rollouts through the same code as the controller.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from scipy import stats
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowops.errors import InvalidInput
 
 Action = Literal["wait", "continue", "promote", "rollback"]
-CheckStatus = Literal["pass", "fail", "skipped"]
+CheckStatus = Literal["harm", "non_inferior", "pending", "no_data"]
+CHECKS = ("accuracy", "error_rate", "latency_tail")
+TAUS = np.array([0.01, 0.02, 0.05, 0.1, 0.2, 0.5])  # mixing scales of the mSPRT (rates: 0-1)
+MIN_SAMPLES = 5  # observations per version before a check may decide anything
+# Upper bounds of the latency histogram the serving ledger keeps per version (the last bucket is
+# open-ended): 10 % apart, so "slower than stable's p99" is resolved to about 10 %.
+LATENCY_BUCKETS_MS = [round(float(b), 3) for b in np.geomspace(0.5, 60_000, 124)]
+# Keys of the request-count analysis (before sequential tests) still accepted, and ignored, in
+# stored loop configs, so a home written by an older FlowOps keeps loading.
+_LEGACY_KEYS = ("min_requests", "min_duration_s", "max_step_s", "latency_ratio", "latency_margin_ms",
+                "min_latency_samples", "min_feedback", "bootstrap_resamples")
 
 
 class AnalysisConfig(BaseModel):
-    """Weight steps, per-step gates, margins and the significance level of the canary analysis."""
+    """Weight steps, margins and the two error rates of the canary analysis."""
 
     model_config = ConfigDict(extra="forbid")
 
     steps: list[int] = Field([10, 25, 50, 100], description="Canary weights (%); 100 = promote.")
-    min_requests: int = Field(40, ge=1, description="Canary requests needed per step.")
-    min_duration_s: float = Field(5.0, ge=0, description="Seconds each step lasts at least.")
-    max_step_s: float = Field(300.0, gt=0, description="A step without enough traffic by then "
-                              "is inconclusive: roll back.")
-    alpha: float = Field(0.01, gt=0, lt=0.5, description="Significance level of each test.")
-    error_margin: float = Field(0.02, ge=0, le=1, description="Tolerated error-rate increase.")
-    latency_ratio: float = Field(1.5, ge=1, description="Tolerated p99 latency ratio.")
-    latency_margin_ms: float = Field(25.0, ge=0, description="Tolerated p99 increase (ms) on top.")
-    min_latency_samples: int = Field(30, ge=5, description="Latencies needed per version.")
-    accuracy_margin: float = Field(0.05, ge=0, le=1, description="Tolerated accuracy drop.")
-    min_feedback: int = Field(20, ge=1, description="Feedback labels needed per version.")
-    bootstrap_resamples: int = Field(400, ge=50, le=10000)
+    alpha: float = Field(0.01, gt=0, lt=0.5, description="False rollback rate: an equal canary is "
+                         "rolled back at most this often (all checks together).")
+    beta: float = Field(0.05, gt=0, lt=0.5, description="False promotion rate: a canary worse by a "
+                        "margin is promoted at most this often.")
+    accuracy_margin: float = Field(0.05, gt=0, le=1, description="Tolerated accuracy drop.")
+    error_margin: float = Field(0.01, gt=0, le=1, description="Tolerated error-rate increase.")
+    latency_margin: float = Field(0.02, gt=0, le=1, description="Tolerated increase of the share "
+                                  "of requests slower than stable's p99 (1 % for an equal canary).")
+    required: list[Literal["accuracy", "error_rate", "latency_tail"]] = Field(
+        list(CHECKS), description="Checks that must show non-inferiority before promotion "
+        "(leave out accuracy where no feedback labels arrive).")
+    min_step_s: float = Field(2.0, ge=0, description="Seconds each weight lasts at least.")
+    max_duration_s: float = Field(900.0, gt=0, description="Past this without a decision the "
+                                  "analysis is inconclusive: roll back.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_legacy_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in _LEGACY_KEYS}
+        return data
 
     @field_validator("steps")
     @classmethod
     def _steps(cls, value: list[int]) -> list[int]:
-        if not value or value[-1] != 100 or any(not 0 < w <= 100 for w in value) or \
+        if len(value) < 2 or value[-1] != 100 or any(not 0 < w <= 100 for w in value) or \
                 any(b <= a for a, b in zip(value, value[1:], strict=False)):
             raise ValueError("steps must be increasing weights in 1-100 ending with 100, "
                              f"e.g. [10, 25, 50, 100]; got {value}")
         return value
 
+    @field_validator("required")
+    @classmethod
+    def _required(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"at least one check must be required; choose from {list(CHECKS)}")
+        return list(dict.fromkeys(value))
+
+    def margin(self, check: str) -> float:
+        return {"accuracy": self.accuracy_margin, "error_rate": self.error_margin,
+                "latency_tail": self.latency_margin}[check]
+
+
+# Ledgers as arrays -------------------------------------------------------------------------------
+
 
 @dataclass
-class VersionStats:
-    """One version's cumulative serving ledger."""
+class Counts:
+    """Bad outcomes and observations per check, canary and stable, for R ledgers at once.
 
-    requests: int = 0
-    errors: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    feedback_correct: int = 0
-    feedback_total: int = 0
-    shadow_agree: int = 0
-    shadow_total: int = 0
+    Each array has shape (R, 3): columns follow CHECKS.
+    """
+
+    bad_c: np.ndarray
+    n_c: np.ndarray
+    bad_s: np.ndarray
+    n_s: np.ndarray
 
     @classmethod
-    def from_ledger(cls, raw: dict[str, Any] | None) -> VersionStats:
-        raw = raw or {}
+    def from_arrays(cls, requests_c, errors_c, fb_total_c, fb_correct_c, hist_c,
+                    requests_s, errors_s, fb_total_s, fb_correct_s, hist_s) -> Counts:
+        """Counts from ledger arrays (length R) and latency histograms (R, buckets)."""
+        slow_c, seen_c, slow_s, seen_s = tail_counts(np.asarray(hist_c), np.asarray(hist_s))
         return cls(
-            requests=int(raw.get("requests", 0)),
-            errors=int(raw.get("errors", 0)),
-            latencies_ms=latencies_from_ledger(raw.get("latencies_ms")),
-            feedback_correct=int(raw.get("feedback_correct", 0)),
-            feedback_total=int(raw.get("feedback_total", 0)),
-            shadow_agree=int(raw.get("shadow_agree", 0)),
-            shadow_total=int(raw.get("shadow_total", 0)),
+            bad_c=_columns(np.subtract(fb_total_c, fb_correct_c), errors_c, slow_c),
+            n_c=_columns(fb_total_c, requests_c, seen_c),
+            bad_s=_columns(np.subtract(fb_total_s, fb_correct_s), errors_s, slow_s),
+            n_s=_columns(fb_total_s, requests_s, seen_s),
         )
 
 
-def latencies_from_ledger(raw: Any) -> list[float]:
-    """Latencies as a list: the ledger may hold a list, or a histogram {upper_bound: count} /
-    {"buckets": [...], "counts": [...]} (each count contributes its bucket's upper bound)."""
-    if raw is None:
-        return []
-    if isinstance(raw, list | tuple | np.ndarray):
-        return [float(x) for x in raw]
-    if isinstance(raw, dict):
-        if "buckets" in raw and "counts" in raw:
-            pairs = zip(raw["buckets"], raw["counts"], strict=False)
-        else:
-            pairs = raw.items()
-        items = [(float("inf") if str(b).lower() in ("+inf", "inf") else float(b), int(n))
-                 for b, n in pairs]
-        finite = [b for b, _ in items if not math.isinf(b)]
-        top = 2 * max(finite) if finite else 1e6
-        out: list[float] = []
-        for bound, count in items:
-            out.extend([top if math.isinf(bound) else bound] * count)
-        return out
-    raise InvalidInput(f"latencies_ms must be a list or a histogram; got {type(raw).__name__}")
+def _columns(*cols) -> np.ndarray:
+    """(R, len(cols)) float array: one column per check, in CHECKS order."""
+    return np.stack([np.asarray(c, float) for c in cols], axis=-1)
+
+
+def tail_counts(hist_c: np.ndarray, hist_s: np.ndarray):
+    """Per ledger (rows of two (R, buckets) histograms): canary slower than stable's p99, canary
+    seen, stable slower, stable seen.
+
+    The threshold is the first bucket bound below which at least 99 % of stable's latencies fall;
+    both versions count what lies in the buckets above it.
+    """
+    total_s = hist_s.sum(axis=-1)
+    edge = np.argmax(np.cumsum(hist_s, axis=-1) >= 0.99 * np.maximum(total_s, 1)[:, None], axis=-1)
+    above = np.arange(hist_s.shape[-1])[None, :] > edge[:, None]
+    return (hist_c * above).sum(axis=-1), hist_c.sum(axis=-1), (hist_s * above).sum(axis=-1), total_s
+
+
+def latency_histogram(raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket upper bounds, counts) of a version's ledger: its cumulative histogram when it has
+    one (`latency_hist` + `latency_buckets_ms`, the last bucket open-ended), else its latency
+    list counted on a fine log grid."""
+    if raw.get("latency_hist") is not None and raw.get("latency_buckets_ms") is not None:
+        bounds = np.append(np.asarray(raw["latency_buckets_ms"], float), np.inf)
+        counts = np.asarray(raw["latency_hist"], float)
+        if counts.size != bounds.size:
+            raise InvalidInput(f"latency_hist has {counts.size} buckets, expected {bounds.size}")
+        return bounds, counts
+    values = np.asarray(raw.get("latencies_ms") or [], float)
+    bounds = np.append(LATENCY_BUCKETS_MS, np.inf)
+    counts = np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, values), minlength=bounds.size)
+    return bounds, counts.astype(float)
+
+
+# Statistics ---------------------------------------------------------------------------------------
+
+
+def difference(counts: Counts) -> tuple[np.ndarray, np.ndarray]:
+    """(estimate, variance of the estimate) of bad_c/n_c - bad_s/n_s, per ledger and check.
+
+    The variance uses Agresti-Caffo smoothed rates ((x + 1) / (n + 2)), so a version with no bad
+    outcome yet does not claim zero variance."""
+    n_c, n_s = np.maximum(counts.n_c, 1), np.maximum(counts.n_s, 1)
+    estimate = counts.bad_c / n_c - counts.bad_s / n_s
+    pc = (counts.bad_c + 1) / (counts.n_c + 2)
+    ps = (counts.bad_s + 1) / (counts.n_s + 2)
+    return estimate, pc * (1 - pc) / (counts.n_c + 2) + ps * (1 - ps) / (counts.n_s + 2)
+
+
+def halfwidth(variance: np.ndarray, level: float) -> np.ndarray:
+    """Half-width h of the mixture-mSPRT confidence sequence at error `level`.
+
+    For an estimate with variance V, the normal mixture over the effect with scale tau gives the
+    likelihood ratio sqrt(V / (V + tau^2)) * exp(tau^2 h^2 / (2 V (V + tau^2))); h solves
+    mean over TAUS of that ratio = 1 / level (Ville's inequality makes the bound time-uniform).
+    h depends on V alone, so it is solved once per level on a grid and interpolated in log-log.
+    """
+    log_v, log_h = _halfwidth_table(float(level))
+    v = np.clip(np.asarray(variance, float), 1e-12, 1.0)
+    return np.exp(np.interp(np.log(v), log_v, log_h))
+
+
+@functools.lru_cache(maxsize=16)
+def _halfwidth_table(level: float) -> tuple[np.ndarray, np.ndarray]:
+    v = np.geomspace(1e-12, 1.0, 600)[:, None]
+    tau2 = TAUS**2
+    scale = np.sqrt(v / (v + tau2))
+    rate = tau2 / (2 * v * (v + tau2))
+    lo, hi = np.zeros(len(v)), np.full(len(v), 1.0)
+    while True:  # grow the bracket until the ratio at hi exceeds 1 / level everywhere
+        ratio = (scale * np.exp(np.minimum(rate * hi[:, None] ** 2, 700))).mean(axis=-1)
+        if (ratio >= 1.0 / level).all():
+            break
+        hi = hi * 2
+    for _ in range(60):  # bisection: the mixture ratio grows with h
+        mid = (lo + hi) / 2
+        ratio = (scale * np.exp(np.minimum(rate * mid[:, None] ** 2, 700))).mean(axis=-1)
+        below = ratio < 1.0 / level
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.log(v[:, 0]), np.log(hi)
+
+
+def more_needed(estimate, variance, n_c, bound, level) -> np.ndarray:
+    """Roughly how many more canary observations make `estimate + h < bound` (inf when, on the
+    current estimate, none will): traffic keeps its mix, so the variance shrinks like 1/n."""
+    room = bound - estimate
+    done = estimate + halfwidth(variance, level) < bound
+    lo, hi = np.ones_like(estimate), np.full_like(estimate, 1e6)
+    for _ in range(40):  # bisection on the growth factor m of the sample size
+        mid = np.sqrt(lo * hi)
+        ok = halfwidth(variance / mid, level) < room
+        lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
+    more = np.ceil((hi - 1) * np.maximum(n_c, 1))
+    return np.where(done, 0.0, np.where(room <= 0, np.inf, more))
+
+
+@dataclass
+class Assessment:
+    """Per ledger and check (shape (R, 3)): estimate, bounds, status flags, evidence still needed."""
+
+    estimate: np.ndarray
+    lower: np.ndarray  # lower bound of the 1 - alpha/k sequence: > 0 shows harm
+    upper: np.ndarray  # upper bound of the 1 - beta sequence: < margin shows non-inferiority
+    harm: np.ndarray
+    non_inferior: np.ndarray
+    step_ok: np.ndarray  # the current step's (looser) bound is excluded
+    step_bound: np.ndarray
+    has_data: np.ndarray
+
+
+def assess(counts: Counts, config: AnalysisConfig, step: np.ndarray | int) -> Assessment:
+    """Every check of R ledgers at their steps (index into config.steps)."""
+    estimate, variance = difference(counts)
+    has_data = (counts.n_c >= MIN_SAMPLES) & (counts.n_s >= MIN_SAMPLES)
+    k = len(CHECKS)
+    lower = estimate - halfwidth(variance, config.alpha / k)
+    h_beta = halfwidth(variance, config.beta)
+    upper = estimate + h_beta
+    margins = np.array([config.margin(c) for c in CHECKS])
+    before_last = len(config.steps) - 1
+    factor = before_last / (np.minimum(np.asarray(step), before_last - 1) + 1)
+    step_bound = np.broadcast_to(margins * np.asarray(factor, float)[..., None], estimate.shape)
+    return Assessment(
+        estimate=estimate, lower=lower, upper=upper,
+        harm=has_data & (lower > 0),
+        non_inferior=has_data & (upper < margins),
+        step_ok=has_data & (upper < step_bound),
+        step_bound=step_bound,
+        has_data=has_data,
+    )
+
+
+ACTIONS = ("wait", "continue", "promote", "rollback")
+
+
+def decide_batch(counts: Counts, config: AnalysisConfig, step, step_elapsed_s, elapsed_s):
+    """Action index into ACTIONS for R ledgers at once, with their assessment."""
+    a = assess(counts, config, step)
+    required = np.array([c in config.required for c in CHECKS])
+    harm = a.harm.any(axis=-1)
+    step = np.asarray(step)
+    last = step >= len(config.steps) - 2
+    step_ok = (a.step_ok | ~required).all(axis=-1) & (np.asarray(step_elapsed_s) >= config.min_step_s)
+    action = np.where(step_ok, np.where(last, 2, 1), 0)  # at the last step, step_ok = all_ni
+    action = np.where((action == 0) & (np.asarray(elapsed_s) >= config.max_duration_s), 3, action)
+    return np.where(harm, 3, action), a
+
+
+# One decision, explained ---------------------------------------------------------------------------
 
 
 @dataclass
 class CheckResult:
     name: str
     status: CheckStatus
-    p_value: float | None
-    canary: float | None
-    stable: float | None
+    estimate: float | None  # canary minus stable rate of the bad outcome
+    lower: float | None
+    upper: float | None
+    margin: float
+    canary: str  # "bad/observed"
+    stable: str
+    needed: float | None  # more canary observations for the current step (None: done)
     detail: str
 
 
@@ -134,83 +321,35 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-# Statistics --------------------------------------------------------------------------------
-
-
-def worse_proportion_p(bad_c: int, n_c: int, bad_s: int, n_s: int, margin: float) -> float:
-    """p-value of H1: rate_c - rate_s > margin (one-sided, Agresti–Caffo adjusted z-test)."""
-    pc = (bad_c + 1) / (n_c + 2)
-    ps = (bad_s + 1) / (n_s + 2)
-    se = math.sqrt(pc * (1 - pc) / (n_c + 2) + ps * (1 - ps) / (n_s + 2))
-    z = (pc - ps - margin) / se
-    return float(stats.norm.sf(z))
+    def tick(self) -> dict[str, Any]:
+        """The compact record of one look that the rollout report draws (an `analysis_tick`)."""
+        keep = ("name", "status", "estimate", "lower", "upper", "margin", "canary", "stable", "needed")
+        return {"weight": self.weight, "action": self.action, "reasons": self.reasons,
+                "requests": {"stable": self.evidence["stable_requests"],
+                             "canary": self.evidence["canary_requests"]},
+                "checks": [{k: getattr(c, k) for k in keep} for c in self.checks]}
 
 
-def p99_bootstrap(canary: np.ndarray, stable: np.ndarray, ratio: float, margin_ms: float,
-                  alpha: float, resamples: int, seed: int = 0) -> tuple[float, float]:
-    """(lower confidence bound, share of resamples <= 0) of p99_c - (ratio*p99_s + margin)."""
-    rng = np.random.default_rng(seed)
-    c = rng.choice(canary, size=(resamples, canary.size), replace=True)
-    s = rng.choice(stable, size=(resamples, stable.size), replace=True)
-    diff = np.percentile(c, 99, axis=1) - (ratio * np.percentile(s, 99, axis=1) + margin_ms)
-    return float(np.quantile(diff, alpha)), float((diff <= 0).mean())
+_NOUNS = {"accuracy": ("wrong", "feedback labels"), "error_rate": ("failed", "requests"),
+          "latency_tail": ("slower than stable's p99", "latencies")}
 
 
-def check_errors(c: VersionStats, s: VersionStats, cfg: AnalysisConfig) -> CheckResult:
-    rate_c = c.errors / c.requests if c.requests else 0.0
-    rate_s = s.errors / s.requests if s.requests else 0.0
-    if c.requests == 0:
-        return CheckResult("error_rate", "skipped", None, None, rate_s, "no canary requests")
-    p = worse_proportion_p(c.errors, c.requests, s.errors, s.requests, cfg.error_margin)
-    status: CheckStatus = "fail" if p < cfg.alpha else "pass"
-    return CheckResult("error_rate", status, p, rate_c, rate_s,
-                       f"canary {c.errors}/{c.requests} vs stable {s.errors}/{s.requests} "
-                       f"(margin {cfg.error_margin:.3f}, p={p:.4f})")
+def _ledger_counts(snapshot: dict[str, Any], stable: str, canary: str) -> Counts:
+    raw_c, raw_s = snapshot.get(str(canary)) or {}, snapshot.get(str(stable)) or {}
+    bounds_c, hist_c = latency_histogram(raw_c)
+    bounds_s, hist_s = latency_histogram(raw_s)
+    if hist_c.sum() and hist_s.sum() and not np.array_equal(bounds_c, bounds_s):
+        raise InvalidInput("canary and stable latencies use different histogram buckets")
 
+    def get(raw, key):
+        return [float(raw.get(key, 0) or 0)]
 
-def check_latency(c: VersionStats, s: VersionStats, cfg: AnalysisConfig) -> CheckResult:
-    if len(c.latencies_ms) < cfg.min_latency_samples or \
-            len(s.latencies_ms) < cfg.min_latency_samples:
-        return CheckResult("p99_latency", "skipped", None, None, None,
-                           f"fewer than {cfg.min_latency_samples} latencies per version")
-    ca, sa = np.asarray(c.latencies_ms, float), np.asarray(s.latencies_ms, float)
-    p99_c, p99_s = float(np.percentile(ca, 99)), float(np.percentile(sa, 99))
-    lower, share_ok = p99_bootstrap(ca, sa, cfg.latency_ratio, cfg.latency_margin_ms, cfg.alpha,
-                                    cfg.bootstrap_resamples)
-    mw = stats.mannwhitneyu(ca, sa, alternative="greater")
-    status: CheckStatus = "fail" if lower > 0 else "pass"
-    return CheckResult("p99_latency", status, share_ok, p99_c, p99_s,
-                       f"p99 canary {p99_c:.1f} ms vs stable {p99_s:.1f} ms (allowed "
-                       f"{cfg.latency_ratio}x + {cfg.latency_margin_ms:.0f} ms; bootstrap lower "
-                       f"bound of excess {lower:.1f} ms; Mann-Whitney p={mw.pvalue:.4f})")
-
-
-def check_accuracy(c: VersionStats, s: VersionStats, cfg: AnalysisConfig) -> CheckResult:
-    if c.feedback_total < cfg.min_feedback or s.feedback_total < cfg.min_feedback:
-        return CheckResult("accuracy", "skipped", None, None, None,
-                           f"fewer than {cfg.min_feedback} feedback labels per version "
-                           f"(canary {c.feedback_total}, stable {s.feedback_total})")
-    acc_c = c.feedback_correct / c.feedback_total
-    acc_s = s.feedback_correct / s.feedback_total
-    # "wrong" is the bad outcome: canary worse <=> wrong_c - wrong_s > margin
-    p = worse_proportion_p(c.feedback_total - c.feedback_correct, c.feedback_total,
-                           s.feedback_total - s.feedback_correct, s.feedback_total,
-                           cfg.accuracy_margin)
-    status: CheckStatus = "fail" if p < cfg.alpha else "pass"
-    return CheckResult("accuracy", status, p, acc_c, acc_s,
-                       f"accuracy canary {c.feedback_correct}/{c.feedback_total} ({acc_c:.3f}) vs "
-                       f"stable {s.feedback_correct}/{s.feedback_total} ({acc_s:.3f}) "
-                       f"(margin {cfg.accuracy_margin:.3f}, p={p:.4f})")
-
-
-def compare(canary: VersionStats, stable: VersionStats, cfg: AnalysisConfig) -> list[CheckResult]:
-    """Every check of canary against stable."""
-    return [check_errors(canary, stable, cfg), check_latency(canary, stable, cfg),
-            check_accuracy(canary, stable, cfg)]
-
-
-# Decisions ---------------------------------------------------------------------------------
+    return Counts.from_arrays(
+        get(raw_c, "requests"), get(raw_c, "errors"), get(raw_c, "feedback_total"),
+        get(raw_c, "feedback_correct"), hist_c[None, :],
+        get(raw_s, "requests"), get(raw_s, "errors"), get(raw_s, "feedback_total"),
+        get(raw_s, "feedback_correct"), hist_s[None, :],
+    )
 
 
 def decide(
@@ -219,58 +358,82 @@ def decide(
     stable: str,
     canary: str,
     step: int,
-    step_started_requests: int,
     step_elapsed_s: float,
+    elapsed_s: float | None = None,
     config: AnalysisConfig,
 ) -> Decision:
-    """The decision at analysis step `step` (index into config.steps) from a ledger snapshot.
+    """The decision at weight step `step` (index into config.steps) from a ledger snapshot.
 
-    `step_started_requests` is the canary's request count when the step began, so each step needs
-    its own `min_requests`. rollback: a check failed (or the step ran out of time without enough
-    traffic); continue: the step is complete and clean (promote when the next weight is 100);
-    wait: not enough evidence yet.
+    `elapsed_s` is the time since the analysis began (default: `step_elapsed_s`); it sets the
+    deadline and the observation rates behind "how much more evidence" in the reasons.
     """
-    if not 0 <= step < len(config.steps):
-        raise InvalidInput(f"step {step} outside 0-{len(config.steps) - 1}")
-    snapshot = {str(k): v for k, v in snapshot.items()}
-    c = VersionStats.from_ledger(snapshot.get(str(canary)))
-    s = VersionStats.from_ledger(snapshot.get(str(stable)))
+    if not 0 <= step < len(config.steps) - 1:
+        raise InvalidInput(f"step {step} outside 0-{len(config.steps) - 2} (the last weight, 100, "
+                           "is the promotion)")
+    elapsed = step_elapsed_s if elapsed_s is None else elapsed_s
+    counts = _ledger_counts({str(k): v for k, v in snapshot.items()}, stable, canary)
+    code, a = decide_batch(counts, config, step, step_elapsed_s, elapsed)
+    action: Action = ACTIONS[int(code[0])]  # type: ignore[assignment]
+    estimate, variance = difference(counts)
+    needed = more_needed(estimate, variance, counts.n_c, a.step_bound, config.beta)
+    checks = [_explain(counts, a, needed, i, name, config, elapsed) for i, name in enumerate(CHECKS)]
     weight = config.steps[step]
-    checks = compare(c, s, config)
-    step_requests = c.requests - step_started_requests
+    if action == "rollback":
+        harmful = [c.detail for c in checks if c.status == "harm"]
+        reasons = harmful or [f"inconclusive after {elapsed:.0f}s (limit {config.max_duration_s:.0f}s): "
+                              + "; ".join(c.detail for c in checks
+                                          if c.name in config.required and c.needed)]
+    elif action == "wait":
+        reasons = [f"at {weight}%: " + c.detail for c in checks
+                   if c.name in config.required and c.needed]
+        reasons = reasons or [f"at {weight}% for {step_elapsed_s:.0f}s of at least "
+                              f"{config.min_step_s:.0f}s"]
+    else:
+        reasons = [c.detail for c in checks if c.name in config.required]
     evidence = {
-        "stable": str(stable), "canary": str(canary), "weight": weight,
-        "step_requests": step_requests, "step_elapsed_s": round(step_elapsed_s, 2),
-        "canary_requests": c.requests, "stable_requests": s.requests,
-        "canary_errors": c.errors, "stable_errors": s.errors,
-        "canary_feedback": [c.feedback_correct, c.feedback_total],
-        "stable_feedback": [s.feedback_correct, s.feedback_total],
-        "shadow_agreement": (c.shadow_agree / c.shadow_total) if c.shadow_total else None,
-        **{f"{r.name}_canary": r.canary for r in checks},
-        **{f"{r.name}_stable": r.stable for r in checks},
+        "stable": str(stable), "canary": str(canary), "weight": weight, "step": step,
+        "step_elapsed_s": round(step_elapsed_s, 2), "elapsed_s": round(elapsed, 2),
+        "alpha": config.alpha, "beta": config.beta,
+        "canary_requests": int(counts.n_c[0, 1]), "stable_requests": int(counts.n_s[0, 1]),
+        **{f"{c.name}_{key}": getattr(c, key) for c in checks
+           for key in ("estimate", "lower", "upper", "needed")},
     }
-    failed = [r for r in checks if r.status == "fail"]
-    if failed:
-        return Decision("rollback", step, weight, [r.detail for r in failed], checks, evidence)
-    # Where feedback labels exist, model quality is part of the evidence: a step is not complete
-    # until both versions have enough feedback for the accuracy test to run.
-    accuracy = next(r for r in checks if r.name == "accuracy")
-    feedback_missing = accuracy.status == "skipped" and (c.feedback_total or s.feedback_total)
-    complete = (step_requests >= config.min_requests and step_elapsed_s >= config.min_duration_s
-                and not feedback_missing)
-    if not complete:
-        if step_elapsed_s >= config.max_step_s:
-            reason = (f"inconclusive: only {step_requests} canary requests at {weight}% after "
-                      f"{step_elapsed_s:.0f}s (need {config.min_requests})")
-            if feedback_missing:
-                reason = f"inconclusive after {step_elapsed_s:.0f}s: {accuracy.detail}"
-            return Decision("rollback", step, weight, [reason], checks, evidence)
-        waiting = [f"{step_requests}/{config.min_requests} requests, "
-                   f"{step_elapsed_s:.0f}/{config.min_duration_s:.0f}s at {weight}%"]
-        if feedback_missing:
-            waiting.append(accuracy.detail)
-        return Decision("wait", step, weight, waiting, checks, evidence)
-    passed = [r.detail for r in checks if r.status == "pass"]
-    next_weight = config.steps[step + 1] if step + 1 < len(config.steps) else 100
-    action: Action = "promote" if next_weight >= 100 else "continue"
-    return Decision(action, step, weight, passed or ["no check failed"], checks, evidence)
+    return Decision(action, step, weight, reasons, checks, evidence)
+
+
+def _explain(counts: Counts, a: Assessment, needed_all: np.ndarray, i: int, name: str,
+             config: AnalysisConfig, elapsed_s: float) -> CheckResult:
+    bad_c, n_c, bad_s, n_s = (int(x[0, i]) for x in (counts.bad_c, counts.n_c, counts.bad_s,
+                                                     counts.n_s))
+    what, unit = _NOUNS[name]
+    margin = config.margin(name)
+    seen = f"canary {bad_c}/{n_c} {what} vs stable {bad_s}/{n_s}"
+    if not a.has_data[0, i]:
+        more = max(MIN_SAMPLES - n_c, MIN_SAMPLES - n_s, 1)
+        return CheckResult(name, "no_data", None, None, None, margin, f"{bad_c}/{n_c}",
+                           f"{bad_s}/{n_s}", float(more),
+                           f"{name}: needs at least {MIN_SAMPLES} {unit} per version ({seen})")
+    est, lo, up = (float(x[0, i]) for x in (a.estimate, a.lower, a.upper))
+    needed = float(needed_all[0, i])
+    bounds = f"difference {est:+.3f}, [{lo:+.3f} (1-alpha/3), {up:+.3f} (1-beta)], margin {margin:.3f}"
+    if a.harm[0, i]:
+        status: CheckStatus = "harm"
+        detail = f"{name}: canary worse than stable ({seen}; {bounds})"
+    elif a.non_inferior[0, i]:
+        status, detail = "non_inferior", f"{name}: not worse than the margin ({seen}; {bounds})"
+    elif needed == 0:
+        status = "pending"
+        bound = float(a.step_bound[0, i])
+        detail = (f"{name}: excludes a degradation above {bound:.3f} (this weight's bound), not yet "
+                  f"the margin ({seen}; {bounds})")
+    else:
+        status = "pending"
+        rate = n_c / elapsed_s if elapsed_s > 0 else 0.0
+        if math.isinf(needed):
+            more = "no amount of further evidence will show non-inferiority at the current estimate"
+        else:
+            eta = f", ~{needed / rate:.0f}s at the traffic so far" if rate > 0 else ""
+            more = f"~{needed:.0f} more canary {unit}{eta}"
+        detail = f"{name}: {more} ({seen}; {bounds})"
+    return CheckResult(name, status, est, lo, up, margin, f"{bad_c}/{n_c}", f"{bad_s}/{n_s}",
+                       None if needed == 0 else needed, detail)

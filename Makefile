@@ -28,12 +28,17 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch-$(TORCH_VE
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@ $(VENV)/.installed-base
 
-# promtool runs the alert-rule unit tests (Debian's prometheus package).
+# promtool runs the alert-rule unit tests, headless Chromium renders the rollout report in its test
+# (Debian's prometheus and chromium packages).
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  echo "installing Debian's prometheus package (promtool)"; \
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian's$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 demo: $(VENV)/.installed-base
 	$(VENV)/bin/flowops demo

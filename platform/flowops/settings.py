@@ -25,7 +25,7 @@ from flowops.errors import InvalidInput, invalid_input
 
 CONFIG_ENV = "FLOWOPS_CONFIG"
 # The runtime image of every KubeRay pod (cluster/image/Dockerfile); Ray's minor version matches ours.
-DEFAULT_IMAGE = "ghcr.io/flowops/flowops-ray:2.60.0-py311"
+DEFAULT_IMAGE = "ghcr.io/flowops/flowops-runtime:0.1.0-ray2.60.0"
 
 
 class _Section(BaseModel):

@@ -1,10 +1,12 @@
-"""The KubeRay cluster layer: render `cluster/` overlays, create RayJobs, apply objects.
+"""The KubeRay layer: render `cluster/` overlays, generate the platform RayCluster, validate, create
+RayJobs, apply objects.
 
-`cluster/` is a kustomize tree (base + overlays dev, gpu, prod). `render` uses `kubectl kustomize`
-when kubectl is installed and FlowOps' own renderer (flowops.manifests) otherwise; a test keeps the
-two equal. `submit_train_k8s` is what `flowops train --target k8s` calls: a RayJob running
-`python -m jobs.train ARGS` on its own short-lived RayCluster, built by the same typed builders the
-tests validate against KubeRay's CRD schemas.
+`cluster/` is a kustomize tree (base + overlays dev, gpu, prod), rendered by `kubectl kustomize` (or
+`kustomize build`): FlowOps does not reimplement kustomize. `cluster/base/ray-cluster.platform.yaml` is
+generated from the typed builders (`platform_cluster`) by `flowops cluster generate`; a unit test fails
+when the committed file is stale, as for the PrometheusRule. `submit_train_k8s` is what
+`flowops train --target k8s` calls: a RayJob running `python -m jobs.train --config '<JSON>'` on its
+own short-lived RayCluster, built by the builders the tests validate against KubeRay's CRD schemas.
 """
 
 from __future__ import annotations
@@ -14,124 +16,252 @@ import shlex
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowops import manifests
-from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError, InvalidInput, NotFound
+from flowops.durable import atomic_write_text
+from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError, InvalidInput, NotFound, validated_json
 from flowops.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "gpu", "prod")
+PLATFORM_CLUSTER_FILE = Path("base") / "ray-cluster.platform.yaml"  # inside the manifests folder
 
 
-class ClusterSettings(BaseSettings):
-    """Kubernetes settings (env `FLOWOPS_CLUSTER_*`)."""
-
-    model_config = SettingsConfigDict(env_prefix="FLOWOPS_CLUSTER_", extra="ignore")
-
-    manifests_dir: Path = Field(REPO_ROOT / "cluster", description="The kustomize tree.")
-    crd_dir: Path = Field(
-        REPO_ROOT.parent / "shared" / "kuberay-crds", description="KubeRay CRDs to validate against."
-    )
-    namespace: str = Field("flowops", description="Namespace RayJobs are created in.")
-    image: str = Field(manifests.DEFAULT_IMAGE, description="Runtime image (cluster/image/Dockerfile).")
-    train_workers: int = Field(2, ge=1, description="Worker pods of a training RayJob's cluster.")
-    train_worker_cpus: int = Field(2, ge=1)
-    train_worker_memory: str = Field("8Gi")
-    train_worker_gpus: int = Field(0, ge=0, description="GPUs per training worker pod.")
+def manifests_dir(settings: Settings) -> Path:
+    """The kustomize tree: FLOWOPS_CLUSTER_MANIFESTS_DIR, else the repository's `cluster/`."""
+    return settings.cluster.manifests_dir or REPO_ROOT / "cluster"
 
 
-def cluster_settings(**overrides: Any) -> ClusterSettings:
-    try:
-        return ClusterSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except Exception as exc:  # pydantic ValidationError: one line
-        raise InvalidInput(f"invalid FLOWOPS_CLUSTER_* setting: {str(exc).splitlines()[-1]}") from None
-
-
-def overlay_dir(name: str, cfg: ClusterSettings | None = None) -> Path:
-    cfg = cfg or cluster_settings()
-    overlays = cfg.manifests_dir / "overlays"
+def overlay_dir(settings: Settings, name: str) -> Path:
+    overlays = manifests_dir(settings) / "overlays"
+    if not overlays.is_dir():
+        raise NotFound(f"no kustomize overlays in {overlays.parent}: set FLOWOPS_CLUSTER_MANIFESTS_DIR to "
+                       "the cluster/ folder of a FlowOps checkout")
     path = overlays / name
     if not (path / "kustomization.yaml").is_file():
-        known = sorted(p.name for p in overlays.iterdir() if p.is_dir()) if overlays.is_dir() else []
+        known = sorted(p.name for p in overlays.iterdir() if p.is_dir())
         raise NotFound(
             f"overlay {name!r} not found in {overlays}; overlays: {', '.join(known) or 'none'}"
         )
     return path
 
 
-def render(overlay: str = "dev", renderer: Literal["auto", "kubectl", "python"] = "auto",
-           cfg: ClusterSettings | None = None) -> list[dict[str, Any]]:
-    """The objects of an overlay, rendered with kubectl when present (auto) or FlowOps' renderer."""
-    path = overlay_dir(overlay, cfg)
-    kubectl = shutil.which("kubectl")
-    if renderer == "kubectl" or (renderer == "auto" and kubectl):
-        if not kubectl:
-            raise NotFound("kubectl is not on PATH; use --renderer python")
-        out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
-            raise InvalidInput(f"kubectl kustomize {path} failed: {last}")
-        return [d for d in yaml.safe_load_all(out.stdout) if d]
-    return manifests.render_kustomization(path)
+def kustomize(directory: Path) -> str:
+    """The YAML kustomize renders for a directory: `kubectl kustomize`, else `kustomize build`."""
+    if kubectl := shutil.which("kubectl"):
+        command = [kubectl, "kustomize", str(directory)]
+    elif standalone := shutil.which("kustomize"):
+        command = [standalone, "build", str(directory)]
+    else:
+        raise ClusterUnavailable("rendering needs kubectl (`kubectl kustomize`) or kustomize on PATH; "
+                                 "neither is installed")
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise InvalidInput(f"{Path(command[0]).name} {command[1]} {directory} failed: {last}")
+    return out.stdout
+
+
+def render_text(settings: Settings, overlay: str = "dev") -> str:
+    """An overlay rendered by kustomize, as YAML."""
+    return kustomize(overlay_dir(settings, overlay))
+
+
+def render(settings: Settings, overlay: str = "dev") -> list[dict[str, Any]]:
+    """The objects of an overlay, rendered by kustomize."""
+    return [d for d in yaml.safe_load_all(render_text(settings, overlay)) if d]
+
+
+# Validation --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)  # "overlay: Kind/name: where: what"
+    skipped: list[str] = field(default_factory=list)  # kinds without a schema (Prometheus operator's)
+
+
+def validate(settings: Settings, overlays: list[str] | None = None,
+             crd_dir: Path | None = None) -> ValidationReport:
+    """Validate every rendered object of the overlays (default: all) against KubeRay's CRD schemas
+    (crd_dir, else FLOWOPS_CLUSTER_CRD_DIR, else the packaged copy) and Kubernetes' schemas."""
+    validator = manifests.ManifestValidator(crd_dir or settings.cluster.crd_dir)
+    report = ValidationReport()
+    for name in overlays or OVERLAYS:
+        for obj in render(settings, name):
+            try:
+                error = validator.check(obj)
+            except NotFound as exc:
+                report.skipped.append(f"{name}: {exc}")
+                continue
+            report.checked += 1
+            if error:
+                report.problems.append(f"{name}: {error}")
+    return report
+
+
+# The platform RayCluster (cluster/base/ray-cluster.platform.yaml) ---------------------------------
+
+
+def platform_cluster() -> dict[str, Any]:
+    """The long-lived platform RayCluster; its image `flowops-runtime` is pinned by kustomize."""
+    spec = manifests.RayClusterInput(
+        image="flowops-runtime", head_cpus=2, head_memory="8Gi", autoscaling=True, idle_timeout_s=300,
+        head_service_account="flowops-controller", worker_service_account="flowops-ray",
+        mounts=[manifests.Mount(name="ray-logs", path="/tmp/ray"),
+                manifests.Mount(name="dvc-config", path="/home/ray/.config/dvc",
+                                config_map="flowops-dvc-remote")],
+        workers=[
+            manifests.WorkerGroup(name="cpu", cpus=4, memory="16Gi", replicas=1, min_replicas=1,
+                                  max_replicas=8),
+            manifests.WorkerGroup(name="gpu", cpus=4, memory="24Gi", gpus=1, replicas=0, min_replicas=0,
+                                  max_replicas=4,
+                                  node_selector={"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}),
+        ],
+    )
+    return manifests.ray_cluster("flowops-platform", None, spec)
+
+
+PLATFORM_HEADER = """
+GENERATED by `flowops cluster generate` from flowops.cluster.platform_cluster(); do not edit here:
+change the builder, run the command, commit both (a unit test fails while this file is stale).
+
+The FlowOps platform cluster: a head (dashboard/job API, Ray Client, Serve, metrics) and two
+autoscaled worker groups, CPU and GPU. Long-lived; RayJobs with `clusterSelector` and the
+`flowops` CLI (FLOWOPS_RAY_ADDRESS) submit to it. Overlays patch sizes, replicas and the GPU type.
+"""
+_HEAD = "spec/headGroupSpec/template/spec/"
+_HEAD_C = _HEAD + "containers/ray-head/"
+_CPU, _GPU = "spec/workerGroupSpecs/cpu/", "spec/workerGroupSpecs/gpu/"
+PLATFORM_COMMENTS = {
+    "metadata/labels/app.kubernetes.io/part-of": "kustomization.yaml sets it on every object too",
+    "spec/rayVersion": "must equal the image's Ray (cluster/image/Dockerfile) and pyproject's pin",
+    "spec/enableInTreeAutoscaling": "KubeRay runs the Ray autoscaler as a head sidecar",
+    "spec/autoscalerOptions/idleTimeoutSeconds": "a worker idle for 5 min is removed (GPU workers scale "
+                                                 "to zero)",
+    "spec/autoscalerOptions/upscalingMode": "scale up in steps, not all at once (Aggressive) or not at "
+                                            "all (Conservative)",
+    "spec/autoscalerOptions/resources": "the sidecar's own budget, kept small",
+    "spec/autoscalerOptions/securityContext": "same hardening as the Ray containers",
+    "spec/authOptions/mode": "Ray token authentication (Ray >= 2.52): every API call needs the token",
+    "spec/authOptions/secretName": "our own Secret (key `auth_token`); KubeRay injects "
+                                   "RAY_AUTH_MODE/RAY_AUTH_TOKEN",
+    "spec/headGroupSpec/serviceType": "reached in-cluster or via `kubectl port-forward`; never a public "
+                                      "LoadBalancer",
+    "spec/headGroupSpec/rayStartParams/dashboard-host": "the dashboard/job API listens on the pod IP "
+                                                        "(NetworkPolicy restricts it)",
+    "spec/headGroupSpec/rayStartParams/num-cpus": "no tasks on the head: it hosts GCS, the job API, "
+                                                  "Serve's controller and drivers",
+    "spec/headGroupSpec/rayStartParams/metrics-export-port": "Prometheus scrape port (PodMonitor in "
+                                                             "cluster/monitoring)",
+    "spec/headGroupSpec/rayStartParams/ray-client-server-port": "Ray Client (ray://) for IDEs and notebooks",
+    "spec/headGroupSpec/template/metadata/labels/app.kubernetes.io/component": "NetworkPolicy and "
+                                                                              "monitoring select on it",
+    _HEAD + "serviceAccountName": "the controller job runs here (rbac.controller.yaml)",
+    _HEAD + "securityContext/runAsNonRoot": "the Ray image's `ray` user",
+    _HEAD + "securityContext/runAsUser": "uid of `ray` in rayproject/ray",
+    _HEAD + "securityContext/fsGroup": "gid `users`: mounted volumes are writable by `ray`",
+    _HEAD + "securityContext/seccompProfile": "default syscall filter",
+    _HEAD_C + "image": "pinned by the `images:` entry of cluster/base/kustomization.yaml",
+    _HEAD_C + "ports/gcs-server": "GCS (workers join here)",
+    _HEAD_C + "ports/dashboard": "dashboard and job API",
+    _HEAD_C + "ports/client": "Ray Client",
+    _HEAD_C + "ports/serve": "Ray Serve HTTP (the classifier)",
+    _HEAD_C + "ports/metrics": "Prometheus metrics",
+    _HEAD_C + "envFrom/0": "FLOWOPS_* settings (config-map.platform.yaml)",
+    _HEAD_C + "env/AWS_ACCESS_KEY_ID": "S3 credentials for DVC and MLflow artifacts",
+    _HEAD_C + "env/GRPC_ENABLE_FORK_SUPPORT": "Ray Client forks+execs a server per IDE connection; gRPC's "
+                                              "fork handlers can abort\nthat child "
+                                              "(ray-project/ray#63202). A fork followed by exec needs none.",
+    _HEAD_C + "resources/requests": "GCS + dashboard + Serve controller + job drivers",
+    _HEAD_C + "resources/limits": "requests == limits: Guaranteed QoS for the head",
+    _HEAD_C + "securityContext/allowPrivilegeEscalation": "no setuid escalation",
+    _HEAD_C + "securityContext/capabilities": "Ray needs no Linux capabilities",
+    _HEAD_C + "volumeMounts/ray-logs": "Ray's session dir (logs, sockets)",
+    _HEAD_C + "volumeMounts/dvc-config": "DVC remote (config-map.dvc-remote.yaml)",
+    _HEAD + "volumes/ray-logs": "scratch: gone with the pod",
+    _CPU + "groupName": "data preparation, evaluation, batch inference, Serve replicas",
+    _CPU + "replicas": "start with one",
+    _CPU + "minReplicas": "keep one warm: the classifier's replicas live here",
+    _CPU + "maxReplicas": "autoscaler ceiling",
+    _CPU + "template/metadata": "the component label NetworkPolicy and monitoring select on",
+    _CPU + "template/spec/serviceAccountName": "no Kubernetes API token",
+    _CPU + "template/spec/containers/ray-worker/resources/requests": "Ray advertises the limits as the "
+                                                                     "node's resources",
+    _GPU + "groupName": "training and GPU batch inference",
+    _GPU + "replicas": "none until a task asks for a GPU",
+    _GPU + "minReplicas": "scale to zero when idle (autoscalerOptions.idleTimeoutSeconds)",
+    _GPU + "maxReplicas": "autoscaler ceiling (GPU quota)",
+    _GPU + "template/spec/nodeSelector/cloud.google.com/gke-accelerator": "GPU type; the gpu/prod "
+                                                                          "overlays change it",
+    _GPU + "template/spec/tolerations/0": "GPU node pools are tainted so only GPU pods land there",
+    _GPU + "template/spec/containers/ray-worker/image": "build the CUDA variant for GPU pools (see the "
+                                                        "Dockerfile)",
+    _GPU + "template/spec/containers/ray-worker/resources/limits": "one GPU per worker pod; Ray "
+                                                                   "advertises GPU: 1",
+}
+
+
+def render_platform_cluster() -> str:
+    """The text of cluster/base/ray-cluster.platform.yaml: the builder's object with its comments."""
+    return manifests.dump_commented(platform_cluster(), PLATFORM_COMMENTS, PLATFORM_HEADER)
+
+
+def generate_platform_cluster(settings: Settings, check: bool = False) -> Path:
+    """Write the platform RayCluster's file; with `check`, only fail (Conflict) when it is stale."""
+    path = manifests_dir(settings) / PLATFORM_CLUSTER_FILE
+    text = render_platform_cluster()
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            raise Conflict(f"{path} is stale: run `flowops cluster generate`")
+        return path
+    atomic_write_text(path, text)
+    return path
 
 
 # Training on Kubernetes --------------------------------------------------------------------------
 
 
-def _flag(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
+def train_job(settings: Settings, config_json: str, name: str | None = None) -> dict[str, Any]:
+    """A RayJob running `python -m jobs.train --config '<TrainConfig JSON>'` on its own cluster (deleted
+    when it ends): one worker pod per Ray Train worker, with the worker's GPUs. A config that does not
+    set `workers` gets FLOWOPS_CLUSTER_TRAIN_WORKERS; one without `gpus_per_worker` gets pods with
+    FLOWOPS_CLUSTER_TRAIN_WORKER_GPUS GPUs."""
+    from flowops.train import TrainConfig  # pandas and pyarrow: kept out of CLI start-up
 
-
-def train_job(settings: Settings, train_args: list[str], cfg: ClusterSettings | None = None,
-              name: str | None = None) -> dict[str, Any]:
-    """A RayJob running `python -m jobs.train ARGS` on its own cluster (deleted when it ends).
-    The worker group matches the arguments: one pod per `--workers`, GPUs per `--gpus-per-worker`."""
-    cfg = cfg or cluster_settings()
-    args = list(train_args)
-    workers = _flag(args, "--workers")
-    if workers is None:
-        workers = str(cfg.train_workers)
-        args += ["--workers", workers]
-    gpus = _flag(args, "--gpus-per-worker")
-    try:
-        n_workers = int(workers)
-        n_gpus = math.ceil(float(gpus)) if gpus is not None else cfg.train_worker_gpus
-    except ValueError:
-        raise InvalidInput(f"--workers {workers!r} / --gpus-per-worker {gpus!r} must be numbers") from None
-    if n_workers < 1:
-        raise InvalidInput(f"--workers must be at least 1 (got {n_workers})")
-    entrypoint = shlex.join(["python", "-m", "jobs.train", *args])
+    config = validated_json(TrainConfig, config_json, "train config")
+    k8s = settings.cluster
+    if "workers" not in config.model_fields_set:
+        config = config.model_copy(update={"workers": k8s.train_workers})
+    gpus = (math.ceil(config.gpus_per_worker) if "gpus_per_worker" in config.model_fields_set
+            else k8s.train_worker_gpus)
     job = manifests.RayJobInput(
         name=name or f"flowops-train-{time.strftime('%Y%m%d-%H%M%S')}",
-        entrypoint=entrypoint,
+        entrypoint=shlex.join(["python", "-m", "jobs.train", "--config",
+                               config.model_dump_json(exclude_unset=True)]),
         env_vars={"PYTHONUNBUFFERED": "1", "FLOWOPS_MODEL_NAME": settings.model_name},
         cluster=manifests.RayClusterInput(
-            image=cfg.image,
+            image=k8s.image,
             worker_service_account="flowops-ray",
             workers=[manifests.WorkerGroup(
-                name="train", cpus=cfg.train_worker_cpus, memory=cfg.train_worker_memory,
-                gpus=n_gpus, min_replicas=n_workers, max_replicas=n_workers,
+                name="train", cpus=k8s.train_worker_cpus, memory=k8s.train_worker_memory,
+                gpus=gpus, min_replicas=config.workers, max_replicas=config.workers,
             )],
         ),
     )
-    return manifests.ray_job(job, cfg.namespace)
+    return manifests.ray_job(job, k8s.namespace)
 
 
-def submit_train_k8s(settings: Settings, train_args: list[str], apply: bool) -> str:
+def submit_train_k8s(settings: Settings, config_json: str, apply: bool) -> str:
     """Render (and with `apply`, create through the Kubernetes API) a training RayJob; returns YAML
     or, when applied, a line naming what was created."""
-    obj = train_job(settings, train_args)
+    obj = train_job(settings, config_json)
     if not apply:
         return manifests.dump([obj])
     created = apply_objects([obj])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -26,12 +25,11 @@ from typing import Any, Literal
 
 import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flowops import manifests
-from flowops.durable import atomic_write_text
-from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, NotFound
+from flowops import cluster, manifests
+from flowops.durable import atomic_write_text, wait_until
+from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, NotFound, invalid_input, validated
 from flowops.ray_client import RayHead, free_port, kill_session, port_in_use, session_processes
 from flowops.settings import Settings
 
@@ -57,35 +55,20 @@ class GpuType(BaseModel):
     resource: str = "nvidia.com/gpu"  # the extended resource the device plugin advertises
 
 
-class DevenvSettings(BaseSettings):
-    """Dev environment settings (env `FLOWOPS_DEVENV_*`)."""
-
-    model_config = SettingsConfigDict(env_prefix="FLOWOPS_DEVENV_", extra="ignore")
-
-    gpu_types_file: Path | None = Field(
-        None,
-        description="YAML mapping of GPU type -> {node_selector: {...}}; adds to/overrides the defaults.",
-    )
-    image: str = Field(manifests.DEFAULT_IMAGE, description="Runtime image of k8s dev clusters.")
-    idle_timeout_s: int = Field(600, ge=60, description="Idle GPU workers are removed after this.")
-
-
-def gpu_types(cfg: DevenvSettings | None = None) -> dict[str, GpuType]:
+def gpu_types(settings: Settings) -> dict[str, GpuType]:
     """The configured GPU types: the defaults plus those of FLOWOPS_DEVENV_GPU_TYPES_FILE."""
-    cfg = cfg or DevenvSettings()
+    path = settings.devenv.gpu_types_file
     raw: dict[str, Any] = dict(DEFAULT_GPU_TYPES)
-    if cfg.gpu_types_file:
+    if path:
         try:
-            extra = yaml.safe_load(Path(cfg.gpu_types_file).read_text()) or {}
+            extra = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise InvalidInput(f"GPU types file {cfg.gpu_types_file}: {exc}") from None
+            raise InvalidInput(f"GPU types file {path}: {exc}") from None
         if not isinstance(extra, dict):
-            raise InvalidInput(f"GPU types file {cfg.gpu_types_file} must map type -> {{node_selector: ...}}")
+            raise InvalidInput(f"GPU types file {path} must map type -> {{node_selector: ...}}")
         raw.update({str(k).lower(): v for k, v in extra.items()})
-    try:
+    with invalid_input("GPU types"):
         return {name: GpuType.model_validate(value) for name, value in raw.items()}
-    except ValidationError as exc:
-        raise InvalidInput(f"GPU types: {exc.errors()[0]['msg']}") from None
 
 
 class DevenvRequest(BaseModel):
@@ -139,17 +122,10 @@ class DevenvRequest(BaseModel):
         return number * 1024 if memory.endswith("Gi") else number
 
 
-def make_request(**fields: Any) -> DevenvRequest:
+def make_request(settings: Settings, **fields: Any) -> DevenvRequest:
     """Validate a request (including the GPU type against the configuration); one clear error line."""
-    try:
-        request = DevenvRequest(**fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        msg = first["msg"].removeprefix("Value error, ")
-        where = ".".join(str(p) for p in first["loc"])
-        readable = where in msg or "--" in msg or "name" in msg
-        raise InvalidInput(msg if readable else f"{where}: {msg}") from None
-    types = gpu_types()
+    request = validated(DevenvRequest, **fields)
+    types = gpu_types(settings)
     key = request.gpu_type.lower()
     if key not in types:
         raise InvalidInput(
@@ -162,15 +138,15 @@ def make_request(**fields: Any) -> DevenvRequest:
 # Kubernetes backend ------------------------------------------------------------------------------
 
 
-def k8s_objects(request: DevenvRequest, cfg: DevenvSettings | None = None) -> list[dict[str, Any]]:
+def k8s_objects(settings: Settings, request: DevenvRequest) -> list[dict[str, Any]]:
     """Namespace, quota, network policy, RBAC, RayCluster and Ray Client Service of a dev environment."""
-    cfg = cfg or DevenvSettings()
-    gpu = gpu_types(cfg)[request.gpu_type]
+    cfg = settings.devenv
+    gpu = gpu_types(settings)[request.gpu_type]
     ns = request.name
     # Pod Security: enforce baseline, warn on anything short of restricted (what our pods meet).
     labels = {"flowops.io/devenv": ns, "pod-security.kubernetes.io/enforce": "baseline",
               "pod-security.kubernetes.io/warn": "restricted"}
-    cluster = manifests.RayClusterInput(
+    ray_cluster = manifests.RayClusterInput(
         image=cfg.image,
         head_cpus=HEAD_CPUS,
         head_memory=f"{HEAD_MEMORY_MI}Mi",
@@ -211,7 +187,7 @@ def k8s_objects(request: DevenvRequest, cfg: DevenvSettings | None = None) -> li
         manifests.role_binding("devenv-owner", ns, "devenv-owner", [
             {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": owner},
         ]),
-        manifests.ray_cluster(ns, ns, cluster, {"flowops.io/devenv": ns}),
+        manifests.ray_cluster(ns, ns, ray_cluster, {"flowops.io/devenv": ns}),
         manifests.service(f"{ns}-ray-client", ns, {"ray.io/cluster": ns, "ray.io/node-type": "head"}, [
             {"name": "client", "port": 10001, "targetPort": 10001},
             {"name": "dashboard", "port": 8265, "targetPort": 8265},
@@ -320,10 +296,7 @@ def create_local(settings: Settings, request: DevenvRequest) -> dict[str, Any]:
     folder = _dir(settings) / request.name
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     token_path = folder / "auth_token"
-    token_path.unlink(missing_ok=True)
-    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
+    atomic_write_text(token_path, secrets.token_hex(32), mode=0o600)  # the IDE's credential: owner only
 
     used: set[int] = set()
     ports = {"gcs": _port(used), "dashboard": _port(used), "client": _port(used), "metrics": _port(used)}
@@ -356,15 +329,21 @@ def create_local(settings: Settings, request: DevenvRequest) -> dict[str, Any]:
         "memory": request.memory, "physical_gpus": physical_gpus(), "created_at": time.time(),
     }
     atomic_write_text(_record_path(settings, request.name), json.dumps(record, indent=2))
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if _healthy(record) and port_in_use(ports["client"]):
-            return record
+            return True
         if not session_processes(sid):
-            break
-        time.sleep(0.5)
-    _cleanup_local(settings, record)
-    raise ClusterUnavailable(f"dev environment {request.name} did not become healthy; see {head.log_path}")
+            raise ClusterUnavailable(f"the Ray head of {request.name} exited")
+        return False
+
+    try:
+        wait_until(ready, 90, what=f"dev environment {request.name} becoming healthy",
+                   error=ClusterUnavailable)
+    except ClusterUnavailable as exc:
+        _cleanup_local(settings, record)
+        raise ClusterUnavailable(f"{exc}; see {head.log_path}") from None
+    return record
 
 
 def _cleanup_local(settings: Settings, record: dict[str, Any]) -> int:
@@ -383,12 +362,10 @@ def create(settings: Settings, request: DevenvRequest, apply: bool = False) -> d
     """Create a dev environment. k8s without `apply`: returns the manifests (nothing is created)."""
     if request.backend == "local":
         return create_local(settings, request)
-    objects = k8s_objects(request)
+    objects = k8s_objects(settings, request)
     result: dict[str, Any] = {"name": request.name, "backend": "k8s", "objects": objects,
                               "address": "ray://127.0.0.1:10001", "applied": False}
     if apply:
-        from flowops import cluster
-
         if read_record(settings, request.name):
             raise Conflict(f"dev environment {request.name} is already recorded; delete it first")
         result["created"] = cluster.apply_objects(objects)
@@ -424,8 +401,6 @@ def delete(settings: Settings, name: str) -> dict[str, Any]:
         known = [r["name"] for r in list_devenvs(settings)]
         raise NotFound(f"no dev environment {name!r}; existing: {', '.join(known) or 'none'}")
     if record.get("backend") == "k8s":
-        from flowops import cluster
-
         cluster.delete_namespace(name)
         _record_path(settings, name).unlink(missing_ok=True)
         return {"name": name, "backend": "k8s", "deleted": f"namespace/{name}"}

@@ -1,312 +1,41 @@
-"""Kubernetes manifests: a small kustomize renderer, typed builders for KubeRay objects, validation.
+"""Kubernetes manifests: typed builders for KubeRay objects, YAML output, schema validation.
 
-- `render_kustomization(dir)` renders the subset of kustomize that `cluster/` uses (resources,
-  nested kustomizations, namespace, labels, images, patches as JSON 6902 or strategic-merge on
-  mappings, configMapGenerator) without kubectl. A test compares it with `kubectl kustomize` for every
-  overlay, so the two cannot drift apart silently; anything outside the subset is an error, not a
-  silent difference.
-- The builders (`ray_cluster`, `ray_job`, `namespace`, `resource_quota`, ...) produce the objects
-  FlowOps generates at run time (dev environments, `flowops train --target k8s`) from typed inputs.
-- `validate_objects` checks ray.io objects against KubeRay's CRD schemas and core objects against
-  Kubernetes' own schemas (`kubernetes-validate`, a dev dependency, imported when called).
+- The builders (`ray_cluster`, `ray_job`, `namespace`, `resource_quota`, ...) produce every object
+  FlowOps generates: dev environments, `flowops train --target k8s`, and the committed platform
+  RayCluster (`cluster/base/ray-cluster.platform.yaml`, written by `flowops cluster generate`).
+- `dump` writes objects as YAML; `dump_commented` writes one object with a comment on each field
+  that needs one, as hand-written manifests have (kustomize itself renders `cluster/`: `flowops.cluster`).
+- `ManifestValidator` checks ray.io objects against KubeRay's CRD schemas (vendored in
+  `flowops/resources/kuberay-crds`) and core objects against Kubernetes' own schemas.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowops.errors import InvalidInput, NotFound
+from flowops.settings import DEFAULT_IMAGE
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 RAY_VERSION = "2.60.0"
-DEFAULT_IMAGE = "ghcr.io/flowops/flowops-runtime:0.1.0-ray2.60.0"
 AUTH_SECRET = "flowops-ray-auth"  # Secret holding the Ray token under key `auth_token`
 K8S_VERSION = "1.32.0"  # Kubernetes schema version core objects are validated against
+COMPONENT = "app.kubernetes.io/component"  # pod label: ray-head or ray-worker (NetworkPolicy, monitoring)
 
 Obj = dict[str, Any]
 
-# Kustomize -------------------------------------------------------------------------------------
 
-KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-SUPPORTED_FIELDS = {
-    "apiVersion", "kind", "resources", "namespace", "labels", "images", "patches",
-    "configMapGenerator", "generatorOptions",
-}
-CLUSTER_SCOPED = {
-    "Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume",
-    "StorageClass", "PriorityClass", "IngressClass", "ValidatingWebhookConfiguration",
-    "MutatingWebhookConfiguration", "APIService", "RuntimeClass", "CSIDriver", "Node",
-}
-# kustomize's "legacy" output order (api/resid/gvk.go): these kinds first, in this order.
-ORDER_FIRST = [
-    "Namespace", "ResourceQuota", "StorageClass", "CustomResourceDefinition", "ServiceAccount",
-    "PodSecurityPolicy", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "ConfigMap",
-    "Secret", "Endpoints", "Service", "LimitRange", "PriorityClass", "PersistentVolume",
-    "PersistentVolumeClaim", "Deployment", "StatefulSet", "CronJob", "PodDisruptionBudget",
-]
-ORDER_LAST = ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]
-
-
-def load_documents(path: Path) -> list[Obj]:
-    """Every non-empty YAML document of a file."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRD files are megabytes
-    try:
-        docs = list(yaml.load_all(path.read_text(), Loader=loader))
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"{path} is not valid YAML: {exc}") from None
-    return [d for d in docs if d]
-
-
-def _kustomization_file(directory: Path) -> Path:
-    for name in KUSTOMIZATION_FILES:
-        if (directory / name).is_file():
-            return directory / name
-    raise NotFound(f"no kustomization.yaml in {directory}")
-
-
-def _gvk(obj: Obj) -> tuple[str, str, str]:
-    api = obj.get("apiVersion", "")
-    group, _, version = api.rpartition("/")
-    return group, version, obj.get("kind", "")
-
-
-def _matches(obj: Obj, target: dict[str, Any]) -> bool:
-    group, version, kind = _gvk(obj)
-    meta = obj.get("metadata", {})
-    for key, value in (("group", group), ("version", version), ("kind", kind),
-                       ("name", meta.get("name", "")), ("namespace", meta.get("namespace", ""))):
-        wanted = target.get(key)
-        if wanted is not None and not re.fullmatch(str(wanted), value or ""):
-            return False
-    unsupported = set(target) - {"group", "version", "kind", "name", "namespace"}
-    if unsupported:
-        raise InvalidInput(f"patch target fields {sorted(unsupported)} are not supported by the renderer")
-    return True
-
-
-def _merge(base: Any, patch: Any, builtin: bool) -> Any:
-    """Strategic merge restricted to mappings: keys merge recursively, null deletes, lists replace."""
-    if not isinstance(patch, dict) or not isinstance(base, dict):
-        if isinstance(patch, list) and builtin:
-            raise InvalidInput(
-                "strategic-merge patches that set lists on built-in kinds are not supported by the "
-                "renderer (kustomize would merge them by key): use a JSON 6902 patch"
-            )
-        return copy.deepcopy(patch)
-    out = dict(base)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge(base.get(key), value, builtin)
-    return out
-
-
-def _pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise InvalidInput(f"JSON patch path {path!r} must start with '/'")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _json6902(obj: Obj, ops: list[dict[str, Any]]) -> Obj:
-    doc = copy.deepcopy(obj)
-    for op in ops:
-        kind, parts = op.get("op"), _pointer(op.get("path", ""))
-        parent: Any = doc
-        for part in parts[:-1]:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        last = parts[-1]
-        try:
-            if kind in ("add", "replace"):
-                value = copy.deepcopy(op["value"])
-                if isinstance(parent, list):
-                    index = len(parent) if last == "-" else int(last)
-                    if kind == "add":
-                        parent.insert(index, value)
-                    else:
-                        parent[index] = value
-                else:
-                    if kind == "replace" and last not in parent:
-                        raise KeyError(last)
-                    parent[last] = value
-            elif kind == "remove":
-                del parent[int(last) if isinstance(parent, list) else last]
-            elif kind == "test":
-                current = parent[int(last)] if isinstance(parent, list) else parent[last]
-                if current != op.get("value"):
-                    raise InvalidInput(f"JSON patch test failed at {op['path']}")
-            else:
-                raise InvalidInput(f"JSON patch op {kind!r} is not supported (add, replace, remove, test)")
-        except (KeyError, IndexError, ValueError):
-            raise InvalidInput(f"JSON patch {kind} {op.get('path')}: no such path") from None
-    return doc
-
-
-def _config_map_hash(cm: Obj) -> str:
-    """kustomize's name suffix (api/hasher): sha256 of the sorted JSON encoding, 10 chars, re-lettered.
-    kubectl's kustomize (v5.5) hashes the generated map with an empty name; so does this."""
-    data: dict[str, Any] = {"kind": "ConfigMap", "name": "", "data": cm.get("data", {})}
-    if cm.get("binaryData"):
-        data["binaryData"] = cm["binaryData"]
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    return digest.translate(str.maketrans({"0": "g", "1": "h", "3": "k", "a": "m", "e": "t"}))
-
-
-def _generate_config_maps(directory: Path, spec: dict[str, Any]) -> list[Obj]:
-    options = spec.get("generatorOptions") or {}
-    out = []
-    for gen in spec.get("configMapGenerator") or []:
-        unsupported = set(gen) - {"name", "files", "literals", "options", "namespace"}
-        if unsupported or gen.get("behavior"):
-            raise InvalidInput(f"configMapGenerator fields {sorted(unsupported)} are not supported")
-        data: dict[str, str] = {}
-        for entry in gen.get("files") or []:
-            key, _, rel = entry.partition("=") if "=" in entry else (Path(entry).name, "", entry)
-            data[key] = (directory / rel).read_text()
-        for literal in gen.get("literals") or []:
-            key, _, value = literal.partition("=")
-            data[key] = value
-        opts = {**options, **(gen.get("options") or {})}
-        meta: dict[str, Any] = {"name": gen["name"]}
-        if gen.get("namespace"):
-            meta["namespace"] = gen["namespace"]
-        if opts.get("labels"):
-            meta["labels"] = dict(opts["labels"])
-        if opts.get("annotations"):
-            meta["annotations"] = dict(opts["annotations"])
-        cm: Obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
-        if not opts.get("disableNameSuffixHash"):
-            meta["name"] = f"{gen['name']}-{_config_map_hash(cm)}"
-        out.append(cm)
-    return out
-
-
-def _set_images(node: Any, images: list[dict[str, Any]]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                for container in value:
-                    if isinstance(container, dict) and isinstance(container.get("image"), str):
-                        container["image"] = _retag(container["image"], images)
-            _set_images(value, images)
-    elif isinstance(node, list):
-        for item in node:
-            _set_images(item, images)
-
-
-def _retag(image: str, images: list[dict[str, Any]]) -> str:
-    name, digest = (image.split("@", 1) + [""])[:2]
-    tag = ""
-    if ":" in name.rsplit("/", 1)[-1]:
-        name, tag = name.rsplit(":", 1)
-    for entry in images:
-        if entry.get("name") != name:
-            continue
-        name = entry.get("newName", name)
-        if entry.get("digest"):
-            return f"{name}@{entry['digest']}"
-        tag = entry.get("newTag", tag)
-        break
-    return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
-
-
-def render_kustomization(directory: Path) -> list[Obj]:
-    """Render a kustomization directory (the subset described in the module docstring)."""
-    directory = Path(directory).resolve()
-    spec = yaml.safe_load(_kustomization_file(directory).read_text()) or {}
-    unsupported = set(spec) - SUPPORTED_FIELDS
-    if unsupported:
-        raise InvalidInput(
-            f"{directory}: kustomize fields {sorted(unsupported)} are not supported by FlowOps' renderer; "
-            "use `kubectl kustomize`"
-        )
-    objects: list[Obj] = []
-    for entry in spec.get("resources") or []:
-        path = directory / entry
-        if path.is_dir():
-            objects.extend(render_kustomization(path))
-        elif path.is_file():
-            objects.extend(load_documents(path))
-        else:
-            raise NotFound(f"{directory}: resource {entry} does not exist")
-    objects.extend(_generate_config_maps(directory, spec))
-
-    namespace = spec.get("namespace")
-    if namespace:
-        for obj in objects:
-            if obj.get("kind") not in CLUSTER_SCOPED:
-                obj.setdefault("metadata", {})["namespace"] = namespace
-            if obj.get("kind") in ("RoleBinding", "ClusterRoleBinding"):
-                for subject in obj.get("subjects") or []:
-                    if subject.get("kind") == "ServiceAccount" and subject.get("namespace") in (
-                        None, "default"
-                    ):
-                        subject["namespace"] = namespace
-
-    for patch in spec.get("patches") or []:
-        body = patch.get("patch")
-        if body is None:
-            body = (directory / patch["path"]).read_text()
-        parsed = yaml.safe_load(body)
-        target = patch.get("target")
-        if isinstance(parsed, list):
-            if not target:
-                raise InvalidInput(f"{directory}: a JSON 6902 patch needs a target")
-            hits = [i for i, o in enumerate(objects) if _matches(o, target)]
-            for i in hits:
-                objects[i] = _json6902(objects[i], parsed)
-        else:
-            if not target:
-                group, version, kind = _gvk(parsed)
-                target = {"kind": kind, "name": parsed.get("metadata", {}).get("name")}
-            hits = [i for i, o in enumerate(objects) if _matches(o, target)]
-            for i in hits:
-                builtin = "." not in _gvk(objects[i])[0] or _gvk(objects[i])[0].endswith("k8s.io")
-                body_ = {k: v for k, v in parsed.items() if k not in ("apiVersion", "kind")}
-                body_["metadata"] = {k: v for k, v in (parsed.get("metadata") or {}).items()
-                                     if k not in ("name", "namespace")}
-                objects[i] = _merge(objects[i], body_, builtin)
-        if not hits:
-            raise NotFound(f"{directory}: patch target {target} matches no resource")
-
-    for group in spec.get("labels") or []:
-        if group.get("includeSelectors") or group.get("includeTemplates"):
-            raise InvalidInput(
-                "labels with includeSelectors/includeTemplates are not supported by the renderer"
-            )
-        for obj in objects:
-            obj.setdefault("metadata", {}).setdefault("labels", {}).update(group.get("pairs") or {})
-
-    if spec.get("images"):
-        for obj in objects:
-            _set_images(obj, spec["images"])
-    return sort_objects(objects)
-
-
-def sort_objects(objects: list[Obj]) -> list[Obj]:
-    """kustomize's default (legacy) order: namespaces, RBAC and config first, workloads after."""
-
-    def key(obj: Obj) -> tuple:
-        group, version, kind = _gvk(obj)
-        if kind in ORDER_FIRST:
-            rank = ORDER_FIRST.index(kind)
-        elif kind in ORDER_LAST:
-            rank = len(ORDER_FIRST) + 1 + ORDER_LAST.index(kind)
-        else:
-            rank = len(ORDER_FIRST)
-        meta = obj.get("metadata", {})
-        return (rank, f"{group}_{version}_{kind}", meta.get("namespace", ""), meta.get("name", ""))
-
-    return sorted(objects, key=key)
+# YAML output -------------------------------------------------------------------------------------
 
 
 class _Dumper(yaml.SafeDumper):
@@ -324,6 +53,77 @@ _Dumper.add_representer(str, _str)
 def dump(objects: list[Obj]) -> str:
     """Multi-document YAML."""
     return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+PLAIN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_./-]*")
+FLOW_WIDTH = 72  # mappings and lists of scalars up to this long stay on one line: {cpu: "2", memory: 8Gi}
+
+
+def _scalar(value: Any) -> str:
+    """Plain where every YAML reader reads the same string back; JSON-quoted (valid YAML) otherwise."""
+    if isinstance(value, str):
+        plain = PLAIN.fullmatch(value) and not re.fullmatch(r"[0-9.]+", value)
+        return value if plain and yaml.safe_load(value) == value else json.dumps(value)
+    return json.dumps(value)  # numbers, booleans, null
+
+
+def _flow(node: Any) -> str:
+    if isinstance(node, dict):
+        return "{" + ", ".join(f"{_scalar(k)}: {_flow(v)}" for k, v in node.items()) + "}"
+    if isinstance(node, list):
+        return "[" + ", ".join(_flow(v) for v in node) + "]"
+    return _scalar(node)
+
+
+def _item_key(index: int, item: Any) -> str:
+    """A list item's step in a comment path: its groupName or name, else its index."""
+    if isinstance(item, dict):
+        return str(item.get("groupName") or item.get("name") or index)
+    return str(index)
+
+
+def _flows(value: Any, path: str, comments: dict[str, str]) -> bool:
+    """Written on one line: scalars; short mappings and lists of scalars with no comment inside.
+    Lists of mappings stay block lists (`- {name: x, ...}` per item), as people write them."""
+    if not isinstance(value, dict | list):
+        return True
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        return False
+    inner = any(key.startswith(path + "/") for key in comments)
+    return not inner and len(_flow(value)) <= FLOW_WIDTH
+
+
+def _emit(node: Obj | list, path: str, indent: int, comments: dict[str, str], out: list[str]) -> None:
+    pad = " " * indent
+    if isinstance(node, dict):
+        entries = [(str(k), f"{_scalar(k)}:", v) for k, v in node.items()]
+    else:
+        entries = [(_item_key(i, v), "-", v) for i, v in enumerate(node)]
+    for step, lead, value in entries:
+        here = f"{path}/{step}" if path else step
+        comment = comments.get(here, "")
+        if "\n" in comment:  # a paragraph goes above the line
+            out.extend(f"{pad}# {line}".rstrip() for line in comment.strip("\n").splitlines())
+            comment = ""
+        tail = f"  # {comment}" if comment else ""
+        if _flows(value, here, comments):
+            out.append(f"{pad}{lead} {_flow(value)}{tail}")
+        elif lead == "-" and isinstance(value, dict):  # a block mapping in a list: `- ` on its first key
+            start = len(out)
+            _emit(value, here, indent + 2, comments, out)
+            out[start] = f"{pad}- {out[start][indent + 2:]}{tail}"
+        else:
+            out.append(f"{pad}{lead}{tail}")
+            _emit(value, here, indent + 2, comments, out)
+
+
+def dump_commented(obj: Obj, comments: dict[str, str], header: str = "") -> str:
+    """One object as YAML with comments, keyed by path: `spec/workerGroupSpecs/gpu/maxReplicas` (list
+    items by groupName or name, else index). A one-line comment ends its line; a comment with a
+    newline is written above. Small leaf mappings are written in flow style, as people write them."""
+    out: list[str] = [f"# {line}".rstrip() for line in header.strip("\n").splitlines()]
+    _emit(obj, "", 0, comments, out)
+    return "\n".join(out) + "\n"
 
 
 # Typed builders ----------------------------------------------------------------------------------
@@ -347,6 +147,14 @@ class WorkerGroup(_Strict):
     idle_timeout_s: int | None = Field(None, ge=1)
 
 
+class Mount(_Strict):
+    """A volume every Ray container mounts: an emptyDir, or the ConfigMap `config_map`."""
+
+    name: str
+    path: str
+    config_map: str | None = None
+
+
 class RayClusterInput(_Strict):
     """What a RayCluster (or a RayJob's / RayService's cluster) is made of."""
 
@@ -362,6 +170,7 @@ class RayClusterInput(_Strict):
     s3_secret: str | None = "flowops-s3"
     worker_service_account: str | None = None
     head_service_account: str | None = None
+    mounts: list[Mount] = Field(default_factory=list)
 
 
 POD_SECURITY = {
@@ -373,19 +182,14 @@ HEAD_PORTS = [
     {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"},
     {"containerPort": 8080, "name": "metrics"},
 ]
+# The autoscaler sidecar's own budget: small, and explicit so that a ResourceQuota admits it.
+AUTOSCALER_RESOURCES = {"requests": {"cpu": "200m", "memory": "256Mi"},
+                        "limits": {"cpu": "500m", "memory": "512Mi"}}
 
 
 def _container(name: str, spec: RayClusterInput, cpus: int, memory: str, gpus: int = 0,
                ports: list | None = None) -> Obj:
-    limits: dict[str, str] = {"cpu": str(cpus), "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
-    container: Obj = {
-        "name": name,
-        "image": spec.image,
-        "resources": {"requests": {"cpu": str(cpus), "memory": memory}, "limits": limits},
-        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-    }
+    container: Obj = {"name": name, "image": spec.image}
     if ports:
         container["ports"] = copy.deepcopy(ports)
     if spec.env_config_map:
@@ -396,19 +200,31 @@ def _container(name: str, spec: RayClusterInput, cpus: int, memory: str, gpus: i
             for var, key in (("AWS_ACCESS_KEY_ID", "access-key-id"),
                              ("AWS_SECRET_ACCESS_KEY", "secret-access-key"))
         ]
+    limits: dict[str, str] = {"cpu": str(cpus), "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    container["resources"] = {"requests": {"cpu": str(cpus), "memory": memory}, "limits": limits}
+    container["securityContext"] = copy.deepcopy(CONTAINER_SECURITY)
+    if spec.mounts:
+        container["volumeMounts"] = [{"name": m.name, "mountPath": m.path} for m in spec.mounts]
     return container
 
 
-def _pod(container: Obj, service_account: str | None, node_selector: dict[str, str] | None = None,
-         gpu: bool = False) -> Obj:
-    pod: Obj = {"securityContext": copy.deepcopy(POD_SECURITY), "containers": [container]}
+def _pod_template(component: str, container: Obj, spec: RayClusterInput, service_account: str | None,
+                  node_selector: dict[str, str] | None = None, gpu: bool = False) -> Obj:
+    pod: Obj = {}
     if service_account:
         pod["serviceAccountName"] = service_account
     if node_selector:
         pod["nodeSelector"] = dict(node_selector)
     if gpu:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    return pod
+    pod["securityContext"] = copy.deepcopy(POD_SECURITY)
+    pod["containers"] = [container]
+    if spec.mounts:
+        pod["volumes"] = [{"name": m.name, **({"configMap": {"name": m.config_map}} if m.config_map
+                                              else {"emptyDir": {}})} for m in spec.mounts]
+    return {"metadata": {"labels": {COMPONENT: component}}, "spec": pod}
 
 
 def _head_container(spec: RayClusterInput) -> Obj:
@@ -421,42 +237,40 @@ def _head_container(spec: RayClusterInput) -> Obj:
 
 def ray_cluster_spec(spec: RayClusterInput) -> Obj:
     """The `spec` of a RayCluster (also RayJob.rayClusterSpec and RayService.rayClusterConfig)."""
-    head_params = {
-        "dashboard-host": "0.0.0.0", "metrics-export-port": "8080", "ray-client-server-port": "10001",
-    }
+    head_params = {"dashboard-host": "0.0.0.0"}
     if not spec.head_runs_tasks:
         head_params["num-cpus"] = "0"
-    out: Obj = {
-        "rayVersion": RAY_VERSION,
-        "authOptions": {"mode": "token", **({"secretName": spec.auth_secret} if spec.auth_secret else {})},
-        "headGroupSpec": {
-            "serviceType": "ClusterIP",
-            "rayStartParams": head_params,
-            "template": {"spec": _pod(_head_container(spec), spec.head_service_account)},
-        },
-        "workerGroupSpecs": [],
-    }
+    head_params.update({"metrics-export-port": "8080", "ray-client-server-port": "10001"})
+    out: Obj = {"rayVersion": RAY_VERSION}
     if spec.autoscaling:
         out["enableInTreeAutoscaling"] = True
         out["autoscalerOptions"] = {
             "idleTimeoutSeconds": spec.idle_timeout_s,
             "upscalingMode": "Default",
-            "securityContext": {"runAsNonRoot": True, **CONTAINER_SECURITY},
+            "resources": copy.deepcopy(AUTOSCALER_RESOURCES),
+            "securityContext": {"runAsNonRoot": True, **copy.deepcopy(CONTAINER_SECURITY)},
         }
+    out["authOptions"] = {"mode": "token", **({"secretName": spec.auth_secret} if spec.auth_secret else {})}
+    out["headGroupSpec"] = {
+        "serviceType": "ClusterIP",
+        "rayStartParams": head_params,
+        "template": _pod_template("ray-head", _head_container(spec), spec, spec.head_service_account),
+    }
+    out["workerGroupSpecs"] = []
     for group in spec.workers:
         entry: Obj = {
             "groupName": group.name,
             "replicas": group.min_replicas if group.replicas is None else group.replicas,
             "minReplicas": group.min_replicas,
             "maxReplicas": group.max_replicas,
-            "rayStartParams": {},
-            "template": {"spec": _pod(
-                _container("ray-worker", spec, group.cpus, group.memory, gpus=group.gpus),
-                spec.worker_service_account, group.node_selector, gpu=group.gpus > 0,
-            )},
         }
         if group.idle_timeout_s is not None:
             entry["idleTimeoutSeconds"] = group.idle_timeout_s
+        entry["rayStartParams"] = {}
+        entry["template"] = _pod_template(
+            "ray-worker", _container("ray-worker", spec, group.cpus, group.memory, gpus=group.gpus), spec,
+            spec.worker_service_account, group.node_selector, gpu=group.gpus > 0,
+        )
         out["workerGroupSpecs"].append(entry)
     return out
 
@@ -545,6 +359,11 @@ def service(name: str, ns: str, selector: dict[str, str], ports: list[Obj], type
 # Validation --------------------------------------------------------------------------------------
 
 
+def packaged_crd_dir() -> Traversable:
+    """KubeRay's CRD schemas shipped in the package (resources/kuberay-crds/README.md says which)."""
+    return resources.files("flowops") / "resources" / "kuberay-crds"
+
+
 def _strict_schema(node: Any) -> Any:
     """Unknown fields are errors (as with kubectl's strict field validation), unless the CRD keeps them."""
     if isinstance(node, dict):
@@ -558,36 +377,62 @@ def _strict_schema(node: Any) -> Any:
     return node
 
 
-def load_crd_schemas(crd_dir: Path) -> dict[tuple[str, str, str], Obj]:
-    """(group, version, kind) -> the strict openAPIV3Schema of each CRD file in `crd_dir`."""
+def _crd_documents(entry: Traversable) -> list[Obj]:
+    """The documents of a CRD file: KubeRay's YAML, or the vendored JSON (read without YAML's cost)."""
+    text = entry.read_text()
+    if entry.name.endswith(".json"):
+        return [json.loads(text)]
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: KubeRay's CRD files are megabytes
+    try:
+        return [d for d in yaml.load_all(text, Loader=loader) if d]
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{entry} is not valid YAML: {exc}") from None
+
+
+def load_crd_schemas(crd_dir: Path | Traversable | None = None) -> dict[tuple[str, str, str], Obj]:
+    """(group, version, kind) -> the strict openAPIV3Schema of each CRD in `crd_dir` (*.yaml as KubeRay
+    publishes them, or *.json); default: the packaged copy."""
+    folder = packaged_crd_dir() if crd_dir is None else crd_dir
+    if not folder.is_dir():
+        raise NotFound(f"KubeRay CRD folder {folder} does not exist (FLOWOPS_CLUSTER_CRD_DIR / --crd-dir; "
+                       "unset, the schemas packaged with FlowOps are used)")
     schemas = {}
-    for path in sorted(Path(crd_dir).glob("*.yaml")):
-        for crd in load_documents(path):
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith((".yaml", ".yml", ".json")):
+            continue
+        for crd in _crd_documents(entry):
             if crd.get("kind") != "CustomResourceDefinition":
                 continue
             group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
             for version in crd["spec"]["versions"]:
                 schemas[(group, version["name"], kind)] = _strict_schema(version["schema"]["openAPIV3Schema"])
     if not schemas:
-        raise NotFound(f"no CustomResourceDefinitions in {crd_dir}")
+        raise NotFound(f"no CustomResourceDefinitions in {folder}")
     return schemas
 
 
-class ManifestValidator:
-    """Validates objects: ray.io kinds against the CRD schemas in `crd_dir`, core kinds against
-    Kubernetes' schemas. `check(obj)` returns None or one line saying what is wrong."""
+def _gvk(obj: Obj) -> tuple[str, str, str]:
+    group, _, version = obj.get("apiVersion", "").rpartition("/")
+    return group, version, obj.get("kind", "")
 
-    def __init__(self, crd_dir: Path, k8s_version: str = K8S_VERSION):
+
+class ManifestValidator:
+    """Validates objects: ray.io kinds against the CRD schemas in `crd_dir` (default: packaged), core
+    kinds against Kubernetes' schemas. `check(obj)` returns None or one line saying what is wrong."""
+
+    def __init__(self, crd_dir: Path | None = None, k8s_version: str = K8S_VERSION):
         self.schemas = load_crd_schemas(crd_dir)
         self.k8s_version = k8s_version
         self._validators: dict[tuple[str, str, str], Any] = {}
 
     def check(self, obj: Obj) -> str | None:
+        # Imported here: ~80 ms that no other command of the CLI should pay at start-up.
         import jsonschema
         import kubernetes_validate
 
         group, version, kind = _gvk(obj)
-        name = f"{kind}/{obj.get('metadata', {}).get('name')}"
+        meta = obj.get("metadata")
+        name = f"{kind}/{meta.get('name') if isinstance(meta, dict) else None}"
         key = (group, version, kind)
         if key in self.schemas:
             if key not in self._validators:

@@ -3,6 +3,7 @@ and the training RayJob behind `flowops train --target k8s`."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -11,6 +12,7 @@ import ray
 import yaml
 
 from flowops import cluster, manifests
+from flowops.errors import InvalidInput
 from flowops.settings import get_settings
 from tests.conftest import REPO, run_cli
 
@@ -19,7 +21,7 @@ SECRET_WORDS = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)", re.I)
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {name: cluster.render(name, "python") for name in cluster.OVERLAYS}
+    return {name: cluster.render(get_settings(), name) for name in cluster.OVERLAYS}
 
 
 def _pod_specs(node, path=""):
@@ -125,28 +127,41 @@ def test_every_non_default_field_is_commented():
     assert not uncommented, "\n".join(uncommented)
 
 
-def test_train_rayjob_for_k8s(tmp_path):
-    text = cluster.submit_train_k8s(get_settings(home=tmp_path), ["--epochs", "2", "--data-version", "v3"],
+def test_train_rayjob_for_k8s(tmp_path, monkeypatch):
+    text = cluster.submit_train_k8s(get_settings(home=tmp_path), '{"epochs": 2, "data_version": "v3"}',
                                     apply=False)
     (job,) = list(yaml.safe_load_all(text))
     assert job["kind"] == "RayJob"
-    assert shlex.split(job["spec"]["entrypoint"]) == ["python", "-m", "jobs.train", "--epochs", "2",
-                                                      "--data-version", "v3", "--workers", "2"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:4] == ["python", "-m", "jobs.train", "--config"] and len(argv) == 5
+    # The job gets the config it was given, with the cluster's default worker count.
+    assert json.loads(argv[4]) == {"epochs": 2, "data_version": "v3", "workers": 2}
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["minReplicas"] == workers["maxReplicas"] == 2
-    # The worker pods follow the arguments: 3 workers with a GPU each.
-    job = cluster.train_job(get_settings(home=tmp_path), ["--workers", "3", "--gpus-per-worker", "1"])
+    assert "nvidia.com/gpu" not in workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    # The worker pods follow the config: 3 workers with a GPU each.
+    job = cluster.train_job(get_settings(home=tmp_path), '{"workers": 3, "gpus_per_worker": 0.5}')
     group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 3
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # FLOWOPS_CLUSTER_* settings size the pods of a config that leaves it open.
+    monkeypatch.setenv("FLOWOPS_CLUSTER_TRAIN_WORKERS", "4")
+    monkeypatch.setenv("FLOWOPS_CLUSTER_TRAIN_WORKER_GPUS", "2")
+    monkeypatch.setenv("FLOWOPS_CLUSTER_NAMESPACE", "ml")
+    job = cluster.train_job(get_settings(home=tmp_path), "{}")
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert job["metadata"]["namespace"] == "ml" and group["replicas"] == 4
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    with pytest.raises(InvalidInput, match="train config: epochs"):
+        cluster.train_job(get_settings(home=tmp_path), '{"epochs": 0}')
 
 
 def test_cluster_render_cli(tmp_path):
-    proc = run_cli("cluster", "render", "--overlay", "prod", "--renderer", "python", check=True, timeout=120)
+    proc = run_cli("cluster", "render", "--overlay", "prod", check=True, timeout=120)
     objs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    assert objs == cluster.render("prod", "python")
+    assert objs == cluster.render(get_settings(), "prod")
     assert all(o["metadata"].get("namespace") == "flowops" for o in objs if o["kind"] != "Namespace")
     bad = run_cli("cluster", "render", "--overlay", "staging", timeout=120)
     assert bad.returncode != 0

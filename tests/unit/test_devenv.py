@@ -7,21 +7,19 @@ import yaml
 
 from flowops import devenv, manifests
 from flowops.errors import InvalidInput
-from tests.conftest import REPO, run_cli
-
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+from flowops.settings import get_settings
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def validator() -> manifests.ManifestValidator:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (shared/ must sit beside the repository)")
-    return manifests.ManifestValidator(CRD_DIR)
+    return manifests.ManifestValidator()  # the KubeRay schemas packaged with FlowOps
 
 
 def test_k8s_devenv_validates_and_carries_gpus_and_quota(validator):
-    request = devenv.make_request(name="alice-dev", gpus=2, gpu_type="A100", cpus=8, memory="32Gi")
-    objects = devenv.k8s_objects(request)
+    settings = get_settings()
+    request = devenv.make_request(settings, name="alice-dev", gpus=2, gpu_type="A100", cpus=8, memory="32Gi")
+    objects = devenv.k8s_objects(settings, request)
     for obj in objects:
         assert validator.check(obj) is None
         assert obj["metadata"].get("namespace", "alice-dev") == "alice-dev"
@@ -51,17 +49,18 @@ def test_k8s_devenv_validates_and_carries_gpus_and_quota(validator):
 
 
 def test_gpu_types_are_configuration(tmp_path, monkeypatch):
-    assert {"t4", "l4", "a100", "h100"} <= set(devenv.gpu_types())
+    assert {"t4", "l4", "a100", "h100"} <= set(devenv.gpu_types(get_settings()))
     path = tmp_path / "gpus.yaml"
     path.write_text(yaml.safe_dump({"v100": {"node_selector": {"nvidia.com/gpu.product": "Tesla-V100"}}}))
     monkeypatch.setenv("FLOWOPS_DEVENV_GPU_TYPES_FILE", str(path))
-    request = devenv.make_request(name="bob", gpus=1, gpu_type="v100")
-    rc = next(o for o in devenv.k8s_objects(request) if o["kind"] == "RayCluster")
+    settings = get_settings()
+    request = devenv.make_request(settings, name="bob", gpus=1, gpu_type="v100")
+    rc = next(o for o in devenv.k8s_objects(settings, request) if o["kind"] == "RayCluster")
     assert rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["nodeSelector"] == {
         "nvidia.com/gpu.product": "Tesla-V100"}
     path.write_text("v100: {node_selector: {}}\n")
     with pytest.raises(InvalidInput, match="GPU types"):
-        devenv.gpu_types()
+        devenv.gpu_types(get_settings())
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,86 +1,32 @@
-"""cluster/ renders the same with FlowOps' renderer and kubectl, and every object validates."""
+"""Every object of every overlay (rendered by kustomize) validates against the packaged KubeRay CRD
+schemas and Kubernetes' schemas; the generated platform RayCluster is current; the builders validate."""
 
 from __future__ import annotations
 
 import copy
 import importlib
 import importlib.util
+import json
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flowops import cluster, manifests
-from tests.conftest import REPO
-
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
-KUBECTL = shutil.which("kubectl")
+from flowops.errors import ClusterUnavailable, NotFound
+from flowops.settings import get_settings
+from tests.conftest import REPO, run_cli
 
 
 @pytest.fixture(scope="module")
 def validator() -> manifests.ManifestValidator:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (shared/ must sit beside the repository)")
-    return manifests.ManifestValidator(CRD_DIR)
+    return manifests.ManifestValidator()  # the schemas packaged with FlowOps
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {name: cluster.render(name, "python") for name in cluster.OVERLAYS}
-
-
-def _kubectl_kustomize(path: Path) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-@pytest.mark.skipif(not KUBECTL, reason="kubectl is not installed")
-@pytest.mark.parametrize("overlay", cluster.OVERLAYS)
-def test_python_renderer_equals_kubectl_kustomize(overlay, rendered):
-    theirs = _kubectl_kustomize(cluster.overlay_dir(overlay))
-    assert rendered[overlay] == theirs  # same objects, same order
-
-
-@pytest.mark.skipif(not KUBECTL, reason="kubectl is not installed")
-def test_renderer_features_match_kubectl(tmp_path):
-    """Generators (hash suffix), JSON 6902 and strategic-merge patches, images, namespace, labels."""
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "deploy.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}}, "template": {
-            "metadata": {"labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "c", "image": "repo/app:1", "args": ["a"]}]}}},
-    }))
-    (base / "dash.json").write_text('{"title": "<Ray & Serve>", "n": 1}\n')
-    (base / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": ["deploy.yaml"],
-        "configMapGenerator": [{"name": "dash", "files": ["dash.json"], "literals": ["k=v"]}],
-        "images": [{"name": "repo/app", "newTag": "2"}],
-    }))
-    over = tmp_path / "over"
-    over.mkdir()
-    (over / "kustomization.yaml").write_text(yaml.safe_dump({
-        "namespace": "team", "resources": ["../base"],
-        "labels": [{"pairs": {"env": "x"}}],
-        "images": [{"name": "repo/app", "newName": "other/app"}],
-        "patches": [
-            {"target": {"kind": "Deployment", "name": "web"},
-             "patch": "- op: add\n  path: /spec/template/spec/containers/0/args/-\n  value: b\n"},
-            {"patch": "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {replicas: 3}\n"},
-        ],
-    }))
-    assert manifests.render_kustomization(over) == _kubectl_kustomize(over)
-
-
-def test_unsupported_kustomize_field_is_an_error(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
-    with pytest.raises(Exception, match="namePrefix"):
-        manifests.render_kustomization(tmp_path)
+    return {name: cluster.render(get_settings(), name) for name in cluster.OVERLAYS}
 
 
 @pytest.mark.parametrize("overlay", cluster.OVERLAYS)
@@ -97,16 +43,102 @@ def test_every_object_validates(overlay, rendered, validator):
 
 
 def test_validation_catches_mistakes(rendered, validator):
+    """The packaged schemas lost their descriptions, not their constraints."""
     objs = {o["kind"]: o for o in rendered["dev"]}
     bad = copy.deepcopy(objs["RayCluster"])
     bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3  # typo
     assert "maxReplica" in validator.check(bad)
+    bad = copy.deepcopy(objs["RayCluster"])
+    bad["spec"]["autoscalerOptions"]["upscalingMode"] = "Fast"  # not in the enum
+    assert "upscalingMode" in validator.check(bad)
+    bad = copy.deepcopy(objs["RayCluster"])
+    del bad["spec"]["workerGroupSpecs"][1]["groupName"]  # required
+    assert "groupName" in validator.check(bad)
     bad = copy.deepcopy(objs["RayJob"])
     bad["spec"]["backoffLimit"] = "one"
     assert "backoffLimit" in validator.check(bad)
+    bad = copy.deepcopy(objs["RayService"])
+    bad["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "x"
+    assert "imagePolicy" in validator.check(bad)
     bad = copy.deepcopy(objs["Deployment"])
     bad["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
     assert validator.check(bad) is not None
+
+
+def test_packaged_crds_are_the_default_and_small():
+    folder = manifests.packaged_crd_dir()
+    assert Path(str(folder)).is_relative_to(Path(manifests.__file__).parent)  # inside the package
+    assert get_settings().cluster.crd_dir is None
+    schemas = manifests.load_crd_schemas()
+    assert {("ray.io", "v1", k) for k in ("RayCluster", "RayJob", "RayService")} <= set(schemas)
+    files = [f for f in folder.iterdir() if f.name.endswith(".json")]
+    assert len(files) == 3 and sum(len(f.read_bytes()) for f in files) < 1_200_000
+    assert '"description":' not in "".join(f.read_text() for f in files)
+    assert "KubeRay" in (folder / "README.md").read_text()
+
+
+def test_missing_crd_dir_is_one_clear_error(tmp_path):
+    with pytest.raises(NotFound, match="does not exist"):
+        manifests.ManifestValidator(tmp_path / "missing")
+    proc = run_cli("cluster", "validate", "--overlay", "dev", timeout=120,
+                   env={"FLOWOPS_CLUSTER_CRD_DIR": str(tmp_path / "missing")})
+    assert proc.returncode == NotFound.exit_code
+    assert "missing does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_validate_cli_checks_every_overlay():
+    proc = run_cli("cluster", "validate", timeout=300, check=True)
+    assert "objects valid" in proc.stdout
+
+
+def test_committed_platform_cluster_is_generated():
+    committed = (REPO / "cluster" / "base" / "ray-cluster.platform.yaml").read_text()
+    assert committed == cluster.render_platform_cluster(), (
+        "cluster/base/ray-cluster.platform.yaml is stale: run `flowops cluster generate`"
+    )
+    assert committed.startswith("# GENERATED by `flowops cluster generate`")
+    assert yaml.safe_load(committed) == cluster.platform_cluster()
+
+
+def test_generate_check_and_rewrite(tmp_path):
+    tree = tmp_path / "cluster"
+    (tree / "base").mkdir(parents=True)
+    target = tree / "base" / "ray-cluster.platform.yaml"
+    target.write_text(cluster.render_platform_cluster().replace("maxReplicas: 8", "maxReplicas: 9"))
+    env = {"FLOWOPS_CLUSTER_MANIFESTS_DIR": str(tree)}
+    stale = run_cli("cluster", "generate", "--check", env=env, timeout=120)
+    assert stale.returncode == 4 and "is stale: run `flowops cluster generate`" in stale.stderr
+    run_cli("cluster", "generate", env=env, timeout=120, check=True)
+    assert target.read_text() == cluster.render_platform_cluster()
+    run_cli("cluster", "generate", "--check", env=env, timeout=120, check=True)
+
+
+def test_dump_commented_round_trips_and_places_comments():
+    obj = {"a": {"b": "true", "c": "0", "d": "x: y", "e": "#x", "f": "", "g": None, "h": "8Gi",
+                 "i": "0.0.0.0", "j": 'say "hi"', "k": [1, "two", False], "l": {}},
+           "items": [{"name": "first", "v": 1}, {"name": "second", "v": 2, "long": "z" * 80}]}
+    text = manifests.dump_commented(obj, {"a/b": "a string, not a bool", "items/second": "above\nit",
+                                          "items/first": "on the line"}, header="made here")
+    assert yaml.safe_load(text) == obj
+    lines = text.splitlines()
+    assert lines[0] == "# made here"
+    assert '  b: "true"  # a string, not a bool' in lines
+    assert "  - {name: first, v: 1}  # on the line" in lines
+    at = lines.index("  - name: second")
+    assert lines[at - 2:at] == ["  # above", "  # it"]
+
+
+def test_rendering_without_kustomize_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither kubectl nor kustomize
+    with pytest.raises(ClusterUnavailable, match="kubectl .* or kustomize"):
+        cluster.render(get_settings(), "dev")
+    proc = run_cli("cluster", "render", "--overlay", "dev", timeout=120)
+    assert proc.returncode == ClusterUnavailable.exit_code
+    assert "neither is installed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+CONFIGS = {"jobs.train": "flowops.train:TrainConfig",
+           "jobs.pseudo_label": "flowops.pseudo_label:PseudoLabelConfig"}
 
 
 def test_entrypoints_and_import_paths_are_project_modules(rendered):
@@ -128,13 +160,13 @@ def test_entrypoints_and_import_paths_are_project_modules(rendered):
     assert not missing, f"entrypoints/import paths that are not modules of the project: {missing}"
     for module in modules:
         assert Path(importlib.util.find_spec(module).origin).is_relative_to(REPO)
-    # The arguments are the ones the modules accept.
-    import jobs.train
+    # Each job gets one --config JSON that the job's own pydantic model accepts.
     from flowops.serving import ServeAppConfig
 
-    for argv in entrypoints:
-        if argv[0] == "jobs.train":
-            jobs.train.build_parser().parse_args(argv[1:])
+    for module, *args in entrypoints:
+        assert args[0] == "--config" and len(args) == 2, (module, args)
+        config_module, config_class = CONFIGS[module].split(":")
+        getattr(importlib.import_module(config_module), config_class).model_validate(json.loads(args[1]))
     for import_path, args in serve_args:
         module, attr = import_path.split(":")
         assert callable(getattr(importlib.import_module(module), attr))  # a builder: it takes `args`
@@ -152,10 +184,9 @@ def test_builders_validate(validator):
     job = manifests.ray_job(manifests.RayJobInput(name="j", entrypoint="python -m jobs.train",
                                                   cluster_selector="flowops-platform"), "ns")
     assert validator.check(job) is None
-    from flowops.settings import get_settings
-
-    train = cluster.train_job(get_settings(), ["--epochs", "1", "--workers", "2", "--gpus-per-worker", "1"])
+    train = cluster.train_job(get_settings(), '{"epochs": 1, "workers": 2, "gpus_per_worker": 1}')
     assert validator.check(train) is None
+    assert validator.check(cluster.platform_cluster()) is None
     with pytest.raises(Exception, match="memory"):
         manifests.WorkerGroup(name="g", cpus=1, memory="8GB")
 

@@ -1,4 +1,5 @@
-"""`flowops cluster render | validate` (KubeRay manifests) and `flowops devenv create | list | delete`."""
+"""`flowops cluster render | generate | validate` (KubeRay manifests) and
+`flowops devenv create | list | delete` (dev environments)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,10 @@ def register(app: typer.Typer) -> None:
 @cluster_app.command("render")
 def render(
     overlay: str = typer.Option("dev", "--overlay", help="Overlay of cluster/overlays (dev, gpu, prod)."),
-    renderer: str = typer.Option(
-        "auto", help="auto: kubectl kustomize when kubectl is installed, else FlowOps' renderer; "
-        "or kubectl / python."
-    ),
     output: Path = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout."),
 ) -> None:
-    """Print the rendered manifests of an overlay (no kubectl needed)."""
-    if renderer not in ("auto", "kubectl", "python"):
-        raise InvalidInput(f"--renderer {renderer!r}: choose auto, kubectl or python")
-    text = manifests.dump(cluster.render(overlay, renderer))  # type: ignore[arg-type]
+    """Print the manifests of an overlay, rendered by `kubectl kustomize` (or `kustomize build`)."""
+    text = cluster.render_text(settings(), overlay)
     if output:
         atomic_write_text(output, text)
         console.print(f"wrote {output}")
@@ -41,37 +36,32 @@ def render(
         typer.echo(text, nl=False)
 
 
+@cluster_app.command("generate")
+def generate(
+    check: bool = typer.Option(False, "--check", help="Only verify the committed file is current."),
+) -> None:
+    """Regenerate cluster/base/ray-cluster.platform.yaml from the typed builders (flowops.manifests)."""
+    path = cluster.generate_platform_cluster(settings(), check=check)
+    console.print(f"{path} is up to date" if check else f"wrote {path}")
+
+
 @cluster_app.command("validate")
 def validate(
     overlay: str = typer.Option(None, "--overlay", help="One overlay (default: all)."),
     crd_dir: Path = typer.Option(
-        None, help="KubeRay CRD folder (default: FLOWOPS_CLUSTER_CRD_DIR or ../shared/kuberay-crds)."
+        None, help="Folder of KubeRay CRD files (default: FLOWOPS_CLUSTER_CRD_DIR, else the schemas "
+        "packaged with FlowOps)."
     ),
 ) -> None:
-    """Validate rendered objects against KubeRay's CRD schemas and Kubernetes' schemas (dev extra)."""
-    cfg = cluster.cluster_settings(crd_dir=crd_dir)
-    try:
-        validator = manifests.ManifestValidator(cfg.crd_dir)
-    except ImportError as exc:
-        raise InvalidInput(
-            f"validation needs the dev extra (jsonschema, kubernetes-validate): {exc}"
-        ) from None
-    problems, checked = [], 0
-    for name in [overlay] if overlay else list(cluster.OVERLAYS):
-        for obj in cluster.render(name, "python"):
-            try:
-                error = validator.check(obj)
-            except Exception as exc:  # noqa: BLE001 - a kind without a schema is reported, not fatal
-                console.print(f"[yellow]skipped[/yellow] {name}: {exc}")
-                continue
-            checked += 1
-            if error:
-                problems.append(f"{name}: {error}")
-    for line in problems:
+    """Validate rendered objects against KubeRay's CRD schemas and Kubernetes' schemas."""
+    report = cluster.validate(settings(), [overlay] if overlay else None, crd_dir)
+    for line in report.skipped:
+        console.print(f"[yellow]skipped[/yellow] {line}")
+    for line in report.problems:
         console.print(f"[red]invalid[/red] {line}")
-    if problems:
-        raise InvalidInput(f"{len(problems)} of {checked} objects are invalid")
-    console.print(f"{checked} objects valid")
+    if report.problems:
+        raise InvalidInput(f"{len(report.problems)} of {report.checked} objects are invalid")
+    console.print(f"{report.checked} objects valid")
 
 
 @devenv_app.command("create")
@@ -92,9 +82,9 @@ def create(
     """Create a dev environment and print how to connect to it from an IDE."""
     if backend not in ("k8s", "local"):
         raise InvalidInput(f"--backend {backend!r}: choose k8s or local")
-    request = devenv.make_request(name=name, gpus=gpus, gpu_type=gpu_type, cpus=cpus, memory=memory,
-                                  backend=backend, owner=owner)
     cfg = settings()
+    request = devenv.make_request(cfg, name=name, gpus=gpus, gpu_type=gpu_type, cpus=cpus, memory=memory,
+                                  backend=backend, owner=owner)
     if backend == "local":
         with console.status(f"starting the local Ray cluster of {name}…"):
             record = devenv.create(cfg, request)

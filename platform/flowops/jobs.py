@@ -136,7 +136,7 @@ def submit(
 def _record_metric(event: str, workload: str, duration_s: float | None = None) -> None:
     """Platform job metrics (observability); a no-op when the metrics module is absent."""
     try:
-        from flowops import metrics
+        from flowops import job_events as metrics
     except ImportError:
         return
     hook = getattr(metrics, "record_job_event", None)

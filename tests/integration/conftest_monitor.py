@@ -122,12 +122,13 @@ def monitoring(stack, dataset):
         return
     import httpx
 
-    from flowops import jobs, labels, metrics
+    from flowops import events, jobs, labels
+    from flowops.observability.prometheus import ray_service_discovery_file
     from tests.conftest import run_cli
 
     exporter_port = _free_port()
-    env = {"FLOWOPS_EXPORTER_PORT": str(exporter_port),
-           "FLOWOPS_PROMETHEUS_PORT": str(_free_port(after=exporter_port))}
+    env = {"FLOWOPS_MONITOR_EXPORTER_PORT": str(exporter_port),
+           "FLOWOPS_MONITOR_PROMETHEUS_PORT": str(_free_port(after=exporter_port))}
     os.environ.update(env)
     started = run_cli("monitor", "prometheus", "start", "--json", timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -142,10 +143,9 @@ def monitoring(stack, dataset):
     pipeline = jobs.run_pipeline(stack, "retrain-probe",
                                  [jobs.Step("check", "data_check", ["--version", dataset])])
     labels.record_labels(stack, [labels.Label(f"mon-{i}", f"d{i:05d}", "4") for i in range(3)])
-    metrics.append_jsonl(metrics.loop_events_path(stack),
-                         {"ts": time.time(), "event": "retrain_triggered", "version": "probe"})
+    events.emit(stack, "retrain_triggered", version="probe")
 
-    sd = metrics.ray_service_discovery_file(stack)
+    sd = ray_service_discovery_file(stack)
     wanted = {f"ray_flowops_serve_{m}" for m in SERVE_METRICS}
     deadline = time.monotonic() + 120
     while True:

@@ -58,10 +58,10 @@ def test_stateful_dashboard_metrics_are_exported(monitoring, tmp_path):
     import json
     import time
 
-    from flowops import metrics
+    from flowops import drift, observability
 
     settings = monitoring["settings"]
-    latest = metrics.drift_latest_path(settings)
+    latest = drift.latest_report_path(settings)
     saved = latest.read_text() if latest.exists() else None
     latest.parent.mkdir(parents=True, exist_ok=True)
     latest.write_text(
@@ -82,7 +82,7 @@ def test_stateful_dashboard_metrics_are_exported(monitoring, tmp_path):
     try:
         names = {
             line.split("{")[0].split(" ")[0]
-            for line in metrics.render_metrics(settings).splitlines()
+            for line in observability.render_metrics(settings).splitlines()
             if line and line[0] != "#"
         }
     finally:

@@ -46,7 +46,8 @@ def _window(stack, dataset, transform) -> np.ndarray:
 
 
 def test_drift_job_flags_inverted_window_and_reports_everywhere(stack, dataset, registered, tmp_path):
-    from flowops import metrics, tracking
+    from flowops import events, tracking
+    from flowops.observability import render_metrics
 
     uri, version = registered
     path = tmp_path / "inverted.npy"
@@ -60,15 +61,14 @@ def test_drift_job_flags_inverted_window_and_reports_everywhere(stack, dataset, 
     assert report["data_version"] == dataset  # lineage from the model's run
     assert "mean_intensity" in report["drifted_features"]
 
-    events = [json.loads(x) for x in metrics.loop_events_path(stack).read_text().splitlines() if x.strip()]
-    assert any(e.get("event") == "drift_detected" and e.get("version") == version for e in events)
+    assert any(e["event"] == "drift_detected" and e["version"] == version for e in events.read_events(stack))
 
     client = tracking.configure_mlflow(stack)
     exp = client.get_experiment_by_name("drift-monitor")
     runs = client.search_runs([exp.experiment_id], f"params.model_version = '{version}'")
     assert runs and runs[0].data.metrics["drifted"] == 1.0 and runs[0].data.metrics["drift_score"] > 0.5
 
-    exported = metrics.render_metrics(stack)
+    exported = render_metrics(stack)
     assert f'flowops_drift_detected{{model_version="{version}"}} 1.0' in exported
 
 
@@ -121,15 +121,15 @@ def test_live_traffic_becomes_windows_that_the_monitor_checks(stack, dataset, re
     assert json.loads(out.stdout[out.stdout.index("{"):])["drifted"] is True
 
     # The scheduled monitor (a Ray job) checks the newest window as soon as it starts.
-    from flowops import jobs, metrics
+    from flowops import jobs
 
-    metrics.drift_latest_path(stack).unlink()
+    drift.latest_report_path(stack).unlink()
     started = run_cli("monitor", "drift", "--watch", "--interval", "1", "--model", uri, "--no-trigger")
     assert started.returncode == 0, started.stderr[-2000:]
     job_id = started.stdout.split("Ray job ")[1].split()[0]
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not metrics.drift_latest_path(stack).exists():
+        while time.monotonic() < deadline and not drift.latest_report_path(stack).exists():
             assert jobs.info(stack, job_id).status in ("PENDING", "RUNNING"), jobs.logs(stack, job_id)
             time.sleep(1)
         report = drift.latest_report(stack)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowops import metrics
+from flowops import observability
+from flowops.errors import Conflict
 
 MONITORING = Path(__file__).resolve().parents[2] / "cluster" / "monitoring"
 REQUIRED_ALERTS = {
@@ -106,12 +107,22 @@ def test_promtool_unit_tests_catch_a_broken_rule(tmp_path):
 
 def test_committed_prometheus_rule_equals_generated():
     committed = (MONITORING / "prometheus-rule.flowops.yaml").read_text()
-    assert committed == metrics.render_prometheus_rule(), (
+    assert committed == observability.render_prometheus_rule(), (
         "cluster/monitoring/prometheus-rule.flowops.yaml is stale: run `flowops monitor rules`"
     )
     resource = yaml.safe_load(committed)
     assert resource["kind"] == "PrometheusRule"
     assert resource["spec"]["groups"] == yaml.safe_load((MONITORING / "rules.yaml").read_text())["groups"]
+    observability.check_prometheus_rule()  # what `flowops monitor rules --check` runs
+
+
+def test_rules_check_fails_on_a_stale_prometheus_rule(tmp_path):
+    stale = tmp_path / "prometheus-rule.yaml"
+    stale.write_text(observability.render_prometheus_rule().replace("for: 5m", "for: 50m", 1))
+    with pytest.raises(Conflict, match="is stale: run `flowops monitor rules`"):
+        observability.check_prometheus_rule(stale)
+    observability.write_prometheus_rule(stale)
+    observability.check_prometheus_rule(stale)
 
 
 def test_kustomization_ships_rule_monitors_and_every_dashboard():

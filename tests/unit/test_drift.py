@@ -124,6 +124,42 @@ def test_benjamini_hochberg_and_bonferroni_adjustments():
     assert np.allclose(drift.adjust_p_values(p, "bonferroni"), [0.04, 0.16, 0.12, 1.0])
     # BH: sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.0533, 0.0533, 0.5
     assert np.allclose(drift.adjust_p_values(p, "bh"), [0.04, 0.05333333, 0.05333333, 0.5])
+    # ties, values that cap at 1, and the step-up minimum (scipy's false_discovery_control)
+    p = np.array([0.2, 0.001, 0.2, 0.9, 0.04, 0.6, 0.04])
+    assert np.allclose(drift.adjust_p_values(p, "bh"), [0.28, 0.007, 0.28, 0.9, 0.093333, 0.7, 0.093333])
+
+
+def _ks_as_before(ref: np.ndarray, win: np.ndarray) -> tuple[float, float]:
+    """The hand-written KS test drift.py used before scipy: exact statistic, asymptotic p-value."""
+    from scipy import stats as st
+
+    ref, win = np.sort(ref), np.sort(win)
+    values = np.concatenate([ref, win])
+    d = np.max(np.abs(np.searchsorted(ref, values, side="right") / len(ref)
+                      - np.searchsorted(win, values, side="right") / len(win)))
+    return float(d), float(st.kstwo.sf(d, round(len(ref) * len(win) / (len(ref) + len(win)))))
+
+
+def test_ks_tests_over_all_columns_match_the_previous_implementation():
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(1000, 5))
+    win = np.column_stack([
+        rng.normal(size=100),  # same distribution
+        rng.normal(0.4, 1, size=100),  # shifted
+        rng.normal(0, 2, size=100),  # wider
+        np.round(rng.normal(size=100)),  # ties within and across the samples
+        rng.normal(size=100),
+    ])
+    ref[:, 3] = np.round(ref[:, 3])
+    statistics, p_values = drift.ks_test_columns(ref, win)
+    for i in range(ref.shape[1]):
+        d, p = _ks_as_before(ref[:, i], win[:, i])
+        assert statistics[i] == pytest.approx(d, abs=1e-12)
+        assert p_values[i] == pytest.approx(p, rel=1e-9, abs=1e-300)
+    assert p_values[0] > 0.05 and p_values[1] < 1e-3  # and the decisions follow
+    # two samples that do not overlap: the largest possible statistic
+    statistics, p_values = drift.ks_test_columns(np.zeros((50, 1)), np.ones((40, 1)))
+    assert statistics[0] == 1.0 and p_values[0] < 1e-10
 
 
 def test_reference_round_trips_through_npz(tmp_path, digits, trained):
@@ -163,7 +199,7 @@ def test_small_window_and_bad_config_are_rejected(digits):
     reference = drift.build_reference(images[train], CLASSES, labels=target[train])
     with pytest.raises(InvalidInput, match="at least 30 images"):
         drift.check_window(reference, images[:10])
-    with pytest.raises(InvalidInput, match="drift setting correction"):
+    with pytest.raises(InvalidInput, match="drift setting: correction"):
         drift.make_config(correction="holm")
     with pytest.raises(InvalidInput, match="must be .npy or .parquet"):
         drift.load_window(__file__, 8)

@@ -8,7 +8,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flowops import jobs, labels, metrics
+from flowops import drift, events, jobs, labels
+from flowops.job_events import job_events_path, record_job_event
+from flowops.observability import exporter, prometheus
 from flowops.settings import get_settings
 
 
@@ -28,15 +30,15 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_record_job_event_appends_and_never_raises(home, monkeypatch):
-    metrics.record_job_event("submitted", "train", None)
-    metrics.record_job_event("failed", "train", 12.5)
-    lines = [json.loads(x) for x in metrics.job_events_path(home).read_text().splitlines()]
+    record_job_event("submitted", "train", None)
+    record_job_event("failed", "train", 12.5)
+    lines = [json.loads(x) for x in job_events_path(home).read_text().splitlines()]
     assert [(r["event"], r["workload"], r["duration_s"]) for r in lines] == [
         ("submitted", "train", None),
         ("failed", "train", 12.5),
     ]
     monkeypatch.setenv("FLOWOPS_HOME", "/proc/forbidden")  # unwritable: still no exception
-    metrics.record_job_event("submitted", "train", None)
+    record_job_event("submitted", "train", None)
 
 
 def test_exporter_reads_pipelines_labels_loop_events_and_drift(home):
@@ -61,11 +63,11 @@ def test_exporter_reads_pipelines_labels_loop_events_and_drift(home):
     labels.record_labels(home, [labels.Label(f"t{i}", f"d{i}", "3") for i in range(7)])
     labels.mark_used(home, ["t0", "t1"], "v2")
     for event in ("retrain_triggered", "retrain_triggered", "rolled_back"):
-        metrics.append_jsonl(metrics.loop_events_path(home), {"ts": now, "event": event, "version": "3"})
-    with open(metrics.loop_events_path(home), "a") as fh:
+        events.emit(home, event, version="3", ts=now)
+    with open(events.events_path(home), "a") as fh:
         fh.write('{"ts": 1, "event": "promo')  # a torn last line is ignored
-    metrics.drift_latest_path(home).parent.mkdir(parents=True)
-    metrics.drift_latest_path(home).write_text(
+    drift.latest_report_path(home).parent.mkdir(parents=True)
+    drift.latest_report_path(home).write_text(
         json.dumps(
             {
                 "model_version": "3",
@@ -81,7 +83,7 @@ def test_exporter_reads_pipelines_labels_loop_events_and_drift(home):
         )
     )
 
-    s = _samples(metrics.render_metrics(home))
+    s = _samples(exporter.render_metrics(home))
     assert s[("flowops_pipeline_runs", (("pipeline", "retrain"), ("status", "FAILED")))] == 1
     assert s[("flowops_pipeline_runs", (("pipeline", "retrain"), ("status", "SUCCEEDED")))] == 1
     assert s[("flowops_pipeline_last_run_failed", (("pipeline", "retrain"),))] == 1
@@ -113,13 +115,13 @@ def test_exporter_reads_pipelines_labels_loop_events_and_drift(home):
 
 
 def test_prometheus_config_scrapes_ray_service_discovery_and_exporter(home):
-    config = metrics.prometheus_config(home, exporter_port=18091)
+    config = prometheus.prometheus_config(home, exporter_port=18091)
     ray_job, flowops_job = config["scrape_configs"]
     assert ray_job["file_sd_configs"][0]["files"] == [
         str(home.ray_temp_dir / "prom_metrics_service_discovery.json")
     ]
     assert flowops_job["static_configs"][0]["targets"] == ["127.0.0.1:18091"]
-    assert config["rule_files"] == [str(metrics.RULES_FILE)]
+    assert config["rule_files"] == [str(prometheus.RULES_FILE)]
 
 
 def test_start_prometheus_without_binary_is_one_clear_error(home, monkeypatch):
@@ -127,4 +129,29 @@ def test_start_prometheus_without_binary_is_one_clear_error(home, monkeypatch):
 
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(InvalidInput, match="prometheus` binary is not installed"):
-        metrics.start_prometheus(home)
+        prometheus.start_prometheus(home)
+
+
+def test_importing_the_package_loads_neither_ray_nor_prometheus_client():
+    """`flowops monitor ...` and `flowops up` import it: Ray and prometheus_client load on use only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flowops.observability; "
+            "print(sorted(m for m in ('ray', 'prometheus_client') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_monitor_settings_come_from_the_monitor_section(home, monkeypatch):
+    from flowops.settings import get_settings
+
+    monkeypatch.setenv("FLOWOPS_MONITOR_PROMETHEUS_PORT", "19090")
+    monkeypatch.setenv("FLOWOPS_MONITOR_SCRAPE_INTERVAL_S", "7")
+    settings = get_settings()
+    assert prometheus.local_url(settings) == "http://127.0.0.1:19090"
+    config = prometheus.prometheus_config(settings, settings.monitor.exporter_port,
+                                          settings.monitor.scrape_interval_s)
+    assert config["global"]["scrape_interval"] == "7s"
+    assert config["scrape_configs"][1]["static_configs"][0]["targets"] == ["127.0.0.1:8091"]

@@ -96,58 +96,56 @@ def rules(
     check: bool = typer.Option(False, "--check", help="Only verify the committed PrometheusRule is current."),
 ) -> None:
     """Regenerate cluster/monitoring/prometheus-rule.flowops.yaml from rules.yaml."""
-    from flowops import metrics
-    from flowops.errors import Conflict
+    from flowops import observability
 
     if check:
-        current = metrics.PROMETHEUS_RULE_FILE.read_text() if metrics.PROMETHEUS_RULE_FILE.exists() else ""
-        if current != metrics.render_prometheus_rule():
-            raise Conflict(f"{metrics.PROMETHEUS_RULE_FILE} is stale: run `flowops monitor rules`")
+        observability.check_prometheus_rule()
         console.print("PrometheusRule is up to date")
         return
-    path = metrics.write_prometheus_rule()
+    path = observability.write_prometheus_rule()
     console.print(f"wrote {path}")
 
 
 @monitor_app.command("metrics")
 def show_metrics() -> None:
     """Print the platform metrics as the exporter would serve them now."""
-    from flowops import metrics
+    from flowops import observability
 
-    typer.echo(metrics.render_metrics(settings()), nl=False)
+    typer.echo(observability.render_metrics(settings()), nl=False)
 
 
 @exporter_app.command("start")
 def exporter_start(
-    port: int = typer.Option(None, help="Exporter port (default FLOWOPS_EXPORTER_PORT or 8091)."),
-    host: str = typer.Option(None, help="Interface to listen on (default 127.0.0.1; 0.0.0.0 in a pod)."),
+    port: int = typer.Option(None, help="Exporter port (default FLOWOPS_MONITOR_EXPORTER_PORT or 8091)."),
+    host: str = typer.Option(None, help="Interface to listen on (default FLOWOPS_MONITOR_EXPORTER_HOST "
+                             "or 127.0.0.1; 0.0.0.0 in a pod)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Start the platform exporter in the cluster (a no-op when it runs)."""
-    from flowops import metrics
+    from flowops import observability
 
-    result = metrics.start_exporter(settings(), port, host)
+    result = observability.start_exporter(settings(), port, host)
     print_json(result) if as_json else console.print(f"exporter at {result['url']}")
 
 
 @exporter_app.command("stop")
 def exporter_stop() -> None:
     """Stop the platform exporter."""
-    from flowops import metrics
+    from flowops import observability
 
-    stopped = metrics.stop_exporter(settings())
+    stopped = observability.stop_exporter(settings())
     console.print("exporter stopped" if stopped else "no exporter was running")
 
 
 @prometheus_app.command("start")
 def prometheus_start(
-    port: int = typer.Option(None, help="Prometheus port (default FLOWOPS_PROMETHEUS_PORT or 9090)."),
+    port: int = typer.Option(None, help="Prometheus port (default FLOWOPS_MONITOR_PROMETHEUS_PORT or 9090)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Start Prometheus on loopback scraping Ray and the platform (also: flowops up --with-prometheus)."""
-    from flowops import metrics
+    from flowops import observability
 
-    result = metrics.start_prometheus(settings(), port)
+    result = observability.start_prometheus(settings(), port)
     if as_json:
         print_json(result)
         return
@@ -158,9 +156,9 @@ def prometheus_start(
 @prometheus_app.command("stop")
 def prometheus_stop() -> None:
     """Stop the loopback Prometheus (flowops down does too)."""
-    from flowops import metrics
+    from flowops import observability
 
-    stopped = metrics.stop_prometheus(settings())
+    stopped = observability.stop_prometheus(settings())
     console.print("Prometheus stopped" if stopped else "no Prometheus was running")
 
 
@@ -169,6 +167,6 @@ def prometheus_query(
     promql: str = typer.Argument(..., help="A PromQL instant query."),
 ) -> None:
     """Run an instant query against the loopback Prometheus and print the result as JSON."""
-    from flowops import metrics
+    from flowops import observability
 
-    print_json(metrics.query_prometheus(settings(), promql))
+    print_json(observability.query_prometheus(settings(), promql))

@@ -6,7 +6,6 @@ import typer
 
 from flowops import stack
 from flowops.cli._common import console, print_json, settings
-from flowops.errors import InvalidInput
 
 
 def register(app: typer.Typer) -> None:
@@ -35,20 +34,12 @@ def up(
         client_port=client_port, serve_port=serve_port, metrics_port=metrics_port,
     )
     with console.status("starting the FlowOps stack…"):
-        prometheus_url = None
         if with_prometheus:
-            import shutil
+            from flowops import observability
 
-            from flowops import metrics
-
-            if shutil.which("prometheus") is None:  # refuse before starting anything
-                raise InvalidInput("--with-prometheus needs the `prometheus` binary (Debian: "
-                                   "`apt-get install prometheus`, or `make tools`)")
-            prometheus_url = f"http://127.0.0.1:{metrics.monitor_settings().prometheus_port}"
-        result = stack.up(cfg, prometheus_url=prometheus_url)
-        if with_prometheus:
-            metrics.start_prometheus(cfg)
-            result.started.append("prometheus")
+            result = observability.up_with_prometheus(cfg)
+        else:
+            result = stack.up(cfg)
     if as_json:
         print_json(result.__dict__ | {"status": stack.status(cfg)})
         return

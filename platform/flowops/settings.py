@@ -74,6 +74,9 @@ class DevenvSettings(_Section):
 
 
 SECTIONS = ("gate", "monitor", "cluster", "devenv")
+# What HAProxy retries on another replica: nothing reached a replica, or the replica died without
+# a (valid) answer. Not 5xx answers: those are the app's own.
+HAPROXY_RETRY_ON = "conn-failure empty-response junk-response response-timeout"
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -248,6 +251,10 @@ class Settings(BaseSettings):
         request logs are buffered. (Ray keeps HAProxy's files per node id, so two clusters on one
         machine do not share them.) A replica drains for 5 s (not 30) when it stops, enough for
         a local HAProxy to drop it.
+
+        A request whose replica dies before answering (an empty or broken response, a connection
+        refused) is retried once more on another replica (HAProxy's L7 retries with redispatch):
+        a prediction has no side effects, so a replica's death costs users no failed request.
         """
         if not self.serve_fast_path:
             return {}
@@ -255,6 +262,8 @@ class Settings(BaseSettings):
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+            "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
+            "RAY_SERVE_HAPROXY_RETRIES": "3",
         }
 
     def job_env(self) -> dict[str, str]:

@@ -15,7 +15,7 @@ import yaml
 
 from flowops import cluster, manifests
 from flowops.errors import ClusterUnavailable, NotFound
-from flowops.settings import get_settings
+from flowops.settings import HAPROXY_RETRY_ON, get_settings
 from tests.conftest import REPO, run_cli
 
 
@@ -205,3 +205,5 @@ def test_rayservice_runs_serve_in_high_throughput_mode(overlay, rendered):
                 env = {e["name"]: e.get("value") for e in container.get("env", [])}
                 assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", container["name"]
                 assert env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1", container["name"]
+                # the same retry policy as the embedded stack (settings.serve_env)
+                assert env.get("RAY_SERVE_HAPROXY_RETRY_ON") == HAPROXY_RETRY_ON, container["name"]

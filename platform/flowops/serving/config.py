@@ -10,11 +10,14 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowops.errors import InvalidInput, invalid_input
+
+if TYPE_CHECKING:
+    import numpy as np
 
 APP_NAME = "classifier"
 ROUTING_FIELDS = ("stable", "canary", "weight", "shadow_pct", "sticky_images", "canary_fallback")
@@ -88,7 +91,7 @@ class PredictRequest(BaseModel):
     instances: list[B64Instance | list[list[float]]] = Field(..., min_length=1)
     routing_key: str | None = Field(None, max_length=256, description="Sticky routing key.")
 
-    def images(self, image_size: int, max_instances: int) -> list:
+    def images(self, image_size: int, max_instances: int) -> list[np.ndarray]:
         """The instances as (S, S) float arrays in [0, 1]; InvalidInput names the bad instance."""
         if len(self.instances) > max_instances:
             raise InvalidInput(f"too many instances: {len(self.instances)} (at most "
@@ -96,7 +99,7 @@ class PredictRequest(BaseModel):
         return [_decode(instance, i, image_size) for i, instance in enumerate(self.instances)]
 
 
-def _decode(instance: B64Instance | list[list[float]], index: int, image_size: int):
+def _decode(instance: B64Instance | list[list[float]], index: int, image_size: int) -> np.ndarray:
     from flowops.model import decode_image, pixels_to_array
 
     try:

@@ -17,6 +17,7 @@ import httpx
 
 from flowops.durable import wait_until
 from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError, InvalidInput, NotFound
+from flowops.ray_client import connect
 from flowops.refs import ModelRef
 from flowops.serving.config import ServeAppConfig, parse_app_config
 from flowops.serving.keys import admin_key, write_key_files
@@ -113,8 +114,6 @@ def _check_versions(settings: Settings, cfg: ServeAppConfig) -> None:
 
 
 def _serve_run(settings: Settings, cfg: ServeAppConfig) -> None:
-    from flowops.ray_client import connect
-
     connect(settings)  # checks that the cluster answers, with the token
     from ray import serve
 

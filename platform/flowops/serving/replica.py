@@ -19,14 +19,18 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.serve import metrics as serve_metrics
 
 from flowops import labelstudio
+from flowops.drift import InputWindow, write_window
 from flowops.errors import Conflict, FlowOpsError, NotFound
 from flowops.serving.config import FeedbackRequest, PredictRequest, ServeAppConfig
 from flowops.serving.http import HttpPolicy
 from flowops.serving.keys import ADMIN, API, read_key
 from flowops.serving.models import VersionSet, named_versions, next_routing
 from flowops.serving.state import LATENCY_BUCKETS_MS, LedgerBuffer, get_state_actor
+from flowops.settings import get_settings
+from flowops.tracking import configure_mlflow
 
 log = logging.getLogger("flowops.serving")
 SCORE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
@@ -54,21 +58,19 @@ class Metrics:
     """Prometheus metrics through Ray (exported as ray_flowops_serve_*), tagged by version."""
 
     def __init__(self) -> None:
-        from ray.serve import metrics
-
         tags = ("version",)
-        self.requests = metrics.Counter("flowops_serve_requests_total",
+        self.requests = serve_metrics.Counter("flowops_serve_requests_total",
                                         "Predictions answered, per model version.", tag_keys=tags)
-        self.errors = metrics.Counter("flowops_serve_errors_total",
+        self.errors = serve_metrics.Counter("flowops_serve_errors_total",
                                       "Failed predictions, per model version.", tag_keys=tags)
-        self.latency = metrics.Histogram("flowops_serve_latency_ms", "Prediction latency (ms).",
+        self.latency = serve_metrics.Histogram("flowops_serve_latency_ms", "Prediction latency (ms).",
                                          boundaries=LATENCY_BUCKETS_MS, tag_keys=tags)
-        self.scores = metrics.Histogram("flowops_serve_score", "Top-class score of predictions.",
+        self.scores = serve_metrics.Histogram("flowops_serve_score", "Top-class score of predictions.",
                                         boundaries=SCORE_BUCKETS, tag_keys=tags)
-        self.feedbacks = metrics.Counter("flowops_serve_feedback_total",
+        self.feedbacks = serve_metrics.Counter("flowops_serve_feedback_total",
                                          "Feedback received, by version and correctness.",
                                          tag_keys=("version", "correct"))
-        self.shadows = metrics.Counter("flowops_serve_shadow_total",
+        self.shadows = serve_metrics.Counter("flowops_serve_shadow_total",
                                        "Shadow comparisons, by canary version and agreement.",
                                        tag_keys=("version", "agree"))
 
@@ -97,11 +99,11 @@ class ClassifierReplica:
     """Routes each request to the stable or canary model it holds, batches, counts everything."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
+        # torch only here: the deploying process builds the app (and imports this module) but
+        # never runs a replica.
         import torch
 
-        from flowops.drift import InputWindow
         from flowops.model import load_model, resolve_model_version
-        from flowops.settings import get_settings
 
         torch.set_num_threads(1)
         self.cfg = cfg = ServeAppConfig.model_validate(config)
@@ -222,8 +224,6 @@ class ClassifierReplica:
 
     def _registry_update(self, what: str, version: str) -> None:
         """After a switch (never before it): move the production alias, or tag a rolled-back version."""
-        from flowops.tracking import configure_mlflow
-
         name = self.versions.model_name
         try:
             client = configure_mlflow(self.settings)
@@ -363,8 +363,6 @@ class ClassifierReplica:
 
     async def _window_loop(self) -> None:
         """Write a sample of the live inputs every `input_window_s` for the drift monitor."""
-        from flowops.drift import write_window
-
         while True:
             await asyncio.sleep(self.cfg.input_window_s)
             if len(self.window.images) < self.cfg.input_window_min:

@@ -1,4 +1,4 @@
-"""The classifier Serve application (thin: all logic is in `flowops.serving` / `flowops.serving_app`).
+"""The classifier Serve application (thin: all logic is in the `flowops.serving` package).
 
     serve run serve_apps.classifier:app                      # stable = the `production` alias
     serve run serve_apps.classifier:build_app canary=3 weight=10

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+import httpx
 import numpy as np
 
 from flowops.errors import FlowOpsError, InvalidInput
+from flowops.labels import Label, record_labels
 from flowops.settings import Settings
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -55,23 +58,11 @@ class ImageRoots:
 
     @classmethod
     def from_config(cls, cfg: Any, settings: Settings) -> ImageRoots:
-        import os
-
         local = cfg.labelstudio_root or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
         upload = cfg.labelstudio_upload_dir or os.environ.get("LABEL_STUDIO_MEDIA_DIR") or \
             str(Path.home() / ".local/share/label-studio/media")
         return cls(Path(local or settings.workspace).resolve(), Path(upload).resolve(),
                    settings.workspace.resolve())
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return body
 
 
 def parse_label_config(config: Any) -> LabelSchema:
@@ -124,8 +115,6 @@ def label_studio_hosts() -> dict[str, str]:
     """Label Studio origins this backend may fetch task images from -> their API token: those
     sent to POST /setup, and LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY (the names Label Studio's
     own ML backends read) for replicas that never saw a setup call."""
-    import os
-
     hosts = {e["hostname"]: e["access_token"] for e in _setup.values() if e["hostname"]}
     env_host = _origin(os.environ.get("LABEL_STUDIO_URL", ""))
     if env_host:
@@ -221,8 +210,6 @@ def _absolute_inside(root: Path, path: Path) -> Path:
 
 
 async def _http_get(url: str) -> bytes:
-    import httpx
-
     origin = _origin(url)
     token = label_studio_hosts().get(origin)
     try:
@@ -241,14 +228,10 @@ async def _http_get(url: str) -> bytes:
 _access: dict[str, tuple[float, str]] = {}  # personal access token -> (expiry, access token)
 
 
-async def _authorization(client: Any, origin: str, token: str) -> str:
+async def _authorization(client: httpx.AsyncClient, origin: str, token: str) -> str:
     """The Authorization header for Label Studio: `Token <key>` for a legacy API token; a
     personal access token (a JWT refresh token, the default since Label Studio 1.18) is exchanged
     at /api/token/refresh for a short-lived access token, sent as `Bearer`."""
-    import time
-
-    import httpx
-
     if token.count(".") != 2:
         return f"Token {token}"
     cached = _access.get(token)
@@ -311,8 +294,6 @@ def image_id_of(task: dict[str, Any], image_key: str = "image") -> str | None:
 
 def handle_webhook(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
     """Record the chosen label of an ANNOTATION_CREATED/UPDATED event; other events are ignored."""
-    from flowops.labels import Label, record_labels
-
     action = body.get("action")
     if action not in ANNOTATION_EVENTS:
         return {"status": "ignored", "event": str(action)[:64], "recorded": 0}

@@ -85,45 +85,111 @@ def _median_run(rounds: list[dict]) -> dict:
 def _ensure_model(settings) -> str:
     from flowops.errors import NotFound
     from flowops.model import resolve_model_version
+    from flowops.refs import ModelRef
 
     try:
-        return resolve_model_version(settings, f"models:/{settings.model_name}@production")[1]
+        return resolve_model_version(settings, ModelRef.production(settings.model_name).uri)[1]
     except NotFound:
         from tests.integration.conftest_serving import fit_classifier, register_version
 
         return register_version(settings, fit_classifier(), alias="production")
 
 
+BODY_LIMIT = 4 * 1024 * 1024
+MAX_INSTANCES = 64
+
+
+def _predictions(model, version: str, probs) -> list[dict]:
+    import numpy as np
+
+    return [{"label": model.classes[int(np.argmax(p))], "score": float(np.max(p)),
+             "probabilities": {c: float(x) for c, x in zip(model.classes, p, strict=True)},
+             "model_version": version} for p in probs]
+
+
+def _bare_deployment(model_uri: str, home: str | None, tracking_uri: str | None,
+                     num_cpus: float = 0.2):
+    """(b): one model deployment with the app's body parsing and batching but no routing, ledger
+    or metrics. Defined in a function so that Serve pickles it by value (the replicas need not
+    import this file)."""
+    import asyncio
+
+    import numpy as np
+    from fastapi import Depends, FastAPI
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    from flowops.errors import FlowOpsError
+    from flowops.serving.config import PredictRequest
+    from flowops.serving.http import HttpPolicy, flowops_error, json_body
+
+    bare_api = FastAPI(title="FlowOps bare model")
+    bare_api.add_exception_handler(FlowOpsError, flowops_error)
+
+    @serve.deployment(name="BareModel")
+    @serve.ingress(bare_api)
+    class BareModel:
+        async def __init__(self, model_uri: str, home: str | None, tracking_uri: str | None):
+            import torch
+
+            from flowops.model import load_model
+            from flowops.settings import get_settings
+
+            torch.set_num_threads(1)
+            settings = get_settings(home=home, mlflow_tracking_uri=tracking_uri)
+            loaded = await asyncio.to_thread(load_model, settings, model_uri)
+            self.model, self.version = loaded.model, loaded.version
+            self.http = HttpPolicy(None, None, require_api_key=False, max_body_bytes=BODY_LIMIT)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+        async def _infer(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+            from flowops.model import predict_proba, to_batch
+
+            return list(predict_proba(self.model, to_batch(arrays)))
+
+        @bare_api.post("/predict")
+        async def predict(self, body: PredictRequest = Depends(json_body(PredictRequest))):
+            arrays = body.images(self.model.image_size, MAX_INSTANCES)
+            probs = await asyncio.gather(*(self._infer(a) for a in arrays))
+            return JSONResponse({"predictions": _predictions(self.model, self.version, probs)},
+                                headers={"X-Model-Version": self.version})
+
+    return BareModel.options(
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "OMP_NUM_THREADS": "1"}}},
+        logging_config={"enable_access_log": False},
+    ).bind(model_uri, home, tracking_uri)
+
+
 def _plain_server(port: int) -> None:
     """(c): one process, FastAPI + uvicorn, the same model and preprocessing, no batching."""
-    import numpy as np
     import torch
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import Depends, FastAPI
     from fastapi.responses import JSONResponse
 
     from flowops.errors import FlowOpsError
     from flowops.model import load_model, predict_proba, to_batch
-    from flowops.serving_app import PredictRequest, decode_instance, error_response, parse_body
+    from flowops.refs import ModelRef
+    from flowops.serving.config import PredictRequest
+    from flowops.serving.http import HttpPolicy, current_policy, flowops_error, json_body
     from flowops.settings import get_settings
 
     torch.set_num_threads(1)
-    loaded = load_model(get_settings(), f"models:/{get_settings().model_name}@production")
+    loaded = load_model(get_settings(), ModelRef.production(get_settings().model_name).uri)
     model, version = loaded.model, loaded.version
     app = FastAPI()
+    app.add_exception_handler(FlowOpsError, flowops_error)
+    policy = HttpPolicy(None, None, require_api_key=False, max_body_bytes=BODY_LIMIT)
+    app.dependency_overrides[current_policy] = lambda: policy
 
     @app.post("/predict")
-    async def predict(request: Request):
-        try:
-            req = parse_body(await request.body(), PredictRequest)
-            arrays = [decode_instance(x, i, model.image_size) for i, x in enumerate(req.instances)]
-        except FlowOpsError as exc:
-            return error_response(exc)
-        probs = predict_proba(model, to_batch(arrays))
-        preds = [{"label": model.classes[int(np.argmax(p))], "score": float(np.max(p)),
-                  "probabilities": {c: float(x) for c, x in zip(model.classes, p, strict=True)},
-                  "model_version": version} for p in probs]
-        return JSONResponse({"predictions": preds}, headers={"X-Model-Version": version})
+    async def predict(body: PredictRequest = Depends(json_body(PredictRequest))):
+        probs = predict_proba(model, to_batch(body.images(model.image_size, MAX_INSTANCES)))
+        return JSONResponse({"predictions": _predictions(model, version, probs)},
+                            headers={"X-Model-Version": version})
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -140,7 +206,9 @@ def main() -> None:
         _plain_server(args.plain_server)
         return
 
-    from flowops.ray_client import apply_ray_auth_env, free_port
+    from flowops.durable import wait_until
+    from flowops.ray_client import apply_ray_auth_env, connect, free_port
+    from flowops.refs import ModelRef
     from flowops.settings import get_settings
 
     settings = get_settings()
@@ -151,7 +219,6 @@ def main() -> None:
     from ray import serve
 
     from flowops import serving
-    from flowops.serving_app import bind_bare
 
     version = _ensure_model(settings)
     canary = None
@@ -160,10 +227,9 @@ def main() -> None:
 
         canary = register_version(settings, fit_classifier(seed=1))
     serving.deploy(settings, stable=version, canary=canary, weight=args.canary_weight if canary else 0)
-    if not ray.is_initialized():
-        ray.init(address=settings.gcs_address, logging_level="ERROR", log_to_driver=False)
-    serve.run(bind_bare(f"models:/{settings.model_name}/{version}", str(settings.home),
-                        settings.tracking_uri), name="bench-bare", route_prefix="/bench-bare")
+    connect(settings)
+    serve.run(_bare_deployment(ModelRef.of(settings.model_name, version).uri, str(settings.home),
+                               settings.tracking_uri), name="bench-bare", route_prefix="/bench-bare")
 
     port = free_port()
     plain = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port)],
@@ -181,13 +247,13 @@ def main() -> None:
         targets = {"router_app_no_canary": targets["router_app"], **targets}
         weights["router_app_no_canary"] = 0
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def plain_answers() -> bool:
             try:
-                if httpx.post(targets["plain_fastapi"], content=body, timeout=2).status_code == 200:
-                    break
+                return httpx.post(targets["plain_fastapi"], content=body, timeout=2).status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.5)
+                return False
+
+        wait_until(plain_answers, 120, what="the plain FastAPI server answering")
         # Interleaved rounds (every target at every concurrency once per round), then the median
         # round per cell: a noisy neighbour hurts one round of each target, not all of one target.
         runs: dict[tuple[str, int], list[dict]] = {}

@@ -344,8 +344,10 @@ def test_label_studio_round_trip(served):
 def test_promote_makes_the_canary_stable_and_moves_the_alias(served):
     from flowops import serving
     from flowops.model import resolve_model_version
+    from flowops.refs import ModelRef
 
     settings, v = served
+    production = ModelRef.production(settings.model_name).uri
     serving.set_canary(settings, v["other"], weight=20)
     status = serving.promote_canary(settings)
     assert status["stable"] == v["other"] and status["canary"] is None and status["ready"]
@@ -353,10 +355,10 @@ def test_promote_makes_the_canary_stable_and_moves_the_alias(served):
     assert {r.headers["x-model-version"] for r in responses} == {v["other"]}
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if resolve_model_version(settings, f"models:/{settings.model_name}@production")[1] == v["other"]:
+        if resolve_model_version(settings, production)[1] == v["other"]:
             break
         time.sleep(0.5)
-    assert resolve_model_version(settings, f"models:/{settings.model_name}@production")[1] == v["other"]
+    assert resolve_model_version(settings, production)[1] == v["other"]
     nothing = httpx.post(f"{settings.serve_url}/routing/promote", timeout=30,
                          headers={"Authorization": f"Bearer {serving.admin_key(settings)}"})
     assert nothing.status_code == 409

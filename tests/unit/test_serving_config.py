@@ -1,4 +1,4 @@
-"""Serving configuration and keys, without a cluster."""
+"""Serving configuration, request bodies and keys, without a cluster."""
 
 from __future__ import annotations
 
@@ -25,12 +25,6 @@ def test_routing_changes_do_not_change_the_deployment_hash():
     assert base.deployment_hash() == routed.deployment_hash() != scaled.deployment_hash()
 
 
-def test_model_uri_of_numbers_aliases_and_uris():
-    assert serving._model_uri("m", "3") == "models:/m/3"
-    assert serving._model_uri("m", "production") == "models:/m@production"
-    assert serving._model_uri("m", "models:/x/1") == "models:/x/1"
-
-
 def test_admin_key_comes_from_env_then_file_then_a_private_default(tmp_path, monkeypatch):
     from flowops.settings import get_settings
 
@@ -48,3 +42,44 @@ def test_admin_key_comes_from_env_then_file_then_a_private_default(tmp_path, mon
     assert serving.admin_key(settings) == "from-file"
     monkeypatch.setenv("FLOWOPS_ADMIN_KEY", "from-env")
     assert serving.admin_key(settings) == "from-env"
+
+
+def test_replicas_read_the_deployers_key_file_first_and_skip_it_when_absent(tmp_path, monkeypatch):
+    """One reader for the CLI and the replicas: the file the deployer wrote wins; a replica on a
+    node without that file falls back to its environment, then to the home folder."""
+    from flowops.serving.keys import API, read_key, write_key_files
+    from flowops.settings import get_settings
+
+    settings = get_settings(home=tmp_path)
+    for name in ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("FLOWOPS_API_KEY", raising=False)
+    with pytest.raises(InvalidInput, match="FLOWOPS_API_KEY"):
+        write_key_files(settings, require_api_key=True)
+    monkeypatch.setenv("FLOWOPS_API_KEY", "deployer-key")
+    admin_file, api_file = write_key_files(settings, require_api_key=True)
+    assert stat.S_IMODE((tmp_path / "serve" / "api_key").stat().st_mode) == 0o600
+    assert serving.admin_key(settings) == (tmp_path / "serve" / "admin_key").read_text()
+    monkeypatch.setenv("FLOWOPS_API_KEY", "replica-env")
+    assert read_key(settings, API, api_file) == "deployer-key"
+    assert read_key(settings, API, str(tmp_path / "elsewhere")) == "replica-env"
+    monkeypatch.delenv("FLOWOPS_API_KEY")
+    assert read_key(settings, API, str(tmp_path / "elsewhere")) == "deployer-key"  # home folder
+    monkeypatch.setenv("FLOWOPS_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(InvalidInput, match="FLOWOPS_API_KEY_FILE"):
+        read_key(settings, API)
+
+
+def test_predict_body_names_the_bad_instance():
+    from flowops.errors import validated_json
+    from flowops.serving.config import PredictRequest
+
+    body = validated_json(PredictRequest, b'{"instances": [[[0, 255], [128, 64]], [[1, 2], [3]]]}')
+    with pytest.raises(InvalidInput, match=r"instances\[1\]"):
+        body.images(8, max_instances=4)
+    with pytest.raises(InvalidInput, match="too many instances"):
+        body.images(8, max_instances=1)
+    (image,) = PredictRequest(instances=[[[0, 255], [128, 64]]]).images(8, max_instances=1)
+    assert image.shape == (8, 8) and 0 <= image.min() <= image.max() <= 1
+    with pytest.raises(InvalidInput, match=r"instances\[0\]: b64"):
+        PredictRequest(instances=[{"b64": "not base64!"}]).images(8, max_instances=1)

@@ -1,0 +1,166 @@
+"""Deploy the classifier app and steer its traffic (canary, shadow, rollback), from any process.
+
+- `deploy(s, stable=, canary=, weight=, ...)`: start the app with `serve.run`, or, when it already
+  runs with the same deployment options, change only its routing at runtime (no restart).
+- `set_canary`, `set_weight`, `set_shadow`, `promote_canary`, `rollback`, `update_routing`,
+  `routing_status`, `ledger_snapshot`.
+
+Routing changes go through the app's admin HTTP routes (with the admin key), so they work from any
+process that can reach the Serve port: no Ray driver, a change is live in well under a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from flowops.durable import wait_until
+from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError, InvalidInput, NotFound
+from flowops.ray_client import connect
+from flowops.refs import ModelRef
+from flowops.serving.config import ServeAppConfig, parse_app_config
+from flowops.serving.keys import admin_key, write_key_files
+from flowops.settings import Settings
+
+ERRORS_BY_STATUS = {400: InvalidInput, 401: InvalidInput, 403: InvalidInput, 404: NotFound,
+                    409: Conflict, 422: InvalidInput}
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The Serve application (an ingress deployment bound to its config)."""
+    from flowops.serving.app import bind_classifier
+
+    return bind_classifier(parse_app_config(args))
+
+
+def _request(settings: Settings, method: str, path: str, *, admin: bool = False,
+             json_body: dict | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """One call to the app; its `{"error": ...}` answers become the matching FlowOps errors."""
+    headers = {"Authorization": f"Bearer {admin_key(settings)}"} if admin else {}
+    url = f"{settings.serve_url}{path}"
+    try:
+        resp = httpx.request(method, url, json=json_body, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ClusterUnavailable(
+            f"the classifier app does not answer at {settings.serve_url} ({type(exc).__name__}); "
+            "start the stack with `flowops up` and the app with `flowops serve deploy`"
+        ) from None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"error": resp.text[:200]}
+    if resp.status_code == 404 and "error" not in body:
+        raise ClusterUnavailable(
+            f"no classifier app at {settings.serve_url}: deploy it with `flowops serve deploy`"
+        )
+    if resp.status_code >= 400:
+        msg = body.get("error") or body.get("detail") or resp.text[:200]
+        raise ERRORS_BY_STATUS.get(resp.status_code, FlowOpsError)(f"{method} {path}: {msg}")
+    return body
+
+
+def app_running(settings: Settings) -> dict[str, Any] | None:
+    """The app's routing status if the classifier app answers, else None."""
+    try:
+        return _request(settings, "GET", "/routing", timeout=5)
+    except FlowOpsError:
+        return None
+
+
+def deploy(settings: Settings, stable: str | None = None, canary: str | None = None,
+           weight: int | None = None, *, redeploy: bool = False, wait_s: float = 120,
+           **options: Any) -> dict[str, Any]:
+    """Serve `stable` (default: the `production` alias) and optionally a canary at `weight` %.
+
+    When the app already runs with the same deployment options, only its routing changes (at
+    runtime: replicas load the new version beside the old one, nothing restarts). Otherwise the
+    app is (re)deployed with `serve.run`.
+    """
+    args: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    args.update({k: v for k, v in (("stable", stable), ("canary", canary), ("weight", weight))
+                 if v is not None})
+    args.setdefault("model_name", settings.model_name)
+    args.setdefault("home", str(settings.home))
+    args.setdefault("tracking_uri", settings.tracking_uri)
+    cfg = parse_app_config(args)
+    _check_versions(settings, cfg)
+
+    running = app_running(settings)
+    if running and not redeploy and running.get("deployment_hash") == cfg.deployment_hash():
+        update = {"stable": cfg.stable, "canary": cfg.canary, "weight": cfg.weight}
+        update.update({k: args[k] for k in ("shadow_pct", "sticky_images", "canary_fallback")
+                       if k in args})
+        return update_routing(settings, **update)
+
+    admin_file, api_file = write_key_files(settings, cfg.require_api_key)
+    cfg = cfg.model_copy(update={"admin_key_file": admin_file, "api_key_file": api_file})
+    _serve_run(settings, cfg)
+    wait_until(lambda: (app_running(settings) or {}).get("ready"), wait_s,
+               what="the classifier app becoming ready", error=ClusterUnavailable)
+    # Serve leaves replicas alone when their arguments did not change (and a replica restart
+    # keeps runtime routing): set the asked-for routing explicitly.
+    return update_routing(settings, **cfg.routing())
+
+
+def _check_versions(settings: Settings, cfg: ServeAppConfig) -> None:
+    """Fail early (NotFound naming what exists) when a version or alias does not exist."""
+    from flowops.model import resolve_model_version
+
+    name = cfg.model_name or settings.model_name
+    for ref in (cfg.stable, cfg.canary):
+        if ref:
+            resolve_model_version(settings, ModelRef.parse(ref, name).uri)
+
+
+def _serve_run(settings: Settings, cfg: ServeAppConfig) -> None:
+    connect(settings)  # checks that the cluster answers, with the token
+    from ray import serve
+
+    serve.run(build_app(cfg.model_dump()), name=cfg.name, route_prefix="/", blocking=False)
+
+
+# Routing control ------------------------------------------------------------------------------
+
+
+def update_routing(settings: Settings, **changes: Any) -> dict[str, Any]:
+    """PUT /routing: change stable/canary/weight/shadow at runtime; returns the new status."""
+    return _request(settings, "PUT", "/routing", admin=True, json_body=changes, timeout=180)
+
+
+def set_weight(settings: Settings, pct: int) -> dict[str, Any]:
+    if not isinstance(pct, int) or not 0 <= pct <= 100:
+        raise InvalidInput(f"weight must be an integer percent 0-100, got {pct!r}")
+    return update_routing(settings, weight=pct)
+
+
+def set_canary(settings: Settings, version: str, weight: int = 10) -> dict[str, Any]:
+    return update_routing(settings, canary=str(version), weight=weight)
+
+
+def set_shadow(settings: Settings, pct: int) -> dict[str, Any]:
+    return update_routing(settings, shadow_pct=pct)
+
+
+def promote_canary(settings: Settings, set_alias: bool = True) -> dict[str, Any]:
+    """The canary becomes stable (100% of traffic); by default it also gets the `production` alias
+    (set by the app right after the switch)."""
+    path = "/routing/promote" + ("" if set_alias else "?alias=false")
+    return _request(settings, "POST", path, admin=True, timeout=180)
+
+
+def rollback(settings: Settings) -> dict[str, Any]:
+    """All traffic to stable now (every replica within ~0.1 s); the canary is unloaded and tagged
+    `rolled_back=true` in the registry right after."""
+    return _request(settings, "POST", "/routing/rollback", admin=True, timeout=30)
+
+
+def routing_status(settings: Settings) -> dict[str, Any]:
+    """Stable and canary versions, weight, shadow share, replicas and whether they are ready."""
+    return _request(settings, "GET", "/routing", timeout=10)
+
+
+def ledger_snapshot(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Exact per-version counters shared by all replicas: requests, errors, latencies_ms (recent),
+    feedback_correct/total, shadow_agree/total. Complete up to ~0.1 s ago (replicas flush often)."""
+    return _request(settings, "GET", "/ledger", timeout=10)["versions"]

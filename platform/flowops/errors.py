@@ -22,7 +22,7 @@ class InvalidInput(FlowOpsError):
     """The caller asked for something malformed or out of range."""
 
     exit_code = 2
-    http_status = 422
+    http_status = 400  # what the serving API (KServe v1) has always answered for a bad request
 
 
 class NotFound(FlowOpsError):

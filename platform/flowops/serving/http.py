@@ -64,16 +64,10 @@ def current_policy() -> HttpPolicy:
 # Errors ------------------------------------------------------------------------------------------
 
 
-def status_of(exc: FlowOpsError) -> int:
-    """The error's `http_status`, except that InvalidInput answers 400 as this API always has
-    (KServe v1 clients expect it)."""
-    return 400 if isinstance(exc, InvalidInput) else exc.http_status
-
-
 async def flowops_error(request: Request, exc: FlowOpsError) -> JSONResponse:
     """The exception handler: `{"error": message, **exc.details}` with the error's status."""
     return JSONResponse({"error": str(exc), **getattr(exc, "details", {})},
-                        status_code=status_of(exc))
+                        status_code=exc.http_status)
 
 
 # Keys --------------------------------------------------------------------------------------------

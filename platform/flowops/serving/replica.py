@@ -28,7 +28,7 @@ from flowops.serving.config import FeedbackRequest, PredictRequest, ServeAppConf
 from flowops.serving.http import HttpPolicy
 from flowops.serving.keys import ADMIN, API, read_key
 from flowops.serving.models import VersionSet, named_versions, next_routing
-from flowops.serving.state import LATENCY_BUCKETS_MS, LedgerBuffer, get_state_actor
+from flowops.serving.state import METRIC_BUCKETS_MS, LedgerBuffer, get_state_actor
 from flowops.settings import get_settings
 from flowops.tracking import configure_mlflow
 
@@ -64,7 +64,7 @@ class Metrics:
         self.errors = serve_metrics.Counter("flowops_serve_errors_total",
                                       "Failed predictions, per model version.", tag_keys=tags)
         self.latency = serve_metrics.Histogram("flowops_serve_latency_ms", "Prediction latency (ms).",
-                                         boundaries=LATENCY_BUCKETS_MS, tag_keys=tags)
+                                         boundaries=METRIC_BUCKETS_MS, tag_keys=tags)
         self.scores = serve_metrics.Histogram("flowops_serve_score", "Top-class score of predictions.",
                                         boundaries=SCORE_BUCKETS, tag_keys=tags)
         self.feedbacks = serve_metrics.Counter("flowops_serve_feedback_total",

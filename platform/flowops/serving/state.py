@@ -8,16 +8,21 @@ every 0.1 s through a `LedgerBuffer`. Nothing restarts when the weights change.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import time
 from typing import Any
 
 import ray
 
+from flowops.rollout import LATENCY_BUCKETS_MS
+
 STATE_NAMESPACE = "flowops"
 RECENT_LATENCIES = 2000
 REMEMBERED_PREDICTIONS = 200_000
-LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+# Buckets of the Prometheus latency histogram (the ledger's own, finer ones are the canary
+# analysis': rollout.LATENCY_BUCKETS_MS, 10 % apart).
+METRIC_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 REPLICA_SEEN_S = 15  # a replica that has not reported for this long is gone
 
 
@@ -32,10 +37,8 @@ def _empty_entry() -> dict[str, Any]:
 
 
 def _bucket(value: float, bounds: list[float]) -> int:
-    for i, bound in enumerate(bounds):
-        if value <= bound:
-            return i
-    return len(bounds)
+    """Index of the first bound >= value (len(bounds): the open-ended last bucket)."""
+    return bisect.bisect_left(bounds, value)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

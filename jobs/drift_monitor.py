@@ -1,54 +1,25 @@
 """Check live-input windows for drift against the served model's training data (a Ray job).
 
-    python -m jobs.drift_monitor --window /path/window.npy [--model models:/digits-classifier@production]
-    python -m jobs.drift_monitor --watch /path/windows/ --interval 60 [--max-checks N]
+    python -m jobs.drift_monitor --config '{"window": "/path/window.npy"}'
+    python -m jobs.drift_monitor --config '{"watch": "/path/windows/", "interval_s": 60,
+        "max_checks": 10, "drift": {"alpha": 0.01, "correction": "bh"}}'
 
+The config is `flowops.drift_monitor.DriftMonitorConfig` as JSON (or `--config @file.json`).
 Each check writes <home>/drift/latest.json (exported as flowops_drift_* gauges), logs a report to
 MLflow (experiment drift-monitor) and, when the window drifted, appends a `drift_detected` event to
-the loop's event log (unless --no-trigger).
+the loop's event log (unless `"trigger": false`). Prints one JSON line per report.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
-from flowops.entrypoint import run_entrypoint
+from flowops.drift_monitor import DriftMonitorConfig, run_drift_monitor
+from flowops.entrypoint import run_job
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--window", type=Path, help="one window file (.npy or .parquet) to check")
-    source.add_argument("--watch", type=Path, help="folder to watch for new window files")
-    parser.add_argument("--model", default=None, help="model URI (default models:/<name>@production)")
-    parser.add_argument("--data-version", default=None, help="reference data version (default: the "
-                        "model's training data version, else the latest)")
-    parser.add_argument("--interval", type=float, default=60.0, help="seconds between polls (--watch)")
-    parser.add_argument("--max-checks", type=int, default=None, help="stop after N checks (--watch)")
-    parser.add_argument("--stop-after", type=float, default=None, help="stop after N seconds (--watch)")
-    parser.add_argument("--alpha", type=float, default=0.01, help="family-wise level of the KS tests")
-    parser.add_argument("--correction", choices=["bonferroni", "bh"], default="bonferroni")
-    parser.add_argument("--class-test", choices=["chi2", "psi"], default="chi2")
-    parser.add_argument("--no-trigger", action="store_true", help="never emit drift_detected")
-    args = parser.parse_args()
-
-    from flowops import drift
-    from flowops.settings import get_settings
-
-    settings = get_settings()
-    config = drift.make_config(alpha=args.alpha, correction=args.correction, class_test=args.class_test)
-    common = {"model_uri": args.model, "data_version": args.data_version, "config": config,
-              "trigger": not args.no_trigger}
-    if args.window:
-        reports = [drift.run_drift_check(settings, args.window, **common)]
-    else:
-        reports = drift.watch(settings, args.watch, interval_s=args.interval,
-                              max_checks=args.max_checks, stop_after_s=args.stop_after, **common)
-    for report in reports:
+def main(settings, config: DriftMonitorConfig) -> None:
+    for report in run_drift_monitor(settings, config):
         print(json.dumps({"drifted": report.drifted, "score": report.score, "n": report.n,
                           "drifted_features": report.drifted_features,
                           "class_drifted": report.class_drifted,
@@ -56,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_entrypoint(main)
+    run_job(DriftMonitorConfig, main)

@@ -10,8 +10,9 @@ Layout of a data version (the DVC-tracked folder `data/`):
 
 Every change is a new data version: a git tag `vN` on a commit of `data.dvc` plus `VERSION.json`
 (counts per pool and class), pushed to the DVC remote. Workloads read a version through DVC's API
-by its id (`materialize`, `read_manifest`), so any machine that reaches the git repository and the
-DVC remote reads exactly that version.
+by its id, so any machine that reaches the git repository and the DVC remote reads exactly that
+version. A workload opens a version once (`open_version`) into a `DataVersion` handle carrying its
+tag, manifest and metadata; the files are fetched on first use of `handle.root`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from flowops.durable import file_lock
+from flowops.durable import atomic_write_text, file_lock
 from flowops.errors import FlowOpsError, InvalidInput, NotFound
 from flowops.settings import Settings
 
@@ -172,13 +174,52 @@ def show_version(settings: Settings, version: str | None) -> VersionInfo:
     raise NotFound(f"data version {tag!r} has no VERSION.json")  # pragma: no cover
 
 
-def read_manifest(settings: Settings, version: str | None = None) -> pd.DataFrame:
-    """The manifest of a data version, read through DVC's API (the remote if not cached locally)."""
+@dataclass(eq=False)
+class DataVersion:
+    """One data version, opened once: its tag, manifest and metadata; its files on first use."""
+
+    settings: Settings
+    tag: str
+    manifest: pd.DataFrame
+    meta: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.meta["classes"]]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @cached_property
+    def root(self) -> Path:
+        """A local, read-only copy of the version's `data/` folder (fetched once, then cached)."""
+        return _fetch(self.settings, self.tag)
+
+    def rows(self, split: str, *, labeled: bool = False) -> pd.DataFrame:
+        """The manifest rows of one split (`labeled`: only rows that carry a label)."""
+        rows = self.manifest[self.manifest["split"] == split]
+        return rows[rows["label"] != ""] if labeled else rows
+
+    def __str__(self) -> str:
+        return self.tag
+
+
+def open_version(settings: Settings, version: str | None = None) -> DataVersion:
+    """Resolve a version id (None/'latest' = the newest) once and read its manifest and metadata."""
+    tag = resolve_version(settings, version)
+    return DataVersion(settings, tag, _parse_manifest(_read_file(settings, tag, "manifest.csv")),
+                       json.loads(_read_file(settings, tag, "meta.json")))
+
+
+def _read_file(settings: Settings, tag: str, name: str) -> str:
+    """One file of a version: from its local copy when fetched already, else through DVC's API."""
+    local = _cache_path(settings, tag) / name
+    if local.exists():
+        return local.read_text()
     import dvc.api
 
-    tag = resolve_version(settings, version)
-    text = dvc.api.read(f"{DATA_DIR}/manifest.csv", repo=settings.repo, rev=tag)
-    return _parse_manifest(text)
+    return dvc.api.read(f"{DATA_DIR}/{name}", repo=settings.repo, rev=tag)
 
 
 def _parse_manifest(text: str) -> pd.DataFrame:
@@ -189,22 +230,21 @@ def _parse_manifest(text: str) -> pd.DataFrame:
     return frame
 
 
-def read_meta(settings: Settings, version: str | None = None) -> dict[str, Any]:
-    import dvc.api
-
-    tag = resolve_version(settings, version)
-    return json.loads(dvc.api.read(f"{DATA_DIR}/meta.json", repo=settings.repo, rev=tag))
+def _cache_path(settings: Settings, tag: str) -> Path:
+    return settings.cache_dir / "data" / tag
 
 
 def materialize(settings: Settings, version: str | None = None) -> Path:
-    """A local, read-only copy of a data version's `data/` folder, fetched through DVC's API.
+    """A local, read-only copy of a data version's `data/` folder (see `DataVersion.root`)."""
+    return _fetch(settings, resolve_version(settings, version))
 
-    Cached per version under the home folder; safe when several workers ask at once.
-    """
+
+def _fetch(settings: Settings, tag: str) -> Path:
+    """Fetch a version's `data/` folder through DVC's API into the home's cache, once per version;
+    safe when several workers ask at once."""
     from dvc.api import DVCFileSystem
 
-    tag = resolve_version(settings, version)
-    target = settings.cache_dir / "data" / tag
+    target = _cache_path(settings, tag)
     if (target / "manifest.csv").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -237,11 +277,9 @@ def summarize(manifest: pd.DataFrame, classes: list[str]) -> tuple[dict, dict]:
 
 
 def write_manifest(path: Path, manifest: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    manifest[MANIFEST_COLUMNS + [c for c in manifest.columns if c not in MANIFEST_COLUMNS]].to_csv(
-        tmp, index=False
-    )
-    os.replace(tmp, path)
+    """Write a manifest as a new file (a staging copy's files are hard links into the cache)."""
+    columns = MANIFEST_COLUMNS + [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
+    atomic_write_text(path, manifest[columns].to_csv(index=False))
 
 
 def cut_version(
@@ -459,11 +497,9 @@ def check_version(settings: Settings, version: str | None = None) -> dict[str, A
     """Validate a data version: manifest schema, every image decodes, counts per class and pool."""
     from PIL import Image, UnidentifiedImageError
 
-    tag = resolve_version(settings, version)
-    root = materialize(settings, tag)
+    opened = open_version(settings, version)
+    root, manifest, meta = opened.root, opened.manifest, opened.meta
     problems: list[str] = []
-    manifest = _parse_manifest((root / "manifest.csv").read_text())
-    meta = json.loads((root / "meta.json").read_text())
     classes = set(meta.get("classes", []))
     if manifest["id"].duplicated().any():
         problems.append(f"{int(manifest['id'].duplicated().sum())} duplicate id(s)")
@@ -485,5 +521,5 @@ def check_version(settings: Settings, version: str | None = None) -> dict[str, A
         problems.append(f"{len(undecodable)} image(s) missing or not decodable, "
                         f"e.g. {', '.join(undecodable[:3])}")
     counts, class_counts = summarize(manifest, meta["classes"])
-    return {"version": tag, "ok": not problems, "problems": problems, "images": len(manifest),
+    return {"version": opened.tag, "ok": not problems, "problems": problems, "images": len(manifest),
             "counts": counts, "class_counts": class_counts, "classes": meta["classes"]}

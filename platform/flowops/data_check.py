@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from flowops import data, tracking
 from flowops.errors import InvalidInput
 from flowops.settings import Settings
@@ -12,10 +14,18 @@ from flowops.settings import Settings
 EXPERIMENT = "data-checks"
 
 
-def run_data_check(settings: Settings, version: str | None) -> dict[str, Any]:
+class DataCheckConfig(BaseModel):
+    """Which data version to validate (the `data_check` job's config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_version: str | None = Field(None, description="Data version id (vN); None = latest.")
+
+
+def run_data_check(settings: Settings, config: DataCheckConfig) -> dict[str, Any]:
     import mlflow
 
-    summary = data.check_version(settings, version)
+    summary = data.check_version(settings, config.data_version)
     with tracking.start_run(settings, EXPERIMENT, run_name=f"data-check-{summary['version']}"):
         mlflow.set_tags({"data_version": summary["version"], "workload": "data_check",
                          "ok": str(summary["ok"]).lower()})

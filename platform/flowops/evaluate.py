@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flowops.data import DataVersion
 from flowops.errors import InvalidInput
-from flowops.settings import Settings
 
 
 @dataclass
@@ -50,18 +50,17 @@ def split_from_rows(root: Path, rows: pd.DataFrame, classes: list[str], image_si
     )
 
 
-def holdout_split(settings: Settings, version: str) -> tuple[Split, list[str], int]:
-    """The holdout images of a data version, with its classes and image size."""
-    from flowops import data
+def version_split(version: DataVersion, split: str) -> Split:
+    """The labeled images of one split of a data version (e.g. `train` for a drift reference)."""
+    rows = version.rows(split, labeled=True)
+    return split_from_rows(version.root, rows, version.classes, version.image_size)
 
-    root = data.materialize(settings, version)
-    meta = data.read_meta(settings, version)
-    manifest = data.read_manifest(settings, version)
-    rows = manifest[manifest["split"] == "holdout"]
-    if rows.empty:
-        raise InvalidInput(f"data version {version} has no holdout images to evaluate on")
-    classes, size = list(meta["classes"]), int(meta["image_size"])
-    return split_from_rows(root, rows, classes, size), classes, size
+
+def holdout_split(version: DataVersion) -> Split:
+    """The holdout images of a data version: what every model of that version is measured on."""
+    if version.rows("holdout").empty:
+        raise InvalidInput(f"data version {version.tag} has no holdout images to evaluate on")
+    return version_split(version, "holdout")
 
 
 def predict(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -1,5 +1,7 @@
-"""The job submission layer: every workload is a Ray job (`python -m jobs.<name> ...`).
+"""The job submission layer: every workload is a Ray job (`python -m jobs.<name> --config '<JSON>'`).
 
+A workload's config is the same pydantic model on both sides: the client sends
+`config.model_dump_json()`, the job parses it with that model (`flowops.entrypoint.run_job`).
 Submits through Ray's `JobSubmissionClient` with the runtime environment a workload needs (the
 project as working directory, the platform's settings as environment variables), readable
 submission ids and metadata; follows, waits for, stops and lists jobs; and runs **pipelines**
@@ -23,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from flowops.durable import atomic_write_text, wait_until
 from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, JobFailed, NotFound
 from flowops.settings import Settings
 
@@ -92,6 +97,27 @@ def runtime_env(settings: Settings, extra_env: dict[str, str] | None = None) -> 
     return renv
 
 
+def config_json(config: BaseModel | str | None) -> str | None:
+    """A workload's config as JSON text: a model serialised, or text checked to be a JSON object."""
+    if config is None:
+        return None
+    if isinstance(config, BaseModel):
+        return config.model_dump_json()
+    try:
+        parsed = json.loads(config)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--config is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput(f"--config must be a JSON object, got {config[:80]!r}")
+    return config
+
+
+def entrypoint(workload: str, config: BaseModel | str | None = None) -> str:
+    """The shell command of a workload: `python -m jobs.<workload> --config '<JSON>'`."""
+    text = config_json(config)
+    return shlex.join(["python", "-m", f"jobs.{workload}", *(["--config", text] if text else [])])
+
+
 def new_submission_id(workload: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{workload.replace('_', '-')}-{stamp}-{uuid.uuid4().hex[:4]}"
@@ -100,7 +126,7 @@ def new_submission_id(workload: str) -> str:
 def submit(
     settings: Settings,
     workload: str,
-    args: list[str] | None = None,
+    config: BaseModel | str | None = None,
     *,
     submission_id: str | None = None,
     metadata: dict[str, str] | None = None,
@@ -108,16 +134,19 @@ def submit(
     entrypoint_num_gpus: float = 0,
     extra_env: dict[str, str] | None = None,
 ) -> str:
-    """Submit `python -m jobs.<workload> ARGS` as a Ray job; returns its submission id."""
+    """Submit `python -m jobs.<workload> --config <config JSON>` as a Ray job; returns its id.
+
+    `config` is the workload's pydantic model (or its JSON text); None runs it with defaults.
+    """
     _check_workload(workload)
-    args = [str(a) for a in (args or [])]
+    command = entrypoint(workload, config)
     job_client = client(settings)
     sid = submission_id or new_submission_id(workload)
     meta = {"workload": workload, "user": getpass.getuser(), **(metadata or {})}
     meta = {k: str(v) for k, v in meta.items() if v is not None}
     try:
         job_client.submit_job(
-            entrypoint=shlex.join(["python", "-m", f"jobs.{workload}", *args]),
+            entrypoint=command,
             submission_id=sid,
             runtime_env=runtime_env(settings, extra_env),
             metadata=meta,
@@ -198,9 +227,10 @@ def wait(
     """Wait for a job to end, passing new log text to `on_log` as it arrives and each polled
     status to `on_poll` (e.g. a heartbeat)."""
     job_client = client(settings)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen = 0
-    while True:
+
+    def ended() -> JobInfo | None:
+        nonlocal seen
         current = info(settings, job_id, job_client)
         if on_poll:
             on_poll(current)
@@ -209,22 +239,21 @@ def wait(
             if len(text) > seen:
                 on_log(text[seen:])
                 seen = len(text)
-        if current.status in TERMINAL:
-            if current.status == "FAILED":
-                _record_metric("failed", current.workload, current.duration_s)
-            else:
-                _record_metric("finished", current.workload, current.duration_s)
-            return current
-        if deadline is not None and time.monotonic() > deadline:
-            raise JobFailed(f"job {job_id} still {current.status} after {timeout_s:.0f}s")
-        time.sleep(poll_s)
+        return current if current.status in TERMINAL else None
+
+    current = wait_until(ended, timeout_s, interval_s=poll_s, what=f"the end of job {job_id}",
+                         error=JobFailed)
+    _record_metric("failed" if current.status == "FAILED" else "finished", current.workload,
+                   current.duration_s)
+    return current
 
 
-def run(settings: Settings, workload: str, args: list[str] | None = None, **kwargs) -> JobInfo:
+def run(settings: Settings, workload: str, config: BaseModel | str | None = None,
+        **kwargs) -> JobInfo:
     """Submit and wait; raise JobFailed with the job's last log line if it did not succeed."""
     on_log = kwargs.pop("on_log", None)
     timeout_s = kwargs.pop("timeout_s", None)
-    job_id = submit(settings, workload, args, **kwargs)
+    job_id = submit(settings, workload, config, **kwargs)
     result = wait(settings, job_id, timeout_s=timeout_s, on_log=on_log)
     if result.status != "SUCCEEDED":
         raise JobFailed(failure_message(settings, result))
@@ -249,14 +278,19 @@ def failure_message(settings: Settings, job: JobInfo) -> str:
 
 @dataclass
 class Step:
+    """One job of a pipeline; `config` is the workload's model, kept as its JSON text."""
+
     name: str
     workload: str
-    args: list[str] = field(default_factory=list)
+    config: BaseModel | str | None = None
     status: str = "PENDING"  # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, SKIPPED
     job_id: str | None = None
     started: float | None = None
     ended: float | None = None
     message: str = ""
+
+    def __post_init__(self) -> None:
+        self.config = config_json(self.config)
 
 
 @dataclass
@@ -284,8 +318,6 @@ def _pipeline_path(settings: Settings, pipeline_id: str) -> Path:
 
 
 def save_pipeline(settings: Settings, run_: PipelineRun) -> None:
-    from flowops.durable import atomic_write_text
-
     settings.pipelines_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(_pipeline_path(settings, run_.id), json.dumps(run_.to_dict(), indent=2))
 
@@ -343,7 +375,7 @@ def run_pipeline(
             if on_event:
                 on_event(run_, step)
             try:
-                submit(settings, step.workload, step.args, submission_id=job_id,
+                submit(settings, step.workload, step.config, submission_id=job_id,
                        metadata={"pipeline": pid, "step": step.name, **run_.metadata})
             except Conflict:
                 pass  # submitted before a restart: adopt the existing job

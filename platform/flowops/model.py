@@ -9,7 +9,6 @@ pixel values 0-255 scaled to [0, 1].
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +17,10 @@ import torch
 from torch import nn
 
 from flowops.errors import InvalidInput, NotFound
+from flowops.refs import ModelRef
 from flowops.settings import Settings
 
 MODEL_ARTIFACT = "model"
-_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
 class ImageClassifier(nn.Module):
@@ -119,30 +118,21 @@ class LoadedModel:
         return self.model.image_size
 
 
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/<name>/<version>` or `models:/<name>@<alias>` -> (name, version, alias)."""
-    match = _URI.match(uri or "")
-    if not match:
-        raise InvalidInput(
-            f"model URI {uri!r} is not of the form models:/<name>/<version> or models:/<name>@<alias>"
-        )
-    return match["name"], match["version"], match["alias"]
-
-
-def resolve_model_version(settings: Settings, uri: str) -> tuple[str, str]:
-    """(name, version number) of a registry URI; NotFound naming what exists."""
+def resolve_model_version(settings: Settings, ref: ModelRef | str) -> tuple[str, str]:
+    """(name, version number) of a model reference (a ModelRef or its URI); NotFound naming
+    what exists."""
     from mlflow.exceptions import MlflowException
 
     from flowops.tracking import configure_mlflow
 
-    name, version, alias = parse_model_uri(uri)
+    ref = ref if isinstance(ref, ModelRef) else ModelRef.parse(ref)
     client = configure_mlflow(settings)
     try:
-        if alias:
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        return name, str(client.get_model_version(name, version).version)
+        if ref.alias:
+            return ref.name, str(client.get_model_version_by_alias(ref.name, ref.alias).version)
+        return ref.name, str(client.get_model_version(ref.name, ref.version).version)
     except MlflowException:
-        raise NotFound(f"model {uri} does not exist; {describe_registered(settings, name)}") from None
+        raise NotFound(f"model {ref.uri} does not exist; {describe_registered(settings, ref.name)}") from None
 
 
 def describe_registered(settings: Settings, name: str) -> str:
@@ -163,14 +153,14 @@ def describe_registered(settings: Settings, name: str) -> str:
     return f"existing versions of {name}: {', '.join(map(str, versions)) or 'none'}; aliases: {aliases}"
 
 
-def load_model(settings: Settings, uri: str, device: str = "cpu") -> LoadedModel:
+def load_model(settings: Settings, ref: ModelRef | str, device: str = "cpu") -> LoadedModel:
     """Load a registered model version (by number or alias) for inference."""
     import mlflow.pytorch
 
-    name, version = resolve_model_version(settings, uri)
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location=device)
+    name, version = resolve_model_version(settings, ref)
+    model = mlflow.pytorch.load_model(ModelRef.of(name, version).uri, map_location=device)
     model.eval()
-    return LoadedModel(model=model, name=name, version=version, uri=uri)
+    return LoadedModel(model=model, name=name, version=version, uri=str(ref))
 
 
 def log_model_version(

@@ -16,10 +16,8 @@ logged to MLflow (experiment `pseudo-labeling`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,8 +29,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops import data
+from flowops import data, ray_client
+from flowops.data import DataVersion
+from flowops.durable import atomic_write_bytes, atomic_write_text
 from flowops.errors import InvalidInput, NotFound
+from flowops.refs import ModelRef
 from flowops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,7 @@ class PseudoLabelResult:
 
 
 def default_model_uri(settings: Settings) -> str:
-    return f"models:/{settings.model_name}@production"
-
-
-def resolve_data_version(settings: Settings, version: str | None) -> str:
-    """`latest`/None -> the newest data version; otherwise the version, checked to exist."""
-    return data.resolve_version(settings, version)
+    return ModelRef.production(settings.model_name).uri
 
 
 def pool_rows(manifest: pd.DataFrame, pool: str) -> pd.DataFrame:
@@ -163,21 +159,6 @@ class Predictor:
         probs = predict_proba(self.model, to_batch(batch["pixels"]))
         return {"id": batch["id"], "path": batch["path"], "error": batch["error"],
                 "probabilities": probs.astype(np.float32)}
-
-
-def ensure_ray(settings: Settings) -> None:
-    """Connect this process to the cluster: inside a Ray job the job's, else the platform's."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from flowops.ray_client import apply_ray_auth_env
-
-    apply_ray_auth_env(settings)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(address=settings.gcs_address, log_to_driver=False)
 
 
 def score_batches(
@@ -317,10 +298,8 @@ def select_confident(
 
 
 def _replace_file(src: Path, dest: Path) -> None:
-    """Copy src to dest by writing a new file and renaming (dest may be a hard link to the cache)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    """Copy src to dest as a new file (dest may be a hard link into the cache)."""
+    atomic_write_bytes(dest, src.read_bytes())
 
 
 def _write_pseudo(settings: Settings, staging: Path, predictions: pd.DataFrame,
@@ -328,9 +307,7 @@ def _write_pseudo(settings: Settings, staging: Path, predictions: pd.DataFrame,
     manifest = pd.read_csv(staging / "manifest.csv", dtype=str, keep_default_na=False)
     picked = select_confident(predictions, threshold, human_labeled_ids(settings, manifest))
     picked = picked[picked["id"].isin(set(manifest["id"]))]
-    tmp = staging / f".{PSEUDO_LABELS_FILE}.tmp"
-    picked.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, staging / PSEUDO_LABELS_FILE)
+    atomic_write_text(staging / PSEUDO_LABELS_FILE, picked.to_csv(index=False, float_format="%.6f"))
     return len(picked)
 
 
@@ -342,8 +319,8 @@ def accept_pseudo_labels(
     Reads `predictions.parquet` of `data_version` (default latest); images labeled by people (the
     inbox, labeled manifest rows) are left out. The manifest is never changed.
     """
-    tag = resolve_data_version(settings, data_version)
-    predictions = read_predictions(settings, tag)
+    version = data.open_version(settings, data_version)
+    predictions = read_predictions(version)
     accepted: dict[str, int] = {}
 
     def apply(staging: Path) -> None:
@@ -352,18 +329,17 @@ def accept_pseudo_labels(
     model_versions = ",".join(sorted(set(predictions["model_version"]))) or "-"
     info = data.cut_version(
         settings, f"pseudo-labels: score >= {threshold} from model v{model_versions} "
-        f"(predictions of {tag})", apply,
+        f"(predictions of {version.tag})", apply,
     )
     return info, accepted.get("n", 0)
 
 
-def read_predictions(settings: Settings, version: str | None = None) -> pd.DataFrame:
+def read_predictions(version: DataVersion) -> pd.DataFrame:
     """`predictions.parquet` of a data version; NotFound when no pseudo-label run wrote one."""
-    tag = resolve_data_version(settings, version)
-    path = data.materialize(settings, tag) / PREDICTIONS_FILE
+    path = version.root / PREDICTIONS_FILE
     if not path.exists():
         raise NotFound(
-            f"data version {tag} holds no predictions; run `flowops pseudo-label` first"
+            f"data version {version.tag} holds no predictions; run `flowops pseudo-label` first"
         )
     return pd.read_parquet(path)
 
@@ -384,19 +360,18 @@ def run_pseudo_label(
     # 1. The model first: an unknown URI fails before any data is read.
     uri = cfg.model_uri or default_model_uri(settings)
     name, version = model_lib.resolve_model_version(settings, uri)
-    tag = resolve_data_version(settings, cfg.data_version)
-    loaded = model_lib.load_model(settings, f"models:/{name}/{version}")
+    source = data.open_version(settings, cfg.data_version)
+    tag = source.tag
+    loaded = model_lib.load_model(settings, ModelRef.of(name, version))
     say(f"model {name} v{version} ({uri}); data version {tag}, pool {cfg.pool}")
 
-    root = data.materialize(settings, tag)
-    meta = json.loads((root / "meta.json").read_text())
-    if [str(c) for c in meta["classes"]] != [str(c) for c in loaded.classes]:
+    if source.classes != [str(c) for c in loaded.classes]:
         raise InvalidInput(
             f"model {name} v{version} predicts classes {loaded.classes}, but data version {tag} "
-            f"has classes {meta['classes']}"
+            f"has classes {source.classes}"
         )
-    manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
-    rows = pool_rows(manifest, cfg.pool)
+    root = source.root
+    rows = pool_rows(source.manifest, cfg.pool)
     if cfg.limit:
         rows = rows.iloc[: cfg.limit]
     if rows.empty:
@@ -404,7 +379,7 @@ def run_pseudo_label(
 
     run_name = f"pseudo-label-{tag}-m{version}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = cfg.output_dir or settings.home / "batch" / run_name
-    ensure_ray(settings)
+    ray_client.connect(settings)
     say(f"scoring {len(rows)} images with {cfg.actors} actor(s), batch size {cfg.batch_size}")
     started = time.perf_counter()
     next_report = [0]

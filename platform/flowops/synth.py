@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowops import data
+from flowops.durable import atomic_write_text
 from flowops.errors import InvalidInput
 from flowops.settings import Settings
 
@@ -64,11 +64,11 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sources(root: Path) -> tuple[list[np.ndarray], list[str]]:
+def _sources(version: data.DataVersion) -> tuple[list[np.ndarray], list[str]]:
     """Every image of the version that has a known label (manifest label or answers.csv)."""
     from PIL import Image
 
-    manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+    root, manifest = version.root, version.manifest
     answers = {}
     if (root / "answers.csv").exists():
         ans = pd.read_csv(root / "answers.csv", dtype=str, keep_default_na=False)
@@ -92,11 +92,10 @@ def _sources(root: Path) -> tuple[list[np.ndarray], list[str]]:
 
 def synthesize(settings: Settings, cfg: SynthConfig, on_progress=None) -> data.VersionInfo:
     """Cut a new data version whose unlabeled pool gains `cfg.count` augmented images."""
-    base = data.resolve_version(settings, cfg.data_version)
-    root = data.materialize(settings, base)
-    pixels, labels = _sources(root)
+    base = data.open_version(settings, cfg.data_version)
+    pixels, labels = _sources(base)
     if not pixels:
-        raise InvalidInput(f"data version {base} has no labeled or answered images to augment")
+        raise InvalidInput(f"data version {base.tag} has no labeled or answered images to augment")
     rng = np.random.default_rng(cfg.seed)
     picks = rng.integers(0, len(pixels), size=cfg.count)
 
@@ -124,15 +123,12 @@ def synthesize(settings: Settings, cfg: SynthConfig, on_progress=None) -> data.V
         added = pd.DataFrame(rows, columns=data.MANIFEST_COLUMNS)
         data.write_manifest(staging / "manifest.csv", pd.concat([manifest, added], ignore_index=True))
         merged = pd.concat([answers, pd.DataFrame(new_answers, columns=["id", "label"])])
-        tmp = answers_path.with_name(".answers.csv.tmp")
-        merged.to_csv(tmp, index=False)
-        os.replace(tmp, answers_path)  # replace: the staging file is a hard link into the cache
+        # New files, never edits in place: the staging files are hard links into the cache.
+        atomic_write_text(answers_path, merged.to_csv(index=False))
         meta = json.loads((staging / "meta.json").read_text())
         meta["synth_images"] = int(meta.get("synth_images", 0)) + cfg.count
-        tmp_meta = staging / ".meta.json.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_meta, staging / "meta.json")
+        atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
 
     return data.cut_version(
-        settings, f"synth: {cfg.count} augmented copies of {base} (seed {cfg.seed})", write
+        settings, f"synth: {cfg.count} augmented copies of {base.tag} (seed {cfg.seed})", write
     )

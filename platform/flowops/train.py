@@ -1,26 +1,23 @@
 """Training: one plain PyTorch loop, run in one process or on N workers under Ray Train.
 
 `train_loop(config)` is the loop an ML engineer writes for one device (model, data loader,
-optimizer, epochs). Run distributed, three things change, all inside `_Session`:
-`ray.train.torch.prepare_model(model)`, `ray.train.torch.prepare_data_loader(loader)` and
-`ray.train.report(metrics, checkpoint=...)` every epoch (restored through
-`ray.train.get_checkpoint()` when a failed worker group restarts).
+optimizer, epochs). Run distributed, three things change, all inside its session
+(`flowops.train_session`): the model and the data loader are prepared by Ray Train, and every
+epoch reports metrics and a checkpoint.
 
-`train(settings, TrainConfig)` is the driver: it checks the inputs before anything starts (data
-version, base model, cluster resources), opens one MLflow run, runs the loop, evaluates the final
-weights on the data version's holdout, and registers the model as a new version (stage
-`experiment`). Same data version + config + seed on CPU (and the same worker count) gives the same
-metrics and the same weights hash.
+`train(settings, TrainConfig)` is the driver: it opens the data version once and checks the inputs
+before anything starts (data version, base model, cluster resources), opens one MLflow run, runs
+the loop, evaluates the final weights on the data version's holdout, and registers the model as a
+new version (stage `experiment`). Same data version + config + seed on CPU (and the same worker
+count) gives the same metrics and the same weights hash.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,14 +26,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops.errors import FlowOpsError, InvalidInput, JobFailed
+from flowops import ray_client
+from flowops.data import DataVersion
+from flowops.errors import FlowOpsError, InvalidInput, validated_json
 from flowops.evaluate import Split, split_from_rows
 from flowops.settings import Settings
+from flowops.train_session import create_session, run_local, run_ray_train
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "state.pt"
-FAULT_EPOCH = 2  # the epoch at which the test-only fault hook kills rank 1 (once)
 
 
 class TrainConfig(BaseModel):
@@ -83,6 +80,11 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        return (f"run {self.run_id}: holdout accuracy {self.metrics['holdout_accuracy']:.4f}, "
+                f"macro F1 {self.metrics['macro_f1']:.4f}, weights {self.weights_hash[:12]}, "
+                f"registered {self.model_name} version {self.version}")
+
 
 @dataclass
 class TrainingData:
@@ -96,24 +98,19 @@ class TrainingData:
 # Data ----------------------------------------------------------------------------------------------
 
 
-def load_training_data(settings: Settings, version: str, *, include_pseudo: bool, val_fraction: float,
+def load_training_data(version: DataVersion, *, include_pseudo: bool, val_fraction: float,
                        seed: int) -> TrainingData:
     """The version's train split (minus a seeded validation slice), plus pseudo-labels if asked."""
-    from flowops import data
-
-    root = data.materialize(settings, version)
-    meta = data.read_meta(settings, version)
-    manifest = data.read_manifest(settings, version)
-    classes, size = list(meta["classes"]), int(meta["image_size"])
-    train_rows = manifest[(manifest["split"] == "train") & (manifest["label"] != "")]
+    root, classes, size = version.root, version.classes, version.image_size
+    train_rows = version.rows("train", labeled=True)
     if train_rows.empty:
-        raise InvalidInput(f"data version {version} has no labeled training images")
+        raise InvalidInput(f"data version {version.tag} has no labeled training images")
     order = np.random.default_rng(seed).permutation(len(train_rows))
     n_val = int(round(len(train_rows) * val_fraction))
     val_rows, fit_rows = train_rows.iloc[order[:n_val]], train_rows.iloc[order[n_val:]]
     n_pseudo = 0
     if include_pseudo:
-        pseudo = pseudo_rows(root, manifest, classes)
+        pseudo = pseudo_rows(root, version.manifest, classes)
         n_pseudo = len(pseudo)
         fit_rows = fit_rows._append(pseudo[["id", "path", "label"]], ignore_index=True)
     return TrainingData(
@@ -174,14 +171,14 @@ def unwrap(model):
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """The training loop: plain single-device PyTorch. `_Session` is where distribution plugs in."""
+    """The training loop: plain single-device PyTorch. The session is where distribution plugs in."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     from flowops.model import ImageClassifier
 
-    session = _Session.create(config)
+    session = create_session(config)
     seed = int(config["seed"])
     seed_everything(seed + session.rank)  # same init everywhere (DDP broadcasts rank 0's anyway)
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
@@ -244,184 +241,6 @@ def train_loop(config: dict[str, Any]) -> None:
         })
 
 
-class _Session:
-    """Where the loop runs: in this process ('local'), under Ray Train ('train') or Ray Tune ('tune')."""
-
-    rank = 0
-
-    @staticmethod
-    def create(config: dict[str, Any]) -> _Session:
-        mode = config.get("mode", "local")
-        return {"local": _LocalSession, "train": _TrainSession, "tune": _TuneSession}[mode](config)
-
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-        self._mlflow = None
-        self._run_id = (config.get("mlflow") or {}).get("run_id")
-
-    def device(self):
-        import torch
-
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def prepare_model(self, model):
-        return model
-
-    def prepare_data_loader(self, loader):
-        return loader
-
-    def maybe_fail(self, epoch: int) -> None:
-        """Test-only fault hook: rank 1 exits hard once at FAULT_EPOCH (a real worker failure)."""
-        marker = self.config.get("fault_marker")
-        if marker and self.rank == 1 and epoch == FAULT_EPOCH and not Path(marker).exists():
-            Path(marker).write_text(f"rank 1 killed at epoch {epoch} pid {os.getpid()}\n")
-            # Train V2's controller registers reported checkpoints when it polls the workers
-            # (about every second); a crash a few seconds after the last report, as real epochs
-            # take, finds that checkpoint registered. Crashing within milliseconds would not.
-            time.sleep(5)
-            os._exit(1)
-
-    def log_metrics(self, metrics: dict[str, Any]) -> None:
-        """Per-epoch metrics to the MLflow run (rank 0 only)."""
-        if self.rank != 0 or not self.config.get("mlflow"):
-            return
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        info = self.config["mlflow"]
-        if self._mlflow is None:
-            self._mlflow = MlflowClient(tracking_uri=info["tracking_uri"])
-        if self._run_id is None:  # a Tune trial: its own child run under the parent
-            run = self._mlflow.create_run(
-                info["experiment_id"], run_name=info.get("run_name"),
-                tags={"mlflow.parentRunId": info["parent_run_id"], **info.get("tags", {})},
-            )
-            self._run_id = run.info.run_id
-            for key, value in info.get("params", {}).items():
-                self._mlflow.log_param(self._run_id, key, value)
-        now = int(time.time() * 1000)
-        step = int(metrics["epoch"])
-        values = [Metric(k, float(metrics[k]), now, step)
-                  for k in ("train_loss", "val_accuracy", "epoch_time_s")]
-        self._mlflow.log_batch(self._run_id, metrics=values)
-
-    def restore(self) -> dict[str, Any] | None:
-        return None
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def _save(state: dict[str, Any], folder: Path) -> None:
-        import torch
-
-        torch.save(state, folder / CHECKPOINT_FILE)
-
-    @staticmethod
-    def _load(folder: str | Path) -> dict[str, Any]:
-        import torch
-
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-
-
-class _LocalSession(_Session):
-    """One process; checkpoints go to the run's folder every epoch."""
-
-    def __init__(self, config: dict[str, Any]):
-        super().__init__(config)
-        self.folder = Path(config["checkpoint_dir"])
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    def report(self, metrics, state) -> None:
-        target = self.folder / f"checkpoint_epoch_{metrics['epoch']:04d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.folder, prefix=".tmp-"))
-        self._save(state, tmp)
-        os.replace(tmp, target) if not target.exists() else None
-        with open(self.folder / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-        self.log_metrics(metrics)
-        log.info("epoch %d: loss %.4f val_accuracy %.4f (%.2fs)", metrics["epoch"],
-                 metrics["train_loss"], metrics["val_accuracy"], metrics["epoch_time_s"])
-
-
-class _TrainSession(_Session):
-    """A Ray Train worker: prepared model and loader, checkpoint reported by rank 0 every epoch."""
-
-    def __init__(self, config: dict[str, Any]):
-        import ray.train
-
-        super().__init__(config)
-        self.rank = ray.train.get_context().get_world_rank()
-
-    def device(self):
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-
-    def prepare_model(self, model):
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-    def prepare_data_loader(self, loader):
-        import ray.train.torch
-
-        # move_to_device=False: the loop moves batches itself, exactly as on one device.
-        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-
-    def restore(self):
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            state = self._load(folder)
-        log.info("rank %d resumes from the checkpoint of epoch %d", self.rank, state["epoch"])
-        return state
-
-    def report(self, metrics, state) -> None:
-        import ray.train
-
-        clean = {k: v for k, v in metrics.items() if k != "resumed_at"}
-        clean["resumed_at"] = ",".join(map(str, metrics["resumed_at"]))
-        if self.rank != 0:
-            ray.train.report(clean, checkpoint=None)
-            return
-        self.log_metrics(metrics)
-        # Upload in the background: on short epochs a synchronous upload costs more than the
-        # epoch. Ray deletes the local folder once it is uploaded.
-        tmp = tempfile.mkdtemp(prefix="flowops-ckpt-")
-        self._save(state, Path(tmp))
-        ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
-
-
-class _TuneSession(_Session):
-    """A Ray Tune trial: one process, metrics to the scheduler, a child run in MLflow."""
-
-    def restore(self):
-        import ray.tune
-
-        checkpoint = ray.tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return self._load(folder)
-
-    def report(self, metrics, state) -> None:
-        import ray.tune
-
-        self.log_metrics(metrics)
-        clean = {k: v for k, v in metrics.items() if k != "resumed_at"}
-        if self._run_id:
-            clean["mlflow_run_id"] = self._run_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self._save(state, Path(tmp))
-            ray.tune.report(clean, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
-
-
 # Input checks --------------------------------------------------------------------------------------
 
 
@@ -447,44 +266,15 @@ def check_resources(config: TrainConfig, total: dict[str, float], per_node_max: 
             )
 
 
-def connect_ray(settings: Settings) -> None:
-    """Connect this driver to the cluster (inside a Ray job: the job's cluster)."""
-    from flowops.ray_client import apply_ray_auth_env
-
-    apply_ray_auth_env(settings)
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(log_to_driver=True)
-        return
-    from flowops.ray_client import require_cluster
-
-    require_cluster(settings)
-    ray.init(address=settings.gcs_address, runtime_env={"env_vars": settings.job_env()},
-             log_to_driver=True)
-
-
-def cluster_resources() -> tuple[dict[str, float], dict[str, float]]:
-    import ray
-
-    per_node: dict[str, float] = {}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        for key, value in node.get("Resources", {}).items():
-            per_node[key] = max(per_node.get(key, 0.0), float(value))
-    return dict(ray.cluster_resources()), per_node
-
-
 # The driver ----------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Plan:
+class TrainPlan:
+    """Checked inputs of a run: the config, the opened data version, the loaded images, the base."""
+
     config: TrainConfig
-    data_version: str
+    data_version: DataVersion
     data: TrainingData
     holdout: Split
     init_state: dict | None
@@ -492,25 +282,24 @@ class _Plan:
     base: str | None  # "name/version" of the base model
 
 
-def plan(settings: Settings, config: TrainConfig) -> _Plan:
+def plan(settings: Settings, config: TrainConfig) -> TrainPlan:
     """Check every input and load the data; nothing has started yet when this raises."""
     from flowops import data
     from flowops.evaluate import holdout_split
 
-    version = data.resolve_version(settings, config.data_version)
+    version = data.open_version(settings, config.data_version)
     if config.freeze_epochs > config.epochs:
         raise InvalidInput(f"--freeze-epochs {config.freeze_epochs} exceeds --epochs {config.epochs}")
     init_state, width, base = None, config.width, None
-    meta = data.read_meta(settings, version)
     if config.init_from:
         from flowops.model import load_model
 
         loaded = load_model(settings, config.init_from)
-        if list(loaded.classes) != list(meta["classes"]) or loaded.image_size != int(meta["image_size"]):
+        if list(loaded.classes) != version.classes or loaded.image_size != version.image_size:
             raise InvalidInput(
                 f"base model {loaded.name}/{loaded.version} has classes {loaded.classes} and image size "
-                f"{loaded.image_size}; data version {version} has {meta['classes']} and "
-                f"{meta['image_size']}"
+                f"{loaded.image_size}; data version {version.tag} has {version.classes} and "
+                f"{version.image_size}"
             )
         init_state = {k: v.cpu() for k, v in loaded.model.state_dict().items()}
         width = int(getattr(loaded.model, "width", width))
@@ -520,13 +309,13 @@ def plan(settings: Settings, config: TrainConfig) -> _Plan:
 
         if not torch.cuda.is_available():
             raise InvalidInput(f"--gpus-per-worker {config.gpus_per_worker:g} asked, but torch sees no GPU")
-    training = load_training_data(settings, version, include_pseudo=config.include_pseudo,
+    training = load_training_data(version, include_pseudo=config.include_pseudo,
                                   val_fraction=config.val_fraction, seed=config.seed)
-    holdout, _, _ = holdout_split(settings, version)
-    return _Plan(config, version, training, holdout, init_state, width, base)
+    return TrainPlan(config, version, training, holdout_split(version), init_state, width, base)
 
 
-def _loop_config(p: _Plan, mode: str, mlflow_info: dict | None, checkpoint_dir: Path) -> dict[str, Any]:
+def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None, checkpoint_dir: Path) -> dict[str, Any]:
+    """The plain dict `train_loop` runs on (arrays, hyperparameters, where to report)."""
     c = p.config
     return {
         "mode": mode, "seed": c.seed, "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr,
@@ -539,54 +328,14 @@ def _loop_config(p: _Plan, mode: str, mlflow_info: dict | None, checkpoint_dir: 
     }
 
 
-def run_loop_local(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Run the loop in this process; returns the last checkpoint's state."""
-    train_loop(loop_config)
-    folder = Path(loop_config["checkpoint_dir"])
-    last = sorted(folder.glob("checkpoint_epoch_*"))[-1]
-    return _Session._load(last)
-
-
-def run_loop_ray(settings: Settings, p: _Plan, loop_config: dict[str, Any], storage: Path,
-                 name: str) -> dict[str, Any]:
-    """Run the loop on `workers` Ray Train workers; returns the last checkpoint's state."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    c = p.config
-    resources = {"CPU": c.cpus_per_worker}
-    if c.gpus_per_worker > 0:
-        resources["GPU"] = c.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError and friends
-        first = str(exc).strip().splitlines()
-        raise JobFailed(f"training failed on Ray Train: {first[0] if first else type(exc).__name__}") from exc
-    if result.checkpoint is None:
-        raise JobFailed("training ended without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        return _Session._load(folder)
-
-
-def run_tags(settings: Settings, p: _Plan, mode: str) -> dict[str, str]:
+def run_tags(p: TrainPlan, mode: str) -> dict[str, str]:
     import ray
     import torch
 
     from flowops.tracking import project_commit
 
     return {
-        "data_version": p.data_version,
+        "data_version": p.data_version.tag,
         "base_model": p.config.init_from or "none",
         "base_model_version": p.base or "none",
         "git_commit": os.environ.get("FLOWOPS_GIT_COMMIT") or project_commit(),
@@ -599,7 +348,7 @@ def run_tags(settings: Settings, p: _Plan, mode: str) -> dict[str, str]:
     }
 
 
-def finish_run(settings: Settings, p: _Plan, model, *, tags: dict[str, str], register: bool,
+def finish_run(settings: Settings, p: TrainPlan, model, *, tags: dict[str, str], register: bool,
                model_name: str) -> tuple[dict[str, Any], str, str | None]:
     """In the active MLflow run: holdout metrics, confusion matrix, weights hash, registration."""
     import mlflow
@@ -613,7 +362,7 @@ def finish_run(settings: Settings, p: _Plan, model, *, tags: dict[str, str], reg
     metrics = {"holdout_accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     mlflow.log_metrics({**metrics, **{f"f1_class_{c}": f for c, f in scores["per_class_f1"].items()}})
     mlflow.log_dict(scores, "holdout_metrics.json")
-    fig = confusion_figure(scores["confusion"], p.data.classes, f"holdout of {p.data_version}")
+    fig = confusion_figure(scores["confusion"], p.data.classes, f"holdout of {p.data_version.tag}")
     mlflow.log_figure(fig, "confusion_matrix.png")
     import matplotlib.pyplot as plt
 
@@ -622,7 +371,7 @@ def finish_run(settings: Settings, p: _Plan, model, *, tags: dict[str, str], reg
     version = None
     if register:
         version = log_model_version(settings, model, registered_name=model_name, tags={
-            "data_version": p.data_version, "base_model_version": p.base or "none",
+            "data_version": p.data_version.tag, "base_model_version": p.base or "none",
             "weights_hash": digest, "holdout_accuracy": f"{scores['accuracy']:.4f}",
             "macro_f1": f"{scores['macro_f1']:.4f}", "run_id": mlflow.active_run().info.run_id,
             "include_pseudo": tags.get("include_pseudo", "false"), "seed": tags.get("seed", ""),
@@ -641,29 +390,32 @@ def train(settings: Settings, config: TrainConfig) -> TrainResult:
     p = plan(settings, config)
     mode = "local" if config.local else "ray"
     if not config.local:
-        connect_ray(settings)
-        check_resources(config, *cluster_resources())
+        ray_client.connect(settings, log_to_driver=True, runtime_env={"env_vars": settings.job_env()})
+        check_resources(config, *ray_client.cluster_resources())
     model_name = config.model_name or settings.model_name
     configure_mlflow(settings)
-    run_name = config.run_name or f"train-{p.data_version}-s{config.seed}"
+    run_name = config.run_name or f"train-{p.data_version.tag}-s{config.seed}"
     with start_run(settings, config.experiment, run_name) as run:
         run_id = run.info.run_id
-        tags = run_tags(settings, p, mode)
+        tags = run_tags(p, mode)
         mlflow.set_tags(tags)
         params = config.model_dump(exclude={"fault_marker", "run_name"})
-        params.update(data_version=p.data_version, width=p.width, mode=mode,
+        params.update(data_version=p.data_version.tag, width=p.width, mode=mode,
                       train_samples=len(p.data.train), val_samples=len(p.data.val),
                       holdout_samples=len(p.holdout), pseudo_samples=p.data.n_pseudo)
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         mlflow_info = {"tracking_uri": settings.tracking_uri, "run_id": run_id}
         storage = settings.home / "train-runs"
         name = f"{run_name}-{run_id[:8]}"
-        loop_config = _loop_config(p, "local" if config.local else "train", mlflow_info, storage / name)
+        looped = loop_config(p, "local" if config.local else "train", mlflow_info, storage / name)
         started = time.perf_counter()
         if config.local:
-            state = run_loop_local(loop_config)
+            state = run_local(train_loop, looped)
         else:
-            state = run_loop_ray(settings, p, loop_config, storage, name)
+            state = run_ray_train(
+                train_loop, looped, workers=config.workers, cpus_per_worker=config.cpus_per_worker,
+                gpus_per_worker=config.gpus_per_worker, max_failures=config.max_failures,
+                storage=storage, name=name)
         mlflow.log_metric("train_wall_s", time.perf_counter() - started)
         resumed = list(state.get("resumed_at", []))
         if resumed:
@@ -674,7 +426,7 @@ def train(settings: Settings, config: TrainConfig) -> TrainResult:
                                               register=config.register_version, model_name=model_name)
     log.info("run %s: holdout accuracy %.4f, weights %s, version %s", run_id,
              metrics["holdout_accuracy"], digest[:12], version)
-    return TrainResult(run_id=run_id, version=version, model_name=model_name, data_version=p.data_version,
+    return TrainResult(run_id=run_id, version=version, model_name=model_name, data_version=p.data_version.tag,
                        metrics=metrics, weights_hash=digest, base_model_version=p.base,
                        resumed_at=resumed, mode=mode)
 
@@ -687,31 +439,7 @@ def recorded_config(settings: Settings, run_id: str) -> TrainConfig:
     raw = run.data.tags.get("flowops.train_config")
     if not raw:
         raise FlowOpsError(f"run {run_id} has no recorded training config (not trained by flowops)")
-    return TrainConfig(**json.loads(raw))
-
-
-def job_args(config: TrainConfig) -> list[str]:
-    """The `python -m jobs.train` arguments that reproduce `config` (for Ray jobs and RayJobs)."""
-    args: list[str] = []
-    defaults = TrainConfig()
-    flags = {
-        "data_version": "--data-version", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
-        "gpus_per_worker": "--gpus-per-worker", "epochs": "--epochs", "batch_size": "--batch-size",
-        "lr": "--lr", "width": "--width", "init_from": "--init-from", "freeze_epochs": "--freeze-epochs",
-        "seed": "--seed", "experiment": "--experiment", "model_name": "--model-name",
-        "max_failures": "--max-failures", "run_name": "--run-name", "fault_marker": "--fault-marker",
-    }
-    for key, flag in flags.items():
-        value = getattr(config, key)
-        if value is not None and value != getattr(defaults, key):
-            args += [flag, str(value)]
-    if config.include_pseudo:
-        args.append("--include-pseudo")
-    if not config.register_version:
-        args.append("--no-register")
-    if config.local:
-        args.append("--local")
-    return args
+    return validated_json(TrainConfig, raw, f"training config of run {run_id}")
 
 
 def precheck(settings: Settings, config: TrainConfig) -> TrainConfig:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flowops import ray_client
 from flowops.errors import JobFailed
 from flowops.settings import Settings
 
@@ -56,36 +57,28 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
 
     from flowops.model import ImageClassifier
     from flowops.tracking import ensure_experiment, start_run
-    from flowops.train import (
-        TrainConfig,
-        _loop_config,
-        _Session,
-        check_resources,
-        cluster_resources,
-        connect_ray,
-        finish_run,
-        plan,
-        run_tags,
-    )
+    from flowops.train import TrainConfig, check_resources, finish_run, loop_config, plan, run_tags
+    from flowops.train_session import load_checkpoint
 
     train_config = TrainConfig(data_version=config.data_version, epochs=config.epochs,
                                batch_size=config.batch_size, seed=config.seed,
                                experiment=config.experiment, cpus_per_worker=config.cpus_per_trial,
                                model_name=config.model_name)
     p = plan(settings, train_config)
-    connect_ray(settings)
-    check_resources(train_config, *cluster_resources())
+    ray_client.connect(settings, log_to_driver=True, runtime_env={"env_vars": settings.job_env()})
+    check_resources(train_config, *ray_client.cluster_resources())
+    data_version = p.data_version.tag
     experiment_id = ensure_experiment(settings, config.experiment)
-    with start_run(settings, config.experiment, f"tune-{p.data_version}") as parent:
-        tags = run_tags(settings, p, "tune")
+    with start_run(settings, config.experiment, f"tune-{data_version}") as parent:
+        tags = run_tags(p, "tune")
         mlflow.set_tags(tags)
         mlflow.log_params({"trials": config.trials, "epochs": config.epochs, "lrs": str(config.lrs),
                            "widths": str(config.widths), "scheduler": "ASHA", "seed": config.seed,
-                           "data_version": p.data_version})
+                           "data_version": data_version})
         mlflow_info = {"tracking_uri": settings.tracking_uri, "experiment_id": experiment_id,
                        "parent_run_id": parent.info.run_id, "run_id": None,
-                       "tags": {"data_version": p.data_version, "seed": str(config.seed)}}
-        base = _loop_config(p, "tune", mlflow_info, settings.home / "tune-runs")
+                       "tags": {"data_version": data_version, "seed": str(config.seed)}}
+        base = loop_config(p, "tune", mlflow_info, settings.home / "tune-runs")
         base["threads"] = max(1, int(config.cpus_per_trial))
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base),
                                         {"cpu": config.cpus_per_trial})
@@ -111,7 +104,7 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
         mlflow.log_params({"best_lr": best.config["lr"], "best_width": best.config["width"]})
         mlflow.log_metric("best_val_accuracy", best.metrics["val_accuracy"])
         with best.checkpoint.as_directory() as folder:
-            state = _Session._load(folder)
+            state = load_checkpoint(folder)
         p.width = int(best.config["width"])
         model = ImageClassifier(p.data.classes, p.data.image_size, width=p.width)
         model.load_state_dict(state["model"])

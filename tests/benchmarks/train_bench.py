@@ -106,7 +106,9 @@ def run(settings, args) -> dict:
     import ray
     import torch
 
-    from flowops.train import TrainConfig, _loop_config, connect_ray, plan, run_loop_local
+    from flowops import ray_client
+    from flowops.train import TrainConfig, loop_config, plan, train_loop
+    from flowops.train_session import run_local
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, cpus_per_worker=1,
                          register_version=False)
@@ -119,27 +121,27 @@ def run(settings, args) -> dict:
                     "load_avg_at_start": os.getloadavg()[0]},
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "repeat_data": args.repeat_data,
                    "train_samples": len(p.data.train), "threads_per_worker": 1,
-                   "data_version": p.data_version, "model": "ImageClassifier(width=32)"},
+                   "data_version": p.data_version.tag, "model": "ImageClassifier(width=32)"},
         "runs": {},
     }
 
     with tempfile.TemporaryDirectory() as tmp:  # (a) the plain loop in this process
-        loop = _loop_config(p, "local", None, Path(tmp) / "a")
+        loop = loop_config(p, "local", None, Path(tmp) / "a")
         started = time.time()
-        run_loop_local(loop)
+        run_local(train_loop, loop)
         finished = time.time()
         reports = [json.loads(ln) for ln in (Path(tmp) / "a" / "metrics.jsonl").read_text().splitlines()]
         results["runs"]["plain"] = _phases(reports, started, finished)
     print("plain loop", results["runs"]["plain"], flush=True)
 
-    connect_ray(settings)
+    ray_client.connect(settings, log_to_driver=True, runtime_env={"env_vars": settings.job_env()})
     for workers in (1, 2):  # (b), (c): Ray Train
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        loop = _loop_config(p, "train", None, Path("/unused"))
+        loop = loop_config(p, "train", None, Path("/unused"))
         trainer = TorchTrainer(
-            __import__("flowops.train", fromlist=["train_loop"]).train_loop,
+            train_loop,
             train_loop_config=loop,
             scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name=f"bench-{workers}w-{int(time.time())}",

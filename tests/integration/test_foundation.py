@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from flowops import jobs, tracking
+from flowops.data_check import DataCheckConfig
 from flowops.errors import JobFailed
 from tests.conftest import REPO, run_cli
 
@@ -67,7 +68,7 @@ def test_workload_through_the_ray_cli_with_the_token(dataset, stack):
     out = subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", ".",
          "--runtime-env-json", runtime_env, "--",
-         "python", "-m", "jobs.data_check", "--version", dataset],
+         "python", "-m", "jobs.data_check", "--config", json.dumps({"data_version": dataset})],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -76,9 +77,9 @@ def test_workload_through_the_ray_cli_with_the_token(dataset, stack):
 
 def test_pipeline_stops_at_the_failed_step_and_is_recorded(dataset, stack):
     steps = [
-        jobs.Step("check", "data_check", ["--version", dataset]),
-        jobs.Step("check-missing", "data_check", ["--version", "v999"]),
-        jobs.Step("never", "data_check", ["--version", dataset]),
+        jobs.Step("check", "data_check", DataCheckConfig(data_version=dataset)),
+        jobs.Step("check-missing", "data_check", DataCheckConfig(data_version="v999")),
+        jobs.Step("never", "data_check", DataCheckConfig(data_version=dataset)),
     ]
     with pytest.raises(JobFailed, match="check-missing.*v999"):
         jobs.run_pipeline(stack, "foundation-test", steps, pipeline_id="pipe-fail-1")
@@ -91,9 +92,9 @@ def test_pipeline_stops_at_the_failed_step_and_is_recorded(dataset, stack):
 def test_pipeline_restart_adopts_the_submitted_job(dataset, stack):
     """A runner that died after submitting resumes without a duplicate job."""
     pid = "pipe-resume-1"
-    step = jobs.Step("check", "data_check", ["--version", dataset])
+    step = jobs.Step("check", "data_check", DataCheckConfig(data_version=dataset))
     job_id = f"{pid}--0-check"
-    jobs.submit(stack, "data_check", step.args, submission_id=job_id)
+    jobs.submit(stack, "data_check", step.config, submission_id=job_id)
     step.job_id, step.status = job_id, "RUNNING"
     jobs.save_pipeline(stack, jobs.PipelineRun(id=pid, name="resume", steps=[step],
                                                status="RUNNING"))
@@ -107,6 +108,8 @@ def test_pipeline_restart_adopts_the_submitted_job(dataset, stack):
     "args, message",
     [
         (["jobs", "submit", "no_such_workload"], "unknown workload 'no_such_workload'; known"),
+        (["jobs", "submit", "data_check", "--", "--config", '{"version": "v1"}'],
+         "--config (DataCheckConfig): version: Extra inputs are not permitted"),
         (["data", "check", "--version", "v999"], "data version 'v999' does not exist"),
         (["jobs", "status", "no-such-job"], "no job 'no-such-job'"),
         (["data", "init", "--from", "/nonexistent"], "not a folder"),

@@ -174,8 +174,8 @@ def test_job_scores_good_files_and_lists_bad_ones(batch_env, job_result):
     assert reasons["bad-size"] == "wrong size 16x16, expected 8x8"
     assert all(reasons[i] for i in BAD)
     # the manifest is not touched by a pseudo-label run
-    before = data.read_manifest(settings, batch_env["data"])
-    assert data.read_manifest(settings, out).equals(before)
+    before = data.open_version(settings, batch_env["data"]).manifest
+    assert data.open_version(settings, out).manifest.equals(before)
 
 
 def test_run_is_logged_to_mlflow(batch_env, job_result):
@@ -197,7 +197,7 @@ def test_confident_pseudo_labels_are_kept_apart_from_human_labels(batch_env, job
     assert list(pseudo.columns) == ["id", "label", "score", "model_version"]
     assert len(pseudo) == job_result["accepted"] > 0
     assert (pseudo["score"] >= 0.9).all()
-    manifest = data.read_manifest(settings, out)
+    manifest = data.open_version(settings, out).manifest
     human = set(manifest.loc[manifest["label"] != "", "id"])
     assert not human & set(pseudo["id"])
     assert "pseudo" not in set(manifest["label_source"])
@@ -212,7 +212,7 @@ def test_confident_pseudo_labels_are_kept_apart_from_human_labels(batch_env, job
     again = pd.read_csv(data.materialize(settings, res["version"]) / "pseudo_labels.csv",
                         dtype={"id": str})
     assert chosen not in set(again["id"]) and res["accepted"] == len(pseudo) - 1
-    assert data.read_manifest(settings, res["version"]).equals(manifest)
+    assert data.open_version(settings, res["version"]).manifest.equals(manifest)
 
 
 def test_queue_is_most_uncertain_first_and_skips_labeled(batch_env, job_result, tmp_path):

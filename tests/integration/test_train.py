@@ -57,8 +57,8 @@ def test_training_through_the_real_ray_job_submit_cli(stack, dataset):
     renv = {"env_vars": stack.job_env(), "excludes": [".git", ".venv", "**/__pycache__", "tests"]}
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", ".",
-         "--runtime-env-json", json.dumps(renv), "--", "python", "-m", "jobs.train",
-         "--data-version", dataset, "--epochs", "2", "--experiment", "it-submit", "--json"],
+         "--runtime-env-json", json.dumps(renv), "--", "python", "-m", "jobs.train", "--config",
+         TrainConfig(data_version=dataset, epochs=2, experiment="it-submit").model_dump_json()],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ def _flowops(*args, home):
     return subprocess.run([sys.executable, "-m", "flowops.cli.main", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "FLOWOPS_HOME": str(home),
-                               "FLOWOPS_DASHBOARD_PORT": "29998"})
+                               "FLOWOPS_DASHBOARD_PORT": "29998",
+                               "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
 
 
 def test_unhealthy_status_exits_non_zero(tmp_path):
@@ -27,6 +29,9 @@ def test_unhealthy_status_exits_non_zero(tmp_path):
     (["data", "versions", "--bogus"], 2, "No such option: --bogus"),
     (["jobs", "status"], 2, "Missing argument"),
     (["data", "show", "v7"], 3, "no data version exists yet"),
+    (["jobs", "submit", "data_check", "--", "--config", "{oops"], 2, "--config is not valid JSON"),
+    (["jobs", "submit", "train", "--", "--epochs", "3"], 2, "unexpected arguments '--epochs 3'"),
+    (["jobs", "submit", "train", "--", "--config", "@/no/such.json"], 2, "cannot read"),
 ])
 def test_usage_and_lookup_errors_are_one_line_with_their_code(tmp_path, args, code, text):
     out = _flowops(*args, home=tmp_path)

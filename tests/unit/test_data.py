@@ -36,12 +36,14 @@ def test_digits_version_counts_and_split(settings_v1):
 
 
 def test_manifest_schema_and_hidden_answers(settings_v1):
-    manifest = data.read_manifest(settings_v1, "v1")
+    version = data.open_version(settings_v1, "v1")
+    manifest = version.manifest
     assert list(manifest.columns[:6]) == data.MANIFEST_COLUMNS
-    unlabeled = manifest[manifest.split == "unlabeled"]
+    unlabeled = version.rows("unlabeled")
     assert (unlabeled.label == "").all()
     assert not unlabeled.path.str.contains("/[0-9]/").any()  # the path does not leak the class
-    root = data.materialize(settings_v1, "v1")
+    assert version.classes == [str(i) for i in range(10)] and version.image_size == 8
+    root = version.root
     answers = (root / "answers.csv").read_text().splitlines()
     assert len(answers) == 1 + len(unlabeled)
     with Image.open(root / manifest.path.iloc[0]) as img:
@@ -62,7 +64,19 @@ def test_version_read_back_from_the_remote_on_another_machine(settings_v1, tmp_p
 def test_unknown_version_names_existing_ones(settings_v1):
     with pytest.raises(NotFound, match="v1"):
         data.resolve_version(settings_v1, "v42")
+    with pytest.raises(NotFound, match="v1"):
+        data.open_version(settings_v1, "v42")
     assert data.resolve_version(settings_v1, None) == data.latest_version(settings_v1)
+    assert data.open_version(settings_v1, "latest").tag == data.latest_version(settings_v1)
+
+
+def test_an_opened_version_fetches_its_files_once_and_only_when_asked(settings_v1):
+    cache = settings_v1.cache_dir / "data" / "v1"
+    shutil.rmtree(cache, ignore_errors=True)
+    version = data.open_version(settings_v1, "v1")
+    assert len(version.manifest) == 1797 and not cache.exists()  # read through DVC, not fetched
+    assert version.root == cache and (cache / "manifest.csv").exists()
+    assert version.root is version.root
 
 
 def test_failed_cut_leaves_previous_version_intact(settings_v1):
@@ -92,7 +106,7 @@ def test_cut_version_edits_a_copy(settings_v1):
     assert info.counts["train"] == 360 and info.counts["unlabeled"] == 1077
     # v1 is unchanged
     assert data.show_version(settings_v1, "v1").counts["train"] == 359
-    assert (data.read_manifest(settings_v1, "v1").split == "train").sum() == 359
+    assert len(data.open_version(settings_v1, "v1").rows("train")) == 359
 
 
 def _image_folder(root, classes=("cat", "dog"), per_class=6):
@@ -108,7 +122,7 @@ def test_init_from_user_folder(tmp_path):
     info = data.init_dataset(s, _image_folder(tmp_path / "imgs"), image_size=16)
     assert info.classes == ["cat", "dog"]
     assert sum(info.counts.values()) == 12
-    assert data.read_meta(s, info.id)["image_size"] == 16
+    assert data.open_version(s, info.id).image_size == 16
 
 
 def test_bad_folders_fail_clearly_and_keep_the_previous_version(settings_v1, tmp_path):

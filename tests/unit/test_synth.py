@@ -64,10 +64,10 @@ def test_synth_adds_unlabeled_images_with_answers_as_new_version(settings):
     info = synth.synthesize(settings, synth.SynthConfig(count=40, seed=3))
     assert info.id == "v2" and info.parent == "v1"
     assert info.counts == {"holdout": 5, "train": 10, "unlabeled": 55}
-    manifest = data.read_manifest(settings, "v2")
-    new = manifest[manifest["source"] == "synth"]
+    v2 = data.open_version(settings, "v2")
+    new = v2.manifest[v2.manifest["source"] == "synth"]
     assert len(new) == 40 and set(new["split"]) == {"unlabeled"} and set(new["label"]) == {""}
-    root = data.materialize(settings, "v2")
+    root = v2.root
     answers = pd.read_csv(root / "answers.csv", dtype=str)
     assert set(new["id"]) <= set(answers["id"])
     assert set(answers.set_index("id").loc[list(new["id"]), "label"]) <= {"0", "1", "2"}
@@ -76,7 +76,7 @@ def test_synth_adds_unlabeled_images_with_answers_as_new_version(settings):
             assert img.size == (8, 8)
     assert data.check_version(settings, "v2")["ok"]
     # the first version is untouched
-    assert len(data.read_manifest(settings, "v1")) == 30
+    assert len(data.open_version(settings, "v1").manifest) == 30
 
 
 def test_synth_cli_rejects_bad_count_in_one_line(settings):
@@ -84,6 +84,6 @@ def test_synth_cli_rejects_bad_count_in_one_line(settings):
 
     proc = run_cli("data", "synth", "--count", "0", env={"FLOWOPS_HOME": str(settings.home)})
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: --count:")
+    assert proc.stderr.strip().startswith("error: synth config: count:")
     assert "Traceback" not in proc.stderr
     assert data.latest_version(settings) == "v2"  # nothing was cut

@@ -1,25 +1,25 @@
-"""Training without a cluster: config, input checks, the loop's determinism and freezing."""
+"""Training without a cluster: config across the job boundary, input checks, the loop's
+determinism and freezing."""
 
 from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from flowops import jobs
+from flowops.entrypoint import parse_job_config
 from flowops.errors import InvalidInput
 from flowops.evaluate import classification_metrics
 from flowops.model import ImageClassifier
-from flowops.train import (
-    TrainConfig,
-    _Session,
-    check_resources,
-    job_args,
-    pseudo_rows,
-    train_loop,
-    weights_hash,
-)
-from jobs.train import build_parser, config_from_args
+from flowops.train import TrainConfig, check_resources, pseudo_rows, train_loop, weights_hash
+from flowops.train_session import load_checkpoint
+from tests.conftest import REPO
 
 
 def _loop_config(tmp_path, **over):
@@ -37,7 +37,7 @@ def _loop_config(tmp_path, **over):
 
 def _final_state(folder):
     last = sorted(folder.glob("checkpoint_epoch_*"))[-1]
-    return _Session._load(last)
+    return load_checkpoint(last)
 
 
 def test_config_rejects_unknown_and_out_of_range_fields():
@@ -85,11 +85,38 @@ def test_resources_beyond_the_cluster_are_refused_with_what_exists():
         check_resources(TrainConfig(gpus_per_worker=1), total, node)
 
 
-def test_job_args_round_trip_through_the_entrypoint_parser():
+def test_the_config_crosses_the_job_boundary_unchanged(tmp_path):
     config = TrainConfig(data_version="v3", workers=2, epochs=4, lr=0.01, init_from="models:/m@production",
-                         freeze_epochs=1, include_pseudo=True, seed=7, register_version=False)
-    parsed = config_from_args(build_parser().parse_args(job_args(config)))
-    assert parsed == config
+                         freeze_epochs=1, include_pseudo=True, seed=7, register_version=False,
+                         run_name="it's \"quoted\" $HOME")
+    command = shlex.split(jobs.entrypoint("train", config))  # what the job's shell runs
+    assert command[:4] == ["python", "-m", "jobs.train", "--config"]
+    assert parse_job_config(TrainConfig, command[3:]) == config
+    (tmp_path / "train.json").write_text(config.model_dump_json())
+    assert parse_job_config(TrainConfig, [f"--config=@{tmp_path / 'train.json'}"]) == config
+    assert parse_job_config(TrainConfig, []) == TrainConfig()
+    assert jobs.entrypoint("data_check") == "python -m jobs.data_check"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", '{"epoch": 3}'], "epoch: Extra inputs are not permitted"),
+    (["--config", '{"workers": 0}'], "workers: Input should be greater than or equal to 1"),
+    (["--config", "{not json"], "Invalid JSON"),
+    (["--config", "@/no/such/file.json"], "cannot read"),
+    (["--epochs", "3"], "unexpected arguments '--epochs 3'"),
+])
+def test_a_bad_job_config_is_one_line(argv, message):
+    with pytest.raises(InvalidInput, match=message) as caught:
+        parse_job_config(TrainConfig, argv)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_job_exits_2_with_one_line_on_a_bad_config():
+    proc = subprocess.run([sys.executable, "-m", "jobs.data_check", "--config", '{"version": "v1"}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --config (DataCheckConfig): version: Extra inputs are not permitted"]
 
 
 def test_pseudo_rows_take_the_path_from_the_manifest_and_skip_labeled_ids(tmp_path):

@@ -28,13 +28,14 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def submit_and_follow(cfg: Settings, workload: str, args: list[str], *, no_wait: bool = False,
+def submit_and_follow(cfg: Settings, workload: str, config: Any, *, no_wait: bool = False,
                       **submit_kwargs: Any) -> str:
-    """Submit a workload as a Ray job; unless no_wait, stream its logs and fail if it failed."""
+    """Submit a workload with its config (a pydantic model, its JSON, or None for defaults) as a
+    Ray job; unless no_wait, stream its logs and fail if it failed."""
     from flowops import jobs
     from flowops.errors import JobFailed
 
-    job_id = jobs.submit(cfg, workload, args, **submit_kwargs)
+    job_id = jobs.submit(cfg, workload, config, **submit_kwargs)
     console.print(f"submitted [bold]{job_id}[/bold] to {cfg.job_api}")
     if no_wait:
         return job_id

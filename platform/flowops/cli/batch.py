@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
 from flowops.cli._common import console, log_printer, print_json, settings
-from flowops.errors import InvalidInput, JobFailed
+from flowops.errors import InvalidInput, JobFailed, validated
 
 labels_app = typer.Typer(help="Labels: the review queue, pseudo-labels, the label inbox.",
                          no_args_is_help=True)
@@ -23,15 +22,6 @@ def register(app: typer.Typer) -> None:
     app.command("pseudo-label")(pseudo_label)
     app.add_typer(labels_app, name="labels")
     data_app.command("synth")(synth)
-
-
-def _config(cls, **values):
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]).replace("_", "-")
-        raise InvalidInput(f"--{where}: {err['msg']}") from None
 
 
 def pseudo_label(
@@ -51,28 +41,25 @@ def pseudo_label(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Score a pool with a registered model as a Ray job (Ray Data, stateful model actors)."""
-    from flowops import jobs
+    from flowops import data, jobs
     from flowops.model import resolve_model_version
-    from flowops.pseudo_label import PseudoLabelConfig, default_model_uri, resolve_data_version
+    from flowops.pseudo_label import PseudoLabelConfig, default_model_uri
+    from flowops.refs import ModelRef
 
     cfg = settings()
-    job_cfg = _config(
-        PseudoLabelConfig, model_uri=model_uri, data_version=data_version, pool=pool,
-        batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
+    job_cfg = validated(
+        PseudoLabelConfig, "pseudo-label config", model_uri=model_uri, data_version=data_version,
+        pool=pool, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor, size_rule=size_rule, accept_threshold=accept_threshold,
         version_output=not no_version,
     )
     uri = job_cfg.model_uri or default_model_uri(cfg)
     name, version = resolve_model_version(cfg, uri)  # fails here, before any data is read
-    tag = resolve_data_version(cfg, job_cfg.data_version)
-    args = ["--model-uri", f"models:/{name}/{version}", "--data-version", tag, "--pool", pool,
-            "--batch-size", batch_size, "--actors", actors, "--cpus-per-actor", cpus_per_actor,
-            "--gpus-per-actor", gpus_per_actor, "--size-rule", size_rule]
-    if accept_threshold is not None:
-        args += ["--accept-threshold", accept_threshold]
-    if no_version:
-        args.append("--no-version")
-    job_id = jobs.submit(cfg, "pseudo_label", args, metadata={
+    tag = data.resolve_version(cfg, job_cfg.data_version)
+    # Pinned: the job scores exactly the model version and data version resolved here.
+    job_cfg = job_cfg.model_copy(update={"model_uri": ModelRef.of(name, version).uri,
+                                         "data_version": tag})
+    job_id = jobs.submit(cfg, "pseudo_label", job_cfg, metadata={
         "data_version": tag, "model_version": version, "model_uri": uri})
     if no_wait:
         if as_json:
@@ -164,11 +151,9 @@ def labelstudio_config(
     """Print the Label Studio labeling config (XML) that exported tasks match."""
     from flowops import data
     from flowops import queue as queue_lib
-    from flowops.pseudo_label import resolve_data_version
 
-    cfg = settings()
-    meta = data.read_meta(cfg, resolve_data_version(cfg, data_version))
-    typer.echo(queue_lib.labelstudio_config(meta["classes"]), nl=False)
+    classes = data.open_version(settings(), data_version).classes
+    typer.echo(queue_lib.labelstudio_config(classes), nl=False)
 
 
 def synth(
@@ -180,7 +165,7 @@ def synth(
     """Add augmented copies (shift, rotation, noise) to the unlabeled pool as a new version."""
     from flowops.synth import SynthConfig, synthesize
 
-    cfg = _config(SynthConfig, count=count, data_version=data_version, seed=seed)
+    cfg = validated(SynthConfig, "synth config", count=count, data_version=data_version, seed=seed)
     with console.status(f"writing {count} augmented images…"):
         info = synthesize(settings(), cfg)
     if as_json:

@@ -87,7 +87,9 @@ def check(
     no_wait: bool = typer.Option(False, "--no-wait", help="Submit and return the job id."),
 ) -> None:
     """Validate a data version as a Ray job (jobs/data_check.py); the summary goes to MLflow."""
+    from flowops.data_check import DataCheckConfig
+
     cfg = settings()
     tag = data.resolve_version(cfg, version)
-    submit_and_follow(cfg, "data_check", ["--version", tag], no_wait=no_wait,
+    submit_and_follow(cfg, "data_check", DataCheckConfig(data_version=tag), no_wait=no_wait,
                       metadata={"data_version": tag})

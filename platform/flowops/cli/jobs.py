@@ -30,8 +30,11 @@ def submit(
     no_wait: bool = typer.Option(False, "--no-wait", help="Return after submitting."),
     num_cpus: float = typer.Option(0, "--entrypoint-num-cpus", help="CPUs reserved for the driver."),
 ) -> None:
-    """Submit WORKLOAD [-- ARGS…] as a Ray job; waits and streams its logs unless --no-wait."""
-    submit_and_follow(settings(), workload, list(ctx.args), no_wait=no_wait,
+    """Submit WORKLOAD [-- --config '<JSON>' | -- --config @file.json] as a Ray job; waits and
+    streams its logs unless --no-wait. Without --config the workload runs with its defaults."""
+    from flowops.entrypoint import config_arg
+
+    submit_and_follow(settings(), workload, config_arg(list(ctx.args)), no_wait=no_wait,
                       entrypoint_num_cpus=num_cpus)
 
 

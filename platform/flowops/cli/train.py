@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from flowops.cli._common import console, print_json, settings, submit_and_follow
-from flowops.errors import FlowOpsError, InvalidInput
+from flowops.errors import validated
 
 models_app = typer.Typer(help="Registered model versions and their stages (aliases).",
                          no_args_is_help=True)
@@ -26,20 +26,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
 
 
-def _config(**values):
-    from pydantic import ValidationError
-
-    from flowops.train import TrainConfig
-
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidInput(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-
-
-def _submit_and_follow(cfg, workload: str, args: list[str], no_wait: bool) -> None:
-    submit_and_follow(cfg, workload, args, no_wait=no_wait, metadata={"stage": workload})
+def _submit_and_follow(cfg, workload: str, config, no_wait: bool) -> None:
+    submit_and_follow(cfg, workload, config, no_wait=no_wait, metadata={"stage": workload})
 
 
 def train_cmd(
@@ -72,19 +60,19 @@ def train_cmd(
     from flowops import train
 
     cfg = settings()
-    config = _config(
-        data_version=data_version, workers=workers, cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker, epochs=epochs, batch_size=batch_size, lr=lr, width=width,
-        init_from=init_from, freeze_epochs=freeze_epochs, seed=seed, experiment=experiment,
-        model_name=model_name, include_pseudo=include_pseudo, max_failures=max_failures, local=local,
+    config = validated(
+        train.TrainConfig, "train config", data_version=data_version, workers=workers,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, epochs=epochs,
+        batch_size=batch_size, lr=lr, width=width, init_from=init_from, freeze_epochs=freeze_epochs,
+        seed=seed, experiment=experiment, model_name=model_name, include_pseudo=include_pseudo,
+        max_failures=max_failures, local=local,
     )
     if target is Target.k8s:  # checked by the RayJob on the Kubernetes cluster, not here
-        try:
-            from flowops.cluster import submit_train_k8s
-        except ImportError:
-            raise FlowOpsError("--target k8s needs flowops.cluster.submit_train_k8s, "
-                               "which this installation lacks") from None
-        typer.echo(submit_train_k8s(cfg, train.job_args(config), apply))  # raw YAML, no wrapping
+        from flowops.cluster import submit_train_k8s
+
+        # Fields left at their defaults stay out, so the cluster settings fill them (workers).
+        config_json = config.model_dump_json(exclude_defaults=True)
+        typer.echo(submit_train_k8s(cfg, config_json, apply))  # raw YAML, no wrapping
         return
     if not local:
         config = train.precheck(cfg, config)
@@ -93,11 +81,9 @@ def train_cmd(
         if as_json:
             print_json(result.to_dict())
         else:
-            console.print(f"run {result.run_id}: holdout accuracy "
-                          f"{result.metrics['holdout_accuracy']:.4f}; registered "
-                          f"{result.model_name} version {result.version}")
+            console.print(result.summary())
         return
-    _submit_and_follow(cfg, "train", train.job_args(config), no_wait)
+    _submit_and_follow(cfg, "train", config, no_wait)
 
 
 def tune_cmd(
@@ -110,15 +96,14 @@ def tune_cmd(
 ) -> None:
     """A small Ray Tune search (learning rate, width) with ASHA; registers the best trial's model."""
     from flowops import data
+    from flowops.tune import TuneConfig
 
     cfg = settings()
-    if cfg.data_repo is None:
+    if cfg.data_repo is None:  # pinned: the job reads the workspace as a remote repo
         data_version = data.resolve_version(cfg, data_version)
-    args = ["--trials", str(trials), "--epochs", str(epochs), "--experiment", experiment,
-            "--seed", str(seed)]
-    if data_version:
-        args += ["--data-version", data_version]
-    _submit_and_follow(cfg, "tune", args, no_wait)
+    config = validated(TuneConfig, "tune config", data_version=data_version, trials=trials,
+                       epochs=epochs, experiment=experiment, seed=seed)
+    _submit_and_follow(cfg, "tune", config, no_wait)
 
 
 # models ----------------------------------------------------------------------------------------

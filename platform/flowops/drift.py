@@ -417,22 +417,14 @@ def load_window(path: Path, image_size: int) -> np.ndarray:
     raise InvalidInput(f"window file {path} must be .npy or .parquet")
 
 
-def reference_images(settings: Settings, data_version: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The training images of a data version (N, S, S), their label indices, and the classes."""
-    from flowops import data
-    from flowops.model import decode_image
+def reference_images(version) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The training images of an opened data version (N, S, S), their label indices, the classes."""
+    from flowops.evaluate import version_split
 
-    root = data.materialize(settings, data_version)
-    meta = json.loads((root / "meta.json").read_text())
-    classes = [str(c) for c in meta["classes"]]
-    manifest = data.read_manifest(settings, data_version)
-    train = manifest[manifest["split"] == "train"]
-    if train.empty:
-        raise InvalidInput(f"data version {data_version} has no training images to build a reference from")
-    size = int(meta["image_size"])
-    images = np.stack([decode_image((root / p).read_bytes(), size) for p in train["path"]])
-    labels = np.array([classes.index(str(lbl)) for lbl in train["label"]])
-    return images, labels, classes
+    if version.rows("train", labeled=True).empty:
+        raise InvalidInput(f"data version {version.tag} has no training images to build a reference from")
+    train = version_split(version, "train")
+    return train.x, train.y, version.classes
 
 
 def load_reference(settings: Settings, model_uri: str, data_version: str | None = None,
@@ -450,7 +442,7 @@ def load_reference(settings: Settings, model_uri: str, data_version: str | None 
             f"{data_version}-{loaded.name}-{loaded.version}-pc{config.embedding_components}.npz")
     if path.exists():
         return Reference.load(path), loaded
-    images, labels, classes = reference_images(settings, data_version)
+    images, labels, classes = reference_images(data.open_version(settings, data_version))
     ref = build_reference(images, classes, model=loaded.model, labels=labels, config=config,
                           data_version=data_version, model_version=loaded.version)
     ref.save(path)

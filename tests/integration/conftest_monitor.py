@@ -123,6 +123,7 @@ def monitoring(stack, dataset):
     import httpx
 
     from flowops import events, jobs, labels
+    from flowops.data_check import DataCheckConfig
     from flowops.observability.prometheus import ray_service_discovery_file
     from tests.conftest import run_cli
 
@@ -141,7 +142,7 @@ def monitoring(stack, dataset):
         assert httpx.get(f"{stack.serve_url}/{PROBE_APP}", timeout=30).text == "ok"
 
     pipeline = jobs.run_pipeline(stack, "retrain-probe",
-                                 [jobs.Step("check", "data_check", ["--version", dataset])])
+                                 [jobs.Step("check", "data_check", DataCheckConfig(data_version=dataset))])
     labels.record_labels(stack, [labels.Label(f"mon-{i}", f"d{i:05d}", "4") for i in range(3)])
     events.emit(stack, "retrain_triggered", version="probe")
 

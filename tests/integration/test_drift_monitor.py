@@ -22,9 +22,9 @@ def registered(stack, dataset):
     from flowops import data, tracking
     from flowops.model import ImageClassifier, log_model_version
 
-    meta = data.read_meta(stack, dataset)
+    version = data.open_version(stack, dataset)
     torch.manual_seed(0)
-    model = ImageClassifier([str(c) for c in meta["classes"]], int(meta["image_size"]))
+    model = ImageClassifier(version.classes, version.image_size)
     with tracking.start_run(stack, "drift-monitor-test", run_name="probe-model"):
         import mlflow
 
@@ -38,10 +38,9 @@ def _window(stack, dataset, transform) -> np.ndarray:
     from flowops import data
     from flowops.model import decode_image
 
-    size = int(data.read_meta(stack, dataset)["image_size"])
-    root = data.materialize(stack, dataset)
-    manifest = data.read_manifest(stack, dataset)
-    rows = manifest[manifest["split"] == "holdout"].head(120)
+    version = data.open_version(stack, dataset)
+    size, root = version.image_size, version.root
+    rows = version.rows("holdout").head(120)
     return transform(np.stack([decode_image((root / p).read_bytes(), size) for p in rows["path"]]))
 
 

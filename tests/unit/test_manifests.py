@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-import json
 import shlex
 from pathlib import Path
 
@@ -137,10 +136,6 @@ def test_rendering_without_kustomize_is_one_clear_error(tmp_path, monkeypatch):
     assert "neither is installed" in proc.stderr and "Traceback" not in proc.stderr
 
 
-CONFIGS = {"jobs.train": "flowops.train:TrainConfig",
-           "jobs.pseudo_label": "flowops.pseudo_label:PseudoLabelConfig"}
-
-
 def test_entrypoints_and_import_paths_are_project_modules(rendered):
     modules, entrypoints, serve_args = set(), [], []
     for objects in rendered.values():
@@ -160,13 +155,15 @@ def test_entrypoints_and_import_paths_are_project_modules(rendered):
     assert not missing, f"entrypoints/import paths that are not modules of the project: {missing}"
     for module in modules:
         assert Path(importlib.util.find_spec(module).origin).is_relative_to(REPO)
-    # Each job gets one --config JSON that the job's own pydantic model accepts.
+    # The arguments are the ones the modules accept: their config, parsed as the job parses it.
+    from flowops.entrypoint import parse_job_config
+    from flowops.pseudo_label import PseudoLabelConfig
     from flowops.serving import ServeAppConfig
+    from flowops.train import TrainConfig
 
-    for module, *args in entrypoints:
-        assert args[0] == "--config" and len(args) == 2, (module, args)
-        config_module, config_class = CONFIGS[module].split(":")
-        getattr(importlib.import_module(config_module), config_class).model_validate(json.loads(args[1]))
+    configs = {"jobs.train": TrainConfig, "jobs.pseudo_label": PseudoLabelConfig}
+    for argv in entrypoints:
+        parse_job_config(configs[argv[0]], argv[1:])
     for import_path, args in serve_args:
         module, attr = import_path.split(":")
         assert callable(getattr(importlib.import_module(module), attr))  # a builder: it takes `args`

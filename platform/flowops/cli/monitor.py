@@ -43,32 +43,26 @@ def drift(
     """Check a window of live inputs for drift against the model's training data."""
     from flowops import drift as drift_mod
     from flowops import jobs
+    from flowops.drift_monitor import DriftMonitorConfig
 
     cfg = settings()
     config = drift_mod.make_config(alpha=alpha, correction=correction, class_test=class_test)
+    common = {"model_uri": model, "data_version": data_version, "drift": config,
+              "trigger": not no_trigger}
     if watch:
         if window is not None:
             raise InvalidInput("--watch checks the serving app's windows; it takes no --window")
         if interval <= 0:
             raise InvalidInput(f"--interval must be > 0 seconds, got {interval}")
-        args = ["--watch", str(drift_mod.windows_dir(cfg)), "--interval", str(interval),
-                "--alpha", str(alpha), "--correction", correction, "--class-test", class_test]
-        args += ["--model", model] if model else []
-        args += ["--data-version", data_version] if data_version else []
-        args += ["--no-trigger"] if no_trigger else []
+        job_config = DriftMonitorConfig(watch=drift_mod.windows_dir(cfg), interval_s=interval, **common)
         drift_mod.windows_dir(cfg).mkdir(parents=True, exist_ok=True)
-        job_id = jobs.submit(cfg, "drift_monitor", args)
+        job_id = jobs.submit(cfg, "drift_monitor", job_config)
         console.print(f"drift monitor running as Ray job [bold]{job_id}[/bold] (every {interval:g} s "
                       f"over {drift_mod.windows_dir(cfg)}); stop it with `ray job stop {job_id}`")
         return
     window = window or drift_mod.newest_window(cfg)
     if as_job:
-        args = ["--window", str(window.resolve()), "--alpha", str(alpha), "--correction", correction,
-                "--class-test", class_test]
-        args += ["--model", model] if model else []
-        args += ["--data-version", data_version] if data_version else []
-        args += ["--no-trigger"] if no_trigger else []
-        job_id = jobs.submit(cfg, "drift_monitor", args)
+        job_id = jobs.submit(cfg, "drift_monitor", DriftMonitorConfig(window=window.resolve(), **common))
         console.print(f"submitted [bold]{job_id}[/bold]")
         result = jobs.wait(cfg, job_id, on_log=None if as_json else log_printer)
         if result.status != "SUCCEEDED":

@@ -21,8 +21,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops import data, events, jobs, labels, loop, stack, timeline
+from flowops import data, events, jobs, labels, loop, queue, registry, serving, stack
+from flowops.durable import wait_until
 from flowops.errors import ClusterUnavailable, FlowOpsError, JobFailed
+from flowops.refs import ModelRef
+from flowops.rollout import AnalysisConfig
 from flowops.settings import Settings
 
 
@@ -125,7 +128,7 @@ class TrafficGenerator:
 def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str]]:
     from PIL import Image
 
-    version = loop.latest_data_version(settings)
+    version = data.resolve_version(settings, None)
     root = data.materialize(settings, version)
     manifest = data.read_manifest(settings, version)
     rows = manifest[manifest["split"] == "holdout"]
@@ -145,30 +148,32 @@ def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str
 def _train_job(settings: Settings, run_name: str, args: list[str], say) -> str:
     """Train as a Ray job (resumable pipeline); returns the registered model version."""
     pid = f"demo-{run_name}-{int(time.time())}"
-    args = [*args, "--run-name", run_name, "--data-version", loop.latest_data_version(settings)]
+    args = [*args, "--run-name", run_name, "--data-version", data.resolve_version(settings, None)]
     jobs.run_pipeline(settings, "demo-train", [jobs.Step("train", "train", args)],
                       pipeline_id=pid, on_event=lambda run, step: say(
                           f"   job {step.job_id}: {step.status}"))
-    return loop._registered_version(settings, run_name)
+    return registry.version_registered_by(settings, run_name)
 
 
-def wait_rollout(settings: Settings, rid: str, timeout_s: float, say) -> dict[str, Any]:
+def wait_rollout(settings: Settings, rid: str, timeout_s: float, say) -> loop.RolloutRecord:
     """Follow a rollout's events until it is done; print each as it happens."""
-    deadline = time.monotonic() + timeout_s
+    store = loop.RolloutStore(settings)
     printed: set[str] = set()
-    while time.monotonic() < deadline:
+
+    def finished() -> loop.RolloutRecord | None:
         for event in events.read_events(settings, rid):
             if event["key"] not in printed:
                 printed.add(event["key"])
                 say(f"   {time.strftime('%H:%M:%S', time.localtime(event['ts']))} "
                     f"{rid} {_describe(event)}")
-        record = loop.read_state(settings)["rollouts"].get(rid, {})
-        if record.get("stage") == "done":
+        record = store.get(rid)
+        if record.done:
             return record
         _check_controller(settings)
-        time.sleep(1.0)
-    raise JobFailed(f"rollout {rid} did not finish within {timeout_s:.0f}s; "
-                    "see `flowops loop status`")
+        return None
+
+    return wait_until(finished, timeout_s, interval_s=1.0, error=JobFailed,
+                      what=f"the end of rollout {rid} (see `flowops loop status`)")
 
 
 def _check_controller(settings: Settings) -> None:
@@ -200,8 +205,6 @@ def _describe(event: dict[str, Any]) -> str:
 def run_demo(settings: Settings, say: Callable[[str], None] = print,
              config: DemoConfig | None = None) -> dict[str, Any]:
     """The whole story; returns the timeline."""
-    from flowops import registry, serving
-
     cfg = config or DemoConfig()
     say("1/8 starting the embedded stack (Ray, Serve, MLflow store, data workspace)")
     stack.up(settings)
@@ -211,10 +214,10 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
     else:
         say(f"2/8 data version {data.latest_version(settings)} already exists")
 
-    prod = loop.production_version(settings)
+    prod = registry.production_version(settings)
     if prod is None:
         say(f"3/8 training model v1 on {cfg.workers} Ray Train workers (a Ray job)")
-        prod = _train_job(settings, f"demo-v1-{loop._home_tag(settings)}",
+        prod = _train_job(settings, f"demo-v1-{loop.home_tag(settings)}",
                           ["--epochs", str(cfg.epochs_v1), "--lr", str(cfg.lr_v1),
                            "--workers", str(cfg.workers),
                            "--cpus-per-worker", str(cfg.cpus_per_worker)], say)
@@ -228,8 +231,8 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
     say(f"   serving v{prod} at {settings.serve_url} (docs: {settings.serve_url}/docs)")
 
     say("4/8 pseudo-labeling the unlabeled pool with production (Ray Data job)")
-    jobs.run(settings, "pseudo_label", ["--model-uri", f"models:/{settings.model_name}/{prod}",
-                                        "--data-version", loop.latest_data_version(settings)],
+    jobs.run(settings, "pseudo_label", ["--model-uri", ModelRef.of(settings.model_name, prod).uri,
+                                        "--data-version", data.resolve_version(settings, None)],
              metadata={"demo": "bootstrap"})
 
     say(f"5/8 starting the loop controller (threshold {cfg.threshold} labels) and user traffic")
@@ -241,27 +244,27 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
         threshold=cfg.threshold, epochs=cfg.epochs_finetune, workers=cfg.workers,
         cpus_per_worker=cfg.cpus_per_worker, poll_s=1.0,
         train_args=["--lr", str(cfg.lr_finetune)],
-        analysis=loop.AnalysisConfig(min_requests=cfg.min_requests,
-                                     min_duration_s=cfg.min_duration_s)))
+        analysis=AnalysisConfig(min_requests=cfg.min_requests,
+                                min_duration_s=cfg.min_duration_s)))
     traffic = TrafficGenerator(settings, cfg.rate_per_s, cfg.feedback_share).start()
     try:
         say(f"6/8 simulated labelers label the {cfg.threshold} most uncertain images")
-        before = set(loop.read_state(settings)["order"])
-        result = loop.simulate_labels(settings, cfg.threshold)
+        before = {r.id for r in loop.RolloutStore(settings).records()}
+        result = queue.simulate_labels(settings, cfg.threshold)
         say(f"   {result['recorded']} labels from the {result['from']}; "
             f"inbox {labels.counts(settings)['new']} new")
         rid = _wait_new_rollout(settings, before)
         good = wait_rollout(settings, rid, cfg.timeout_s, say)
-        say(f"   {rid}: {good.get('status')}")
+        say(f"   {rid}: {good.status}")
 
         say("7/8 a deliberately bad model: trained from scratch for 2 epochs at a tiny learning "
             f"rate, validated against a lowered gate ({cfg.bad_gate:.2f})")
-        bad = _train_job(settings, f"demo-bad-{loop._home_tag(settings)}-{int(time.time())}",
+        bad = _train_job(settings, f"demo-bad-{loop.home_tag(settings)}-{int(time.time())}",
                          ["--epochs", "2", "--lr", "0.001", "--workers", "1"], say)
         rid = loop.submit_candidate(settings, bad, gate=_lowered_gate(cfg.bad_gate),
                                     reason="demo: a bad model goes through the canary")
         bad_record = wait_rollout(settings, rid, cfg.timeout_s, say)
-        say(f"   {rid}: {bad_record.get('status')}")
+        say(f"   {rid}: {bad_record.status}")
     finally:
         summary = traffic.stop()
         try:
@@ -272,8 +275,8 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
         f"{summary['feedback']} feedback labels; per version {summary['by_version']}")
 
     say("8/8 timeline (`flowops loop report`)")
-    rows = timeline.timeline(settings)
-    for line in timeline.format_timeline(rows):
+    rows = loop.timeline.timeline(settings)
+    for line in loop.timeline.format_timeline(rows):
         say("   " + line)
     say("")
     say(f"Ray dashboard : {settings.job_api}/#/jobs")
@@ -284,15 +287,16 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
 
 
 def _wait_new_rollout(settings: Settings, before: set[str], timeout_s: float = 120) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        new = [r for r in loop.read_state(settings)["order"] if r not in before]
-        if new:
-            return new[0]
-        _check_controller(settings)
-        time.sleep(0.5)
-    raise ClusterUnavailable("the loop controller did not pick up the labels within "
-                             f"{timeout_s:.0f}s; see `flowops loop status`")
+    store = loop.RolloutStore(settings)
+
+    def new_rollout() -> str | None:
+        new = [r.id for r in store.records() if r.id not in before]
+        if not new:
+            _check_controller(settings)
+        return new[0] if new else None
+
+    return wait_until(new_rollout, timeout_s, error=ClusterUnavailable,
+                      what="the loop controller picking up the labels (see `flowops loop status`)")
 
 
 def _gate_summary(report: Any) -> str:

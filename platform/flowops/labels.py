@@ -1,6 +1,7 @@
 """The label inbox: human labels waiting to become a data version.
 
-Labels arrive from the Label Studio webhook, `flowops labels add`, and simulated labelers; all go
+Labels arrive from the Label Studio webhook, `flowops labels add` (a CSV checked row by row by
+`add_labels_from_file`), and simulated labelers (`flowops.queue.simulate_labels`); all go
 through `record_labels`. The inbox is a SQLite database in the home folder, written in WAL mode
 with full fsync, so an acknowledged label survives a crash; it is idempotent per task id (the
 latest label for a task wins). `snapshot_labels` (the retraining loop) marks the labels a data
@@ -120,3 +121,43 @@ def mark_used(settings: Settings, task_ids: Iterable[str], version: str) -> int:
         )
         conn.execute("COMMIT")
     return len(ids)
+
+
+def add_labels_from_file(settings: Settings, path: Path, annotator: str = "") -> int:
+    """Record a CSV of task_id,image_id,label after checking every row against the latest data
+    version (known image outside the holdout, known class). All rows or none."""
+    import pandas as pd  # not at import time: the serving app's label webhook imports this module
+
+    from flowops import data
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"--file {path}: no such file")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"--file {path}: not a CSV ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in ("task_id", "image_id", "label") if c not in frame.columns]
+    if missing:
+        raise InvalidInput(f"--file {path}: missing column(s) {', '.join(missing)}; "
+                           "expected task_id,image_id,label")
+    if frame.empty:
+        raise InvalidInput(f"--file {path}: no rows")
+    version = data.resolve_version(settings, None)
+    classes = [str(c) for c in data.read_meta(settings, version)["classes"]]
+    manifest = data.read_manifest(settings, version).set_index("id")
+    for i, row in enumerate(frame.itertuples(index=False), start=2):
+        where = f"--file {path} line {i}"
+        if not row.task_id.strip() or not row.image_id.strip():
+            raise InvalidInput(f"{where}: task_id and image_id must not be empty")
+        if row.label not in classes:
+            raise InvalidInput(f"{where}: label {row.label!r} is not a class of data version "
+                               f"{version}; classes: {', '.join(classes)}")
+        if row.image_id not in manifest.index:
+            raise InvalidInput(f"{where}: image {row.image_id!r} is not in data version {version}")
+        if manifest.at[row.image_id, "split"] == "holdout":
+            raise InvalidInput(f"{where}: image {row.image_id!r} is in the holdout set, which "
+                               "is never relabeled (label unlabeled or train images)")
+    return record_labels(settings, [
+        Label(r.task_id.strip(), r.image_id.strip(), r.label, source="file", annotator=annotator)
+        for r in frame.itertuples(index=False)])

@@ -5,7 +5,8 @@ the images people have already labeled (the label inbox, labeled manifest rows),
 (top-1 minus top-2 probability, smallest first), then by entropy (largest first).
 
 `to_labelstudio_tasks` turns it into Label Studio tasks with the predictions as pre-annotations;
-`labelstudio_config` is the labeling config they match (`choice` -> `image`).
+`labelstudio_config` is the labeling config they match (`choice` -> `image`). `simulate_labels`
+stands in for people: it labels the head of the queue from the dataset's true answers.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
-from flowops import data
-from flowops.errors import InvalidInput
+from flowops import data, labels
+from flowops.errors import FlowOpsError, InvalidInput
 from flowops.pseudo_label import human_labeled_ids, read_predictions, resolve_data_version
 from flowops.settings import Settings
 
@@ -90,3 +91,44 @@ def labelstudio_config(classes: list[str]) -> str:
         "  </Choices>\n"
         "</View>\n"
     )
+
+
+def _labeling_candidates(settings: Settings, count: int) -> tuple[list[str], str]:
+    """Image ids to label next: the review queue's most uncertain first, else a random draw."""
+    try:
+        ids = [str(x) for x in review_queue(settings, top=count * 3)["id"]]
+        if ids:
+            return ids, "review queue (most uncertain first)"
+    except FlowOpsError:  # no pseudo-label run yet
+        pass
+    manifest = data.read_manifest(settings, None)
+    pool = manifest[manifest["split"] == "unlabeled"]["id"].sample(frac=1.0, random_state=0)
+    return [str(x) for x in pool], "unlabeled pool (random order: no review queue yet)"
+
+
+def simulate_labels(settings: Settings, count: int, annotator: str = "simulated",
+                    wrong: bool = False) -> dict[str, Any]:
+    """Simulated labelers: reveal the true labels (answers.csv) of the `count` images most worth
+    labeling that are still unlabeled and not waiting in the inbox. `wrong` labels them wrongly
+    (demo of a bad labeler)."""
+    if count < 1:
+        raise InvalidInput(f"--count must be at least 1, got {count}")
+    version = data.resolve_version(settings, None)
+    answers = pd.read_csv(data.materialize(settings, version) / "answers.csv", dtype=str,
+                          keep_default_na=False)
+    truth = dict(zip(answers["id"], answers["label"], strict=False))
+    manifest = data.read_manifest(settings, version)
+    unlabeled = set(manifest.loc[manifest["split"] == "unlabeled", "id"])
+    pending = {r["image_id"] for r in labels.new_labels(settings)}
+    candidates, origin = _labeling_candidates(settings, count)
+    chosen = [i for i in candidates if i in unlabeled and i in truth and i not in pending][:count]
+    classes = [str(c) for c in data.read_meta(settings, version)["classes"]]
+    items = []
+    for image_id in chosen:
+        label = truth[image_id]
+        if wrong:
+            label = classes[(classes.index(label) + 1) % len(classes)]
+        items.append(labels.Label(f"sim-{image_id}", image_id, label, source="simulated",
+                                  annotator=annotator))
+    return {"recorded": labels.record_labels(settings, items), "requested": count,
+            "from": origin, "data_version": version, "inbox": labels.counts(settings)}

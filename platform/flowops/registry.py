@@ -15,29 +15,14 @@ from datetime import timedelta
 from typing import Any
 
 from flowops.errors import Conflict, GateFailed, InvalidInput, NotFound
+from flowops.refs import PRODUCTION, STAGING, ModelRef, version_number
 from flowops.settings import Settings
-
-STAGING, PRODUCTION = "staging", "production"
 
 
 def _client(settings: Settings):
     from flowops.tracking import configure_mlflow
 
     return configure_mlflow(settings)
-
-
-def _number(version: str | int) -> str:
-    text = str(version).strip()
-    if text.startswith("models:/"):
-        from flowops.model import parse_model_uri
-
-        _, number, alias = parse_model_uri(text)
-        if alias:
-            raise InvalidInput(f"name a version number, not an alias ({text})")
-        text = number or ""
-    if not text.isdigit():
-        raise InvalidInput(f"model version must be a number (e.g. 3), got {version!r}")
-    return text
 
 
 def get_version(settings: Settings, version: str | int, name: str | None = None):
@@ -47,7 +32,7 @@ def get_version(settings: Settings, version: str | int, name: str | None = None)
     from flowops.model import describe_registered
 
     name = name or settings.model_name
-    number = _number(version)
+    number = version_number(version)
     try:
         return _client(settings).get_model_version(name, number)
     except MlflowException:
@@ -69,6 +54,20 @@ def production_version(settings: Settings, name: str | None = None) -> str | Non
     """The version the `production` alias points at (None if there is none)."""
     found = aliases(settings, name).get(PRODUCTION)
     return str(found) if found is not None else None
+
+
+def version_registered_by(settings: Settings, run_name: str) -> str:
+    """The model version that the training run named `run_name` registered (the newest such run):
+    how a caller that trained through a Ray job learns the version it made."""
+    from flowops.tracking import ensure_experiment
+
+    runs = _client(settings).search_runs(
+        [ensure_experiment(settings, "train")], filter_string=f"attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    version = runs[0].data.tags.get("model_version") if runs else None
+    if not version:
+        raise NotFound(f"the training run {run_name!r} registered no model version")
+    return str(version)
 
 
 def _set_tags(settings: Settings, name: str, version: str, tags: dict[str, Any]) -> None:
@@ -100,7 +99,7 @@ def validate_version(
     if not data_version:
         raise InvalidInput(f"version {name}/{number} has no data_version tag: not trained by flowops")
     holdout, classes, _ = holdout_split(settings, data_version)
-    candidate = load_model(settings, f"models:/{name}/{number}")
+    candidate = load_model(settings, ModelRef.of(name, number).uri)
     accuracy = evaluate_model(candidate.model, holdout, classes)["accuracy"]
     report: dict[str, Any] = {
         "version": number, "data_version": data_version, "holdout_size": len(holdout),
@@ -111,7 +110,7 @@ def validate_version(
         report["reasons"].append(f"holdout accuracy {accuracy:.4f} is below the floor {floor:.4f}")
     prod = production_version(settings, name)
     if prod is not None and prod != number:
-        current = load_model(settings, f"models:/{name}/{prod}")
+        current = load_model(settings, ModelRef.of(name, prod).uri)
         report["production_version"] = prod
         if list(current.classes) != list(classes):
             report["reasons"].append(
@@ -267,9 +266,7 @@ def reproduce(settings: Settings, version: str | int, name: str | None = None) -
     original_acc = float(mv.tags.get("holdout_accuracy", "nan"))
     result = train(settings, config)
     new_acc = round(result.metrics["holdout_accuracy"], 4)
-    from flowops.tracking import configure_mlflow
-
-    configure_mlflow(settings).set_tag(result.run_id, "reproduces", f"{name}/{mv.version}")
+    _client(settings).set_tag(result.run_id, "reproduces", f"{name}/{mv.version}")
     report = {
         "version": str(mv.version), "run_id": result.run_id,
         "weights_hash": original_hash, "reproduced_weights_hash": result.weights_hash,

@@ -9,10 +9,9 @@ back. Thresholds and steps are small so the whole module takes a few minutes.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
+from flowops.durable import wait_until
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -22,13 +21,15 @@ LOOP_ARGS = ["--threshold", "20", "--epochs", "3", "--workers", "1", "--steps", 
 
 
 def _wait(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    return wait_until(predicate, timeout_s, what=what, interval_s=poll_s, error=AssertionError)
+
+
+def _finished(settings, rid: str):
+    """The rollout's record once it is done, else None."""
+    from flowops.loop import RolloutStore
+
+    record = RolloutStore(settings).get(rid)
+    return record if record.done else None
 
 
 def _train_local(settings, run_name: str, **overrides) -> str:
@@ -75,7 +76,7 @@ def test_labels_add_checks_every_row_and_records_all_or_nothing(stack, dataset, 
 
 
 def test_promote_branch_survives_a_controller_restart_mid_training(stack, served):
-    from flowops import data, events, jobs, labels, loop, registry, serving, timeline
+    from flowops import data, events, jobs, labels, loop, registry, serving
 
     versions_before = [v.id for v in data.list_versions(stack)]
     run_cli("loop", "start", *LOOP_ARGS, check=True)
@@ -87,7 +88,7 @@ def test_promote_branch_survives_a_controller_restart_mid_training(stack, served
     proc = run_cli("labels", "simulate", "--count", "20", "--json", check=True)
     assert '"recorded": 20' in proc.stdout
 
-    pid = loop._pipeline_id(stack, "r001", "train")
+    pid = loop.pipeline_id(stack, "r001", "train")
 
     def training_running():
         run = jobs.load_pipeline(stack, pid)
@@ -96,31 +97,29 @@ def test_promote_branch_survives_a_controller_restart_mid_training(stack, served
     _wait(training_running, 180, "the fine-tuning job to start")
     # while it waits on the job, the controller's heartbeat stays fresh and names the job
     job_id = jobs.load_pipeline(stack, pid).steps[0].job_id
-    _wait(lambda: loop.read_state(stack)["controller"].get("job") == job_id, 30,
+    _wait(lambda: loop.RolloutStore(stack).heartbeat().job == job_id, 30,
           "a heartbeat naming the training job")
     assert loop.loop_status(stack)["controller"]["heartbeat_age_s"] < 15
     run_cli("loop", "stop", check=True)  # the controller dies mid-pipeline...
     run_cli("loop", "start", *LOOP_ARGS, check=True)  # ...and a new one resumes the rollout
 
-    record = _wait(lambda: (loop.read_state(stack)["rollouts"]["r001"]
-                            if loop.read_state(stack)["rollouts"]["r001"].get("stage") == "done"
-                            else None), 420, "rollout r001 to finish", poll_s=2)
-    assert record["status"] == "promoted", record
+    record = _wait(lambda: _finished(stack, "r001"), 420, "rollout r001 to finish", poll_s=2)
+    assert record.status == "promoted", record
     # exactly one training job and one new data version for the snapshot
     train_jobs = [j for j in jobs.list_jobs(stack) if j.metadata.get("pipeline") == pid]
     assert len(train_jobs) == 1
     new_versions = [v for v in data.list_versions(stack) if v.id not in versions_before]
     assert [v.message.split(":")[0] for v in new_versions] == ["loop r001"]
-    manifest = data.read_manifest(stack, record["data_version"])
+    manifest = data.read_manifest(stack, record.data_version)
     assert (manifest["label_source"] == "human").sum() == 20 + pending_before
     assert labels.counts(stack)["new"] == 0
     # production moved; serving sends 100% to the new version
-    new = record["model_version"]
+    new = record.model_version
     assert registry.production_version(stack) == new
     routing = serving.routing_status(stack)
     assert str(routing["stable"]) == new and not routing.get("canary")
     # the timeline's stages are in order
-    rows = {r["rollout"]: r for r in timeline.timeline(stack)}["r001"]
+    rows = {r["rollout"]: r for r in loop.timeline.timeline(stack)}["r001"]
     stages = [s["stage"] for s in rows["stages"]]
     assert stages == ["threshold reached", "data version cut", "training", "validation",
                       "canary analysis", "promoted"]
@@ -144,11 +143,9 @@ def test_rollback_branch_sends_all_traffic_to_stable_within_seconds(stack, serve
     rid = proc.stdout.split()[2]
     if loop.loop_status(stack)["controller"]["status"] != "RUNNING":
         run_cli("loop", "start", *LOOP_ARGS, check=True)
-    record = _wait(lambda: (loop.read_state(stack)["rollouts"][rid]
-                            if loop.read_state(stack)["rollouts"][rid].get("stage") == "done"
-                            else None), 300, f"rollout {rid} to finish", poll_s=2)
-    assert record["status"] == "rolled_back", record
-    assert any("accuracy" in r for r in record["reasons"])
+    record = _wait(lambda: _finished(stack, rid), 300, f"rollout {rid} to finish", poll_s=2)
+    assert record.status == "rolled_back", record
+    assert any("accuracy" in r for r in record.reasons)
     routing = serving.routing_status(stack)
     assert str(routing["stable"]) == stable and not routing.get("canary")
     assert registry.production_version(stack) == stable

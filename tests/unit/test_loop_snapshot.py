@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from flowops import data, events, labels, loop
+from flowops.loop import stages
 from flowops.settings import get_settings
 
 
@@ -52,16 +53,16 @@ def test_crash_after_the_cut_before_mark_used_does_not_cut_twice(workspace, monk
     assert labels.counts(s)["new"] == 6
 
     # a restarted controller resumes the recorded rollout at its snapshot stage
-    assert loop.unfinished_rollout(s) == "r001"
-    record = loop.drive_rollout.__globals__["STAGES"]["snapshot"](s, config, "r001")
-    assert record["stage"] == "train" and record["data_version"] == after_crash[-1]
+    assert loop.RolloutStore(s).unfinished() == "r001"
+    record = stages.stage_snapshot(s, config, "r001")
+    assert record.stage == "train" and record.data_version == after_crash[-1]
     assert [v.id for v in data.list_versions(s)] == after_crash  # no second cut
     assert labels.counts(s)["new"] == 0
-    manifest = data.read_manifest(s, record["data_version"])
+    manifest = data.read_manifest(s, record.data_version)
     moved = manifest.set_index("id").loc[[i for i, _ in items]]
     assert set(moved["split"]) == {"train"} and set(moved["label_source"]) == {"human"}
     assert list(moved["label"]) == [lab for _, lab in items]
-    root = data.materialize(s, record["data_version"])
+    root = data.materialize(s, record.data_version)
     assert all((root / p).exists() for p in moved["path"])
     answers = (root / "answers.csv").read_text()
     assert not any(i in answers for i, _ in items)
@@ -93,7 +94,7 @@ def test_drift_since_the_last_rollout_triggers_a_retrain_once_labels_exist(tmp_p
     assert reason and "drift detected" in reason and "v3" in reason
     assert loop.should_retrain(s, loop.LoopConfig(threshold=50, retrain_on_drift=False)) is None
 
-    loop.update_rollout(s, "r0001", created=time.time() + 1e-3, stage="snapshot")
+    loop.RolloutStore(s).update("r0001", created=time.time() + 1e-3, stage="snapshot")
     time.sleep(0.01)
     assert loop.should_retrain(s, config) is None  # that rollout answers the drift before it
     events.emit(s, "drift_detected", version="4", score=0.7, model=s.model_name)

@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 
 from flowops.errors import InvalidInput
-from flowops.registry import _number, parse_age
+from flowops.refs import version_number
+from flowops.registry import parse_age
 from flowops.settings import get_settings
 
 
@@ -19,12 +20,12 @@ def test_parse_age():
 
 
 def test_version_numbers_and_uris():
-    assert _number("3") == "3"
-    assert _number("models:/digits/4") == "4"
+    assert version_number("3") == "3"
+    assert version_number("models:/digits/4") == "4"
     with pytest.raises(InvalidInput, match="alias"):
-        _number("models:/digits@production")
+        version_number("models:/digits@production")
     with pytest.raises(InvalidInput, match="number"):
-        _number("latest")
+        version_number("latest")
 
 
 def test_gate_thresholds_from_env(monkeypatch):

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from flowops.cli._common import console, print_json, settings
+from flowops.cli.batch import labels_app
 
 loop_app = typer.Typer(help="The continuous training loop: labels → retrain → canary → promote.",
                        no_args_is_help=True)
@@ -14,11 +15,6 @@ loop_app = typer.Typer(help="The continuous training loop: labels → retrain �
 
 def register(app: typer.Typer) -> None:
     app.add_typer(loop_app, name="loop")
-    try:
-        from flowops.cli.batch import labels_app
-    except ImportError:  # the batch stage defines the group; without it, ours stands alone
-        labels_app = typer.Typer(help="The label inbox.", no_args_is_help=True)
-        app.add_typer(labels_app, name="labels")
     labels_app.command("add")(labels_add)
     labels_app.command("simulate")(labels_simulate)
 
@@ -29,10 +25,10 @@ def labels_add(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Record human labels from a CSV (validated against the latest data version; latest wins)."""
-    from flowops import labels, loop
+    from flowops import labels
 
     cfg = settings()
-    n = loop.add_labels_from_file(cfg, file, annotator)
+    n = labels.add_labels_from_file(cfg, file, annotator)
     result = {"recorded": n, "inbox": labels.counts(cfg)}
     if as_json:
         print_json(result)
@@ -47,9 +43,9 @@ def labels_simulate(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Reveal the true labels of the COUNT most uncertain unlabeled images (from answers.csv)."""
-    from flowops import loop
+    from flowops import queue
 
-    result = loop.simulate_labels(settings(), count, wrong=wrong)
+    result = queue.simulate_labels(settings(), count, wrong=wrong)
     if as_json:
         print_json(result)
     else:
@@ -130,7 +126,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
 def report(as_json: bool = typer.Option(False, "--json", help="Print the timeline as JSON.")) -> None:
     """The timeline of every rollout: threshold → data version → training → validation →
     canary → promoted or rolled back (with the rollback time)."""
-    from flowops import timeline
+    from flowops.loop import timeline
 
     rows = timeline.timeline(settings())
     if as_json:

@@ -4,7 +4,9 @@ up → data init → train v1 on 2 Ray Train workers → validate → promote + 
 pool → the loop controller starts → simulated labelers label the most uncertain images → the
 threshold is reached → v2 is fine-tuned from v1 → canary under generated traffic with feedback →
 promoted; then a deliberately bad model (undertrained from scratch, validated against a lowered
-gate) goes through the canary and is rolled back automatically. Ends with the timeline and URLs.
+gate) goes through the canary and is rolled back automatically. Ends with the timeline and URLs,
+and checks its own story (`check_story`): v2 promoted on shown evidence, the bad model rolled back,
+every user request answered 2xx; `make demo` exits non-zero otherwise.
 
 `TrafficGenerator` (also used by the loop's tests and benchmark) sends holdout images to the
 serving app on 127.0.0.1 at a bounded rate and reports the true label of some as feedback.
@@ -23,10 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flowops import data, events, jobs, labels, loop, queue, registry, serving, stack
 from flowops.durable import wait_until
-from flowops.errors import ClusterUnavailable, FlowOpsError, JobFailed
+from flowops.errors import ClusterUnavailable, FlowOpsError, GateFailed, JobFailed
+from flowops.pseudo_label import PseudoLabelConfig
 from flowops.refs import ModelRef
 from flowops.rollout import AnalysisConfig
 from flowops.settings import Settings
+from flowops.train import TrainConfig
 
 
 class DemoConfig(BaseModel):
@@ -41,10 +45,10 @@ class DemoConfig(BaseModel):
     lr_finetune: float = Field(0.005, gt=0)
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0, description="Fractional, to fit beside serving.")
-    rate_per_s: float = Field(25.0, gt=0, le=200, description="Generated requests per second.")
+    rate_per_s: float = Field(40.0, gt=0, le=200, description="Generated requests per second.")
     feedback_share: float = Field(0.5, ge=0, le=1)
-    min_requests: int = Field(40, ge=1)
-    min_duration_s: float = Field(4.0, ge=0)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig,
+                                     description="The canary analysis (sequential tests).")
     bad_gate: float = Field(0.05, ge=0, le=1, description="Lowered gate for the bad model.")
     timeout_s: float = Field(900, gt=0, description="Longest wait for one rollout.")
 
@@ -54,7 +58,8 @@ class DemoConfig(BaseModel):
 
 class TrafficGenerator:
     """Bounded synthetic users on 127.0.0.1: predict a holdout image, then (sometimes) send its
-    true label as feedback. Counts every request and every failed one (5xx or no answer)."""
+    true label as feedback. Counts every request and every failed one: any answer but 200, or no
+    answer at all."""
 
     def __init__(self, settings: Settings, rate_per_s: float = 25.0, feedback_share: float = 0.5,
                  seed: int = 0, max_requests: int = 200_000):
@@ -107,11 +112,9 @@ class TrafficGenerator:
             self.failed += 1
             self.failures.append((time.time(), type(exc).__name__))
             return
-        if resp.status_code >= 500:
+        if resp.status_code != 200:
             self.failed += 1
             self.failures.append((time.time(), f"HTTP {resp.status_code}"))
-            return
-        if resp.status_code != 200:
             return
         pred = resp.json()["predictions"][0]
         version = str(pred["model_version"])
@@ -128,13 +131,10 @@ class TrafficGenerator:
 def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str]]:
     from PIL import Image
 
-    version = data.resolve_version(settings, None)
-    root = data.materialize(settings, version)
-    manifest = data.read_manifest(settings, version)
-    rows = manifest[manifest["split"] == "holdout"]
+    version = data.open_version(settings)
     images, truth = [], []
-    for row in rows.itertuples(index=False):
-        with Image.open(root / row.path) as img:
+    for row in version.rows("holdout").itertuples(index=False):
+        with Image.open(version.root / row.path) as img:
             images.append(np.asarray(img.convert("L"), dtype=np.uint8).tolist())
         truth.append(row.label)
     if not images:
@@ -145,11 +145,12 @@ def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str
 # The story -----------------------------------------------------------------------------------
 
 
-def _train_job(settings: Settings, run_name: str, args: list[str], say) -> str:
+def _train_job(settings: Settings, run_name: str, config: TrainConfig, say) -> str:
     """Train as a Ray job (resumable pipeline); returns the registered model version."""
     pid = f"demo-{run_name}-{int(time.time())}"
-    args = [*args, "--run-name", run_name, "--data-version", data.resolve_version(settings, None)]
-    jobs.run_pipeline(settings, "demo-train", [jobs.Step("train", "train", args)],
+    config = config.model_copy(update={"run_name": run_name,
+                                       "data_version": data.resolve_version(settings, None)})
+    jobs.run_pipeline(settings, "demo-train", [jobs.Step("train", "train", config)],
                       pipeline_id=pid, on_event=lambda run, step: say(
                           f"   job {step.job_id}: {step.status}"))
     return registry.version_registered_by(settings, run_name)
@@ -218,9 +219,8 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
     if prod is None:
         say(f"3/8 training model v1 on {cfg.workers} Ray Train workers (a Ray job)")
         prod = _train_job(settings, f"demo-v1-{loop.home_tag(settings)}",
-                          ["--epochs", str(cfg.epochs_v1), "--lr", str(cfg.lr_v1),
-                           "--workers", str(cfg.workers),
-                           "--cpus-per-worker", str(cfg.cpus_per_worker)], say)
+                          TrainConfig(epochs=cfg.epochs_v1, lr=cfg.lr_v1, workers=cfg.workers,
+                                      cpus_per_worker=cfg.cpus_per_worker), say)
         report = registry.validate_version(settings, prod)
         say(f"   validated v{prod}: {_gate_summary(report)}")
         registry.promote(settings, prod)
@@ -231,9 +231,9 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
     say(f"   serving v{prod} at {settings.serve_url} (docs: {settings.serve_url}/docs)")
 
     say("4/8 pseudo-labeling the unlabeled pool with production (Ray Data job)")
-    jobs.run(settings, "pseudo_label", ["--model-uri", ModelRef.of(settings.model_name, prod).uri,
-                                        "--data-version", data.resolve_version(settings, None)],
-             metadata={"demo": "bootstrap"})
+    jobs.run(settings, "pseudo_label", PseudoLabelConfig(
+        model_uri=ModelRef.of(settings.model_name, prod).uri,
+        data_version=data.resolve_version(settings, None)), metadata={"demo": "bootstrap"})
 
     say(f"5/8 starting the loop controller (threshold {cfg.threshold} labels) and user traffic")
     try:
@@ -243,9 +243,7 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
     loop.start_controller(settings, loop.LoopConfig(
         threshold=cfg.threshold, epochs=cfg.epochs_finetune, workers=cfg.workers,
         cpus_per_worker=cfg.cpus_per_worker, poll_s=1.0,
-        train_args=["--lr", str(cfg.lr_finetune)],
-        analysis=AnalysisConfig(min_requests=cfg.min_requests,
-                                min_duration_s=cfg.min_duration_s)))
+        train_overrides={"lr": cfg.lr_finetune}, analysis=cfg.analysis))
     traffic = TrafficGenerator(settings, cfg.rate_per_s, cfg.feedback_share).start()
     try:
         say(f"6/8 simulated labelers label the {cfg.threshold} most uncertain images")
@@ -260,7 +258,7 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
         say("7/8 a deliberately bad model: trained from scratch for 2 epochs at a tiny learning "
             f"rate, validated against a lowered gate ({cfg.bad_gate:.2f})")
         bad = _train_job(settings, f"demo-bad-{loop.home_tag(settings)}-{int(time.time())}",
-                         ["--epochs", "2", "--lr", "0.001", "--workers", "1"], say)
+                         TrainConfig(epochs=2, lr=0.001, workers=1), say)
         rid = loop.submit_candidate(settings, bad, gate=_lowered_gate(cfg.bad_gate),
                                     reason="demo: a bad model goes through the canary")
         bad_record = wait_rollout(settings, rid, cfg.timeout_s, say)
@@ -283,7 +281,34 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
     say(f"MLflow UI     : run `flowops ui`, then http://127.0.0.1:{settings.mlflow_ui_port} "
         "(experiments train, rollouts)")
     say(f"API docs      : {settings.serve_url}/docs")
-    return {"timeline": rows, "traffic": summary}
+    return {"timeline": rows, "traffic": summary, "good": good.status, "bad": bad_record.status}
+
+
+def check_story(result: dict[str, Any]) -> list[str]:
+    """What went wrong with the demo's story (empty when it was told): the retrained model
+    promoted, the bad one rolled back, every user request answered 200."""
+    problems = []
+    if result.get("good") != "promoted":
+        problems.append(f"the retrained model was {result.get('good')}, not promoted")
+    if result.get("bad") != "rolled_back":
+        problems.append(f"the bad model was {result.get('bad')}, not rolled back")
+    traffic = result.get("traffic", {})
+    if traffic.get("failed") or not traffic.get("sent"):
+        problems.append(f"{traffic.get('failed')} of {traffic.get('sent')} user requests were not "
+                        f"answered 200 (last: {traffic.get('failures')})")
+    return problems
+
+
+def run_and_check(settings: Settings, say: Callable[[str], None] = print,
+                  config: DemoConfig | None = None) -> dict[str, Any]:
+    """The demo, then its own check: GateFailed (exit 6) naming what went wrong."""
+    result = run_demo(settings, say, config)
+    problems = check_story(result)
+    if problems:
+        raise GateFailed("the demo did not tell its story: " + "; ".join(problems))
+    say("story checked: v2 promoted on shown evidence, the bad model rolled back, "
+        f"all {result['traffic']['sent']} user requests answered 200")
+    return result
 
 
 def _wait_new_rollout(settings: Settings, before: set[str], timeout_s: float = 120) -> str:

@@ -143,9 +143,8 @@ def add_labels_from_file(settings: Settings, path: Path, annotator: str = "") ->
                            "expected task_id,image_id,label")
     if frame.empty:
         raise InvalidInput(f"--file {path}: no rows")
-    version = data.resolve_version(settings, None)
-    classes = [str(c) for c in data.read_meta(settings, version)["classes"]]
-    manifest = data.read_manifest(settings, version).set_index("id")
+    opened = data.open_version(settings)
+    version, classes, manifest = opened.tag, opened.classes, opened.manifest.set_index("id")
     for i, row in enumerate(frame.itertuples(index=False), start=2):
         where = f"--file {path} line {i}"
         if not row.task_id.strip() or not row.image_id.strip():

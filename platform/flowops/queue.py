@@ -20,7 +20,7 @@ import pandas as pd
 
 from flowops import data, labels
 from flowops.errors import FlowOpsError, InvalidInput
-from flowops.pseudo_label import human_labeled_ids, read_predictions, resolve_data_version
+from flowops.pseudo_label import human_labeled_ids, read_predictions
 from flowops.settings import Settings
 
 QUEUE_COLUMNS = ["id", "path", "label", "score", "margin", "entropy", "model_version",
@@ -34,11 +34,9 @@ def review_queue(settings: Settings, top: int = 50, data_version: str | None = N
     """The `top` most uncertain predictions of a data version that no person has labeled yet."""
     if top < 1:
         raise InvalidInput(f"--top must be at least 1, got {top}")
-    tag = resolve_data_version(settings, data_version)
-    predictions = read_predictions(settings, tag)
-    manifest = pd.read_csv(data.materialize(settings, tag) / "manifest.csv", dtype=str,
-                           keep_default_na=False)
-    labeled = human_labeled_ids(settings, manifest)
+    version = data.open_version(settings, data_version)
+    predictions = read_predictions(version)
+    labeled = human_labeled_ids(settings, version.manifest)
     queue = predictions[~predictions["id"].isin(labeled)]
     queue = queue.sort_values(["margin", "entropy", "id"], ascending=[True, False, True],
                               kind="mergesort")
@@ -101,8 +99,7 @@ def _labeling_candidates(settings: Settings, count: int) -> tuple[list[str], str
             return ids, "review queue (most uncertain first)"
     except FlowOpsError:  # no pseudo-label run yet
         pass
-    manifest = data.read_manifest(settings, None)
-    pool = manifest[manifest["split"] == "unlabeled"]["id"].sample(frac=1.0, random_state=0)
+    pool = data.open_version(settings).rows("unlabeled")["id"].sample(frac=1.0, random_state=0)
     return [str(x) for x in pool], "unlabeled pool (random order: no review queue yet)"
 
 
@@ -113,16 +110,14 @@ def simulate_labels(settings: Settings, count: int, annotator: str = "simulated"
     (demo of a bad labeler)."""
     if count < 1:
         raise InvalidInput(f"--count must be at least 1, got {count}")
-    version = data.resolve_version(settings, None)
-    answers = pd.read_csv(data.materialize(settings, version) / "answers.csv", dtype=str,
-                          keep_default_na=False)
+    version = data.open_version(settings)
+    answers = pd.read_csv(version.root / "answers.csv", dtype=str, keep_default_na=False)
     truth = dict(zip(answers["id"], answers["label"], strict=False))
-    manifest = data.read_manifest(settings, version)
-    unlabeled = set(manifest.loc[manifest["split"] == "unlabeled", "id"])
+    unlabeled = set(version.rows("unlabeled")["id"])
     pending = {r["image_id"] for r in labels.new_labels(settings)}
     candidates, origin = _labeling_candidates(settings, count)
     chosen = [i for i in candidates if i in unlabeled and i in truth and i not in pending][:count]
-    classes = [str(c) for c in data.read_meta(settings, version)["classes"]]
+    classes = version.classes
     items = []
     for image_id in chosen:
         label = truth[image_id]
@@ -131,4 +126,4 @@ def simulate_labels(settings: Settings, count: int, annotator: str = "simulated"
         items.append(labels.Label(f"sim-{image_id}", image_id, label, source="simulated",
                                   annotator=annotator))
     return {"recorded": labels.record_labels(settings, items), "requested": count,
-            "from": origin, "data_version": version, "inbox": labels.counts(settings)}
+            "from": origin, "data_version": version.tag, "inbox": labels.counts(settings)}

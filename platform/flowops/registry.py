@@ -84,6 +84,7 @@ def validate_version(
     name: str | None = None,
 ) -> dict[str, Any]:
     """Run the gate on a version; alias `staging` on pass, GateFailed (tagged) on failure."""
+    from flowops import data
     from flowops.evaluate import evaluate_model, holdout_split
     from flowops.model import load_model
 
@@ -98,7 +99,8 @@ def validate_version(
     data_version = mv.tags.get("data_version")
     if not data_version:
         raise InvalidInput(f"version {name}/{number} has no data_version tag: not trained by flowops")
-    holdout, classes, _ = holdout_split(settings, data_version)
+    opened = data.open_version(settings, data_version)
+    holdout, classes = holdout_split(opened), opened.classes
     candidate = load_model(settings, ModelRef.of(name, number).uri)
     accuracy = evaluate_model(candidate.model, holdout, classes)["accuracy"]
     report: dict[str, Any] = {

@@ -13,11 +13,13 @@ def register(app: typer.Typer) -> None:
 
 def demo(
     threshold: int = typer.Option(60, "--threshold", help="Labels that trigger the retrain."),
-    rate: float = typer.Option(25.0, "--rate", help="Generated requests per second (127.0.0.1)."),
+    rate: float = typer.Option(40.0, "--rate", help="Generated requests per second (127.0.0.1)."),
 ) -> None:
     """Run the whole FlowOps story on the embedded stack (what `make demo` runs): train, serve,
-    pseudo-label, label, retrain, canary → promote, then a bad model → automatic rollback."""
-    from flowops.demo import DemoConfig, run_demo
+    pseudo-label, label, retrain, canary → promote, then a bad model → automatic rollback.
+    Exits 6 unless the story was told (v2 promoted, the bad model rolled back, every user request
+    answered 200)."""
+    from flowops.demo import DemoConfig, run_and_check
 
-    run_demo(settings(), say=console.print,
-             config=DemoConfig(threshold=threshold, rate_per_s=rate))
+    run_and_check(settings(), say=console.print,
+                  config=DemoConfig(threshold=threshold, rate_per_s=rate))

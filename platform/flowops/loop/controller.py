@@ -135,7 +135,7 @@ def start_controller(settings: Settings, config: LoopConfig) -> str:
                            f"({current.status}); stop it with `flowops loop stop`")
         jobs.client(settings).delete_job(sid)  # a finished controller: its id can be reused
     save_config(settings, config)
-    return jobs.submit(settings, "controller", [], submission_id=sid,
+    return jobs.submit(settings, "controller", config, submission_id=sid,
                        metadata={"role": "loop-controller"})
 
 

@@ -24,12 +24,14 @@ import pandas as pd
 
 from flowops import data, events, jobs, labels, registry, serving
 from flowops.durable import atomic_write_text
-from flowops.errors import FlowOpsError, GateFailed, InvalidInput
+from flowops.errors import FlowOpsError, GateFailed, InvalidInput, validated
 from flowops.loop.state import AnalysisProgress, LoopConfig, RolloutRecord, RolloutStore, home_tag
+from flowops.pseudo_label import PseudoLabelConfig
 from flowops.refs import ModelRef
 from flowops.rollout import Decision, decide
 from flowops.settings import Settings
 from flowops.tracking import configure_mlflow, ensure_experiment
+from flowops.train import TrainConfig
 
 ROLLOUT_EXPERIMENT = "rollouts"
 
@@ -92,7 +94,7 @@ def snapshot_labels(settings: Settings, rid: str, reason: str) -> RolloutRecord:
     version = record.data_version or _version_cut_for(settings, rid)
     if version is None:
         by_image = {image: label for image, label in chosen.values()}
-        classes = [str(c) for c in data.read_meta(settings, None)["classes"]]
+        classes = data.open_version(settings).classes
         version = data.cut_version(settings, f"loop {rid}: {len(by_image)} human labels",
                                    _apply_labels(by_image, classes)).id
     store.update(rid, data_version=version)
@@ -144,14 +146,14 @@ def stage_train(settings: Settings, config: LoopConfig, rid: str) -> RolloutReco
         record = store.update(rid, base_version=registry.production_version(settings))
     base = record.base_version
     run_name = f"loop-{home_tag(settings)}-{rid}"
-    args = ["--data-version", record.data_version, "--epochs", str(config.epochs),
-            "--workers", str(config.workers), "--cpus-per-worker", str(config.cpus_per_worker),
-            "--run-name", run_name, *config.train_args]
-    if base:
-        args += ["--init-from", ModelRef.of(settings.model_name, base).uri]
+    train_config = validated(TrainConfig, "loop train config", **{
+        "data_version": record.data_version, "epochs": config.epochs, "workers": config.workers,
+        "cpus_per_worker": config.cpus_per_worker, "run_name": run_name,
+        "init_from": ModelRef.of(settings.model_name, base).uri if base else None,
+        **config.train_overrides})
     events.emit(settings, "training_started", rollout=rid, data_version=record.data_version,
                 base_version=base)
-    _run_pipeline(settings, "retrain", jobs.Step("train", "train", args),
+    _run_pipeline(settings, "retrain", jobs.Step("train", "train", train_config),
                   pipeline_id(settings, rid, "train"), rid, config)
     version = registry.version_registered_by(settings, run_name)
     events.emit(settings, "training_done", rollout=rid, version=version)
@@ -348,10 +350,11 @@ def stage_pseudo_label(settings: Settings, config: LoopConfig, rid: str) -> Roll
     version = store.get(rid).model_version
     if config.pseudo_label and "pseudo_label" in jobs.known_workloads():
         events.emit(settings, "pseudo_label_started", rollout=rid, version=version)
-        args = ["--model-uri", ModelRef.of(settings.model_name, version).uri,
-                "--data-version", data.resolve_version(settings, None),
-                *config.pseudo_label_args]
-        _run_pipeline(settings, "pseudo-label", jobs.Step("pseudo_label", "pseudo_label", args),
+        job_config = validated(PseudoLabelConfig, "loop pseudo-label config", **{
+            "model_uri": ModelRef.of(settings.model_name, version).uri,
+            "data_version": data.resolve_version(settings, None), **config.pseudo_label_overrides})
+        _run_pipeline(settings, "pseudo-label",
+                      jobs.Step("pseudo_label", "pseudo_label", job_config),
                       pipeline_id(settings, rid, "pseudo"), rid, config)
         events.emit(settings, "pseudo_label_done", rollout=rid, version=version)
     return store.update(rid, stage="done")

@@ -47,9 +47,11 @@ class LoopConfig(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="Ray Train workers.")
     cpus_per_worker: float = Field(0.5, gt=0, le=64, description="CPUs per worker: fractional, so "
                                    "fine-tuning fits beside the serving replicas on a small node.")
-    train_args: list[str] = Field(default_factory=list, description="Extra jobs.train arguments.")
+    train_overrides: dict[str, Any] = Field(default_factory=dict, description="Extra TrainConfig "
+                                            "fields of the fine-tuning job, e.g. {\"lr\": 0.001}.")
     pseudo_label: bool = Field(True, description="Refresh pseudo-labels after a promotion.")
-    pseudo_label_args: list[str] = Field(default_factory=list)
+    pseudo_label_overrides: dict[str, Any] = Field(default_factory=dict, description="Extra "
+                                                   "PseudoLabelConfig fields.")
     step_timeout_s: float = Field(1800, gt=0, description="Longest a pipeline job may run.")
     max_rollouts: int | None = Field(None, ge=1, description="Exit after this many rollouts.")
     gate_min_accuracy: float | None = Field(None, ge=0, le=1, description="Registry gate floor "

@@ -99,3 +99,29 @@ def test_drift_since_the_last_rollout_triggers_a_retrain_once_labels_exist(tmp_p
     assert loop.should_retrain(s, config) is None  # that rollout answers the drift before it
     events.emit(s, "drift_detected", version="4", score=0.7, model=s.model_name)
     assert "v4" in (loop.should_retrain(s, config) or "")
+
+
+def test_labels_from_a_csv_are_all_or_nothing_and_simulated_labelers_skip_pending(workspace,
+                                                                                 tmp_path):
+    from flowops import queue
+    from flowops.errors import InvalidInput
+
+    s = workspace
+    manifest = data.read_manifest(s, None)
+    pool = [i for i in manifest[manifest["split"] == "unlabeled"]["id"]
+            if i not in {r["image_id"] for r in labels.new_labels(s)}]
+    holdout = manifest[manifest["split"] == "holdout"]["id"].iloc[0]
+    before = labels.counts(s)["total"]
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"task_id,image_id,label\nc1,{pool[0]},3\nc2,{holdout},4\n")
+    with pytest.raises(InvalidInput, match="line 3.*holdout"):
+        labels.add_labels_from_file(s, csv)
+    assert labels.counts(s)["total"] == before
+    csv.write_text(f"task_id,image_id,label\nc1,{pool[0]},3\n")
+    assert labels.add_labels_from_file(s, csv, annotator="ann") == 1
+
+    # asked for the whole pool, they label every unlabeled image not already waiting in the inbox
+    result = queue.simulate_labels(s, len(pool))
+    assert result["from"].startswith("unlabeled pool")  # no pseudo-label run: no review queue
+    simulated = {r["image_id"] for r in labels.new_labels(s) if r["source"] == "simulated"}
+    assert result["recorded"] == len(pool) - 1 and simulated == set(pool[1:])

@@ -58,7 +58,7 @@ def served(stack, dataset):
 def test_labels_add_checks_every_row_and_records_all_or_nothing(stack, dataset, tmp_path):
     from flowops import data, labels
 
-    manifest = data.read_manifest(stack, dataset)
+    manifest = data.open_version(stack, dataset).manifest
     pool = manifest[manifest["split"] == "unlabeled"]["id"].tolist()
     holdout = manifest[manifest["split"] == "holdout"]["id"].iloc[0]
     before = labels.counts(stack)["total"]
@@ -110,7 +110,7 @@ def test_promote_branch_survives_a_controller_restart_mid_training(stack, served
     assert len(train_jobs) == 1
     new_versions = [v for v in data.list_versions(stack) if v.id not in versions_before]
     assert [v.message.split(":")[0] for v in new_versions] == ["loop r001"]
-    manifest = data.read_manifest(stack, record.data_version)
+    manifest = data.open_version(stack, record.data_version).manifest
     assert (manifest["label_source"] == "human").sum() == 20 + pending_before
     assert labels.counts(stack)["new"] == 0
     # production moved; serving sends 100% to the new version

@@ -233,3 +233,16 @@ def test_one_place_translates_validation_errors():
 def test_job_entrypoints_have_no_argparse():
     users = [p.name for p in sorted((REPO / "jobs").glob("*.py")) if "argparse" in p.read_text()]
     assert users == []
+
+
+def test_the_workload_list_is_the_job_entrypoints_with_their_configs():
+    import importlib
+
+    from flowops.jobs import WORKLOADS
+
+    modules = {p.stem for p in (REPO / "jobs").glob("*.py") if not p.stem.startswith("_")}
+    assert set(WORKLOADS) == modules
+    for workload, target in WORKLOADS.items():
+        module, name = target.split(":")
+        assert hasattr(importlib.import_module(module), name), target
+        assert name in (REPO / "jobs" / f"{workload}.py").read_text(), workload

@@ -24,7 +24,7 @@ def workspace(tmp_path_factory):
 
 
 def _pool(s, n):
-    manifest = data.read_manifest(s, None)
+    manifest = data.open_version(s).manifest
     root = data.materialize(s, None)
     import pandas as pd
 
@@ -58,7 +58,7 @@ def test_crash_after_the_cut_before_mark_used_does_not_cut_twice(workspace, monk
     assert record.stage == "train" and record.data_version == after_crash[-1]
     assert [v.id for v in data.list_versions(s)] == after_crash  # no second cut
     assert labels.counts(s)["new"] == 0
-    manifest = data.read_manifest(s, record.data_version)
+    manifest = data.open_version(s, record.data_version).manifest
     moved = manifest.set_index("id").loc[[i for i, _ in items]]
     assert set(moved["split"]) == {"train"} and set(moved["label_source"]) == {"human"}
     assert list(moved["label"]) == [lab for _, lab in items]
@@ -107,7 +107,7 @@ def test_labels_from_a_csv_are_all_or_nothing_and_simulated_labelers_skip_pendin
     from flowops.errors import InvalidInput
 
     s = workspace
-    manifest = data.read_manifest(s, None)
+    manifest = data.open_version(s).manifest
     pool = [i for i in manifest[manifest["split"] == "unlabeled"]["id"]
             if i not in {r["image_id"] for r in labels.new_labels(s)}]
     holdout = manifest[manifest["split"] == "holdout"]["id"].iloc[0]

@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowops import events
-from flowops.durable import append_jsonl, atomic_write_bytes, atomic_write_text, wait_until
+from flowops.durable import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, wait_until
 from flowops.errors import InvalidInput, NotFound, validated
 from flowops.refs import ModelRef
 from flowops.settings import Settings
@@ -59,6 +59,8 @@ class DriftConfig(BaseModel):
                                       "penultimate features that are tested (0: none).")
     min_window: int = Field(30, ge=5, description="Fewest images a window must hold.")
     ink_threshold: float = Field(0.5, gt=0, lt=1, description="Pixel value above which a pixel is ink.")
+    persist: int = Field(2, ge=1, le=100, description="Consecutive drifted windows of a model before "
+                         "the loop is told (drift_detected): one noisy window does not retrain.")
 
 
 def make_config(**values: Any) -> DriftConfig:
@@ -474,52 +476,68 @@ def run_drift_check(
     config: DriftConfig | None = None,
     trigger: bool = True,
     log_to_mlflow: bool = True,
+    mlflow_step: int | None = None,
 ) -> DriftReport:
     """Check one window file against the served model's training data.
 
     Writes the report to <home>/drift/latest.json (the exporter turns it into gauges) and
-    history.jsonl, logs it to MLflow (experiment drift-monitor), and when the window drifted and
-    `trigger` is set, appends a `drift_detected` event to the loop's event log.
+    history.jsonl, logs it to MLflow (experiment drift-monitor: into the active run as step
+    `mlflow_step` when one is open, as the watch does, else in a run of its own), and when the
+    last `config.persist` windows of the model all drifted and `trigger` is set, appends a
+    `drift_detected` event to the loop's event log.
     """
     config = config or DriftConfig()
     model_uri = model_uri or ModelRef.production(settings.model_name).uri
     reference, loaded = load_reference(settings, model_uri, data_version, config)
     images = load_window(Path(window), reference.image_size)
     report = check_window(reference, images, model=loaded.model, config=config)
-    record = report.to_dict() | {"window": str(window), "model_uri": model_uri}
+    record = report.to_dict() | {"window": str(window), "model_uri": model_uri, "model": loaded.name}
     drift_dir(settings).mkdir(parents=True, exist_ok=True)
     atomic_write_text(latest_report_path(settings), json.dumps(record, indent=2))
     append_jsonl(drift_dir(settings) / "history.jsonl", record)
     if log_to_mlflow:
-        _log_report(settings, report, record)
-    if report.drifted and trigger:
-        _emit_drift_event(settings, report, loaded.name)
+        _log_report(settings, report, record, mlflow_step)
+    if report.drifted and trigger and persisted(settings, loaded.name, config.persist):
+        _emit_drift_event(settings, report, loaded.name, config.persist)
     return report
 
 
-def _log_report(settings: Settings, report: DriftReport, record: dict[str, Any]) -> None:
+def persisted(settings: Settings, model_name: str, windows: int) -> bool:
+    """Whether the last `windows` checked windows of the model all drifted (drift history)."""
+    mine = [r for r in read_jsonl(drift_dir(settings) / "history.jsonl")
+            if r.get("model", model_name) == model_name]
+    return len(mine) >= windows and all(r.get("drifted") for r in mine[-windows:])
+
+
+def _log_report(settings: Settings, report: DriftReport, record: dict[str, Any],
+                step: int | None) -> None:
     import mlflow
 
     from flowops.tracking import start_run
 
+    metrics = {"drift_score": report.score, "drifted": float(report.drifted),
+               "min_p_adjusted": report.min_p_adjusted,
+               "drifted_features": float(len(report.drifted_features))}
+    if report.class_p is not None:
+        metrics |= {"class_p": report.class_p, "class_psi": report.class_psi}
+    metrics |= {f"ks_{f['name']}": f["statistic"] for f in report.features}
+    if step is not None and mlflow.active_run() is not None:  # a window of a monitoring session
+        mlflow.log_metrics(metrics, step=step)
+        mlflow.log_dict(record, f"windows/{step:05d}.json")
+        return
     with start_run(settings, EXPERIMENT, run_name=f"drift-v{report.model_version}-{int(report.ts)}"):
         mlflow.log_params({"model_version": report.model_version, "data_version": report.data_version,
                            "window": record["window"], "n": report.n, "correction": report.correction})
-        metrics = {"drift_score": report.score, "drifted": float(report.drifted),
-                   "min_p_adjusted": report.min_p_adjusted,
-                   "drifted_features": float(len(report.drifted_features))}
-        if report.class_p is not None:
-            metrics |= {"class_p": report.class_p, "class_psi": report.class_psi}
-        metrics |= {f"ks_{f['name']}": f["statistic"] for f in report.features}
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"drifted": str(report.drifted).lower(), "stage": "drift-monitor"})
         mlflow.log_dict(record, "drift_report.json")
 
 
-def _emit_drift_event(settings: Settings, report: DriftReport, model_name: str) -> None:
+def _emit_drift_event(settings: Settings, report: DriftReport, model_name: str, windows: int) -> None:
     """Tell the loop: a `drift_detected` event in <home>/loop/events.jsonl (the loop's event log)."""
     fields = {"model": model_name, "score": report.score, "data_version": report.data_version,
-              "drifted_features": report.drifted_features, "class_drifted": report.class_drifted}
+              "drifted_features": report.drifted_features, "class_drifted": report.class_drifted,
+              "windows": windows}
     events.emit(settings, "drift_detected", version=report.model_version, **fields)
 
 
@@ -528,8 +546,20 @@ def watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks
     """Periodically check the newest unchecked window file in `window_dir` (the scheduled monitor).
 
     Stops after `max_checks` reports or `stop_after_s` seconds, whichever comes first (never, if
-    neither is given).
+    neither is given). The session is one MLflow run, each window a step of it.
     """
+    import mlflow
+
+    from flowops.tracking import start_run
+
+    with start_run(settings, EXPERIMENT, run_name=f"drift-watch-{int(time.time())}"):
+        mlflow.set_tags({"stage": "drift-monitor", "window_dir": str(window_dir)})
+        return _watch(settings, window_dir, interval_s=interval_s, max_checks=max_checks,
+                      stop_after_s=stop_after_s, **kwargs)
+
+
+def _watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks: int | None,
+           stop_after_s: float | None, **kwargs: Any) -> list[DriftReport]:
     seen: set[str] = set()
     reports: list[DriftReport] = []
     deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
@@ -549,5 +579,5 @@ def watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks
             window = wait_until(newest_unseen, left, interval_s=interval_s, what="a new window")
         except TimeoutError:
             break
-        reports.append(run_drift_check(settings, window, **kwargs))
+        reports.append(run_drift_check(settings, window, mlflow_step=len(reports), **kwargs))
     return reports

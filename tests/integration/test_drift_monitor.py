@@ -52,7 +52,8 @@ def test_drift_job_flags_inverted_window_and_reports_everywhere(stack, dataset, 
     path = tmp_path / "inverted.npy"
     np.save(path, _window(stack, dataset, lambda w: 1.0 - w))
     out = run_cli(
-        "monitor", "drift", "--window", str(path), "--model", uri, "--as-job", "--json", timeout=600
+        "monitor", "drift", "--window", str(path), "--model", uri, "--as-job", "--json",
+        "--persist", "1", timeout=600
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads(out.stdout[out.stdout.index("{") :])

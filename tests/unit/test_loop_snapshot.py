@@ -75,7 +75,7 @@ def test_below_threshold_nothing_happens_and_max_age_triggers(workspace):
     items = _pool(s, 2)
     labels.record_labels(s, [labels.Label(f"a-{i}", i, lab) for i, lab in items])
     assert loop.should_retrain(s, loop.LoopConfig(threshold=50)) is None
-    reason = loop.should_retrain(s, loop.LoopConfig(threshold=50, max_age_s=1e-6))
+    reason = loop.should_retrain(s, loop.LoopConfig(threshold=50, max_age_s=1e-6, min_labels=2))
     assert reason and "waited" in reason
 
 
@@ -85,14 +85,17 @@ def test_drift_since_the_last_rollout_triggers_a_retrain_once_labels_exist(tmp_p
     import time
 
     s = get_settings(home=tmp_path)
-    config = loop.LoopConfig(threshold=50)
+    config = loop.LoopConfig(threshold=50, min_labels=2)
     events.emit(s, "drift_detected", version="3", score=0.9, model=s.model_name)
     assert loop.should_retrain(s, config) is None  # drift, but nothing new to learn from
     labels.record_labels(s, [labels.Label("t-1", "img-1", "4")])
+    assert loop.should_retrain(s, config) is None  # one label is fewer than min_labels
+    labels.record_labels(s, [labels.Label("t-2", "img-2", "5")])
     events.emit(s, "drift_detected", version="9", score=0.9, model="another-model")  # not ours
     reason = loop.should_retrain(s, config)
     assert reason and "drift detected" in reason and "v3" in reason
-    assert loop.should_retrain(s, loop.LoopConfig(threshold=50, retrain_on_drift=False)) is None
+    assert loop.should_retrain(s, loop.LoopConfig(threshold=50, min_labels=2,
+                                                  retrain_on_drift=False)) is None
 
     loop.RolloutStore(s).update("r0001", created=time.time() + 1e-3, stage="snapshot")
     time.sleep(0.01)

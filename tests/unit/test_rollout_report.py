@@ -11,7 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from flowops import rollout, rollout_report
+from flowops import rollout
+from flowops.loop import report as rollout_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(

@@ -60,9 +60,17 @@ def start(
                                     help="Also retrain when the oldest new label is this old."),
     epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs."),
     workers: int = typer.Option(2, "--workers", help="Ray Train workers."),
+    min_labels: int = typer.Option(10, "--min-labels", help="Fewest new labels a max-age or drift "
+                                   "retrain uses (a drift verdict waits for them)."),
     steps: str = typer.Option("10,25,50,100", "--steps", help="Canary weights, ending with 100."),
-    min_requests: int = typer.Option(40, "--min-requests", help="Canary requests per step."),
-    min_duration_s: float = typer.Option(5.0, "--min-duration-s", help="Seconds per step."),
+    alpha: float = typer.Option(0.01, "--alpha", help="False rollback rate of an equal canary."),
+    beta: float = typer.Option(0.05, "--beta", help="False promotion rate of a canary worse by a "
+                               "margin."),
+    accuracy_margin: float = typer.Option(0.05, "--accuracy-margin",
+                                          help="Tolerated accuracy drop (0.05 = 5 points)."),
+    error_margin: float = typer.Option(0.01, "--error-margin", help="Tolerated error-rate increase."),
+    max_analysis_s: float = typer.Option(900, "--max-analysis-s", help="Deadline of the canary "
+                                         "analysis: inconclusive by then = roll back."),
     no_pseudo_label: bool = typer.Option(False, "--no-pseudo-label",
                                          help="Do not refresh pseudo-labels after a promotion."),
     no_retrain_on_drift: bool = typer.Option(False, "--no-retrain-on-drift",
@@ -79,9 +87,11 @@ def start(
         raise InvalidInput(f"--steps {steps!r}: comma-separated integers, e.g. 10,25,50,100") \
             from None
     raw = {"threshold": threshold, "max_age_s": max_age_s, "epochs": epochs, "workers": workers,
-           "pseudo_label": not no_pseudo_label, "retrain_on_drift": not no_retrain_on_drift,
-           "analysis": {"steps": weights, "min_requests": min_requests,
-                        "min_duration_s": min_duration_s}}
+           "min_labels": min_labels, "pseudo_label": not no_pseudo_label,
+           "retrain_on_drift": not no_retrain_on_drift,
+           "analysis": {"steps": weights, "alpha": alpha, "beta": beta,
+                        "accuracy_margin": accuracy_margin, "error_margin": error_margin,
+                        "max_duration_s": max_analysis_s}}
     config = loop.parse_config(raw)
     cfg = settings()
     sid = loop.start_controller(cfg, config)
@@ -118,16 +128,30 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         console.print(f"  {r['id']}: model v{r.get('model_version', '?')} data "
                       f"{r.get('data_version', '-')} stage {r.get('stage')} -> "
                       f"{r.get('status')} {'; '.join(r.get('reasons', []))[:160]}")
+        if r.get("stage") == "analysis":  # how much more evidence each check needs
+            for line in r.get("analysis", {}).get("waiting", []):
+                console.print(f"      {line}")
     for p in report["pipelines"]:
         console.print(f"  pipeline {p['id']}: {p['status']}")
 
 
 @loop_app.command("report")
-def report(as_json: bool = typer.Option(False, "--json", help="Print the timeline as JSON.")) -> None:
+def report(
+    as_json: bool = typer.Option(False, "--json", help="Print the timeline as JSON."),
+    html: Path = typer.Option(None, "--html", help="Write a rollout's HTML report (weight over "
+                              "time, each check's bounds against its margin, the decision) here."),
+    rollout: str = typer.Option(None, "--rollout", help="The rollout of --html (default: the latest)."),
+) -> None:
     """The timeline of every rollout: threshold → data version → training → validation →
     canary → promoted or rolled back (with the rollback time)."""
+    from flowops.durable import atomic_write_text
     from flowops.loop import timeline
 
+    if html is not None:
+        rid, page = timeline.rollout_page(settings(), rollout)
+        atomic_write_text(html, page)
+        console.print(f"wrote the report of rollout {rid} to {html}")
+        return
     rows = timeline.timeline(settings())
     if as_json:
         print_json(rows)

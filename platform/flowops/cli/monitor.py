@@ -36,6 +36,8 @@ def drift(
     correction: str = typer.Option("bonferroni", help="Multiple-testing correction: bonferroni or bh."),
     class_test: str = typer.Option("chi2", help="Test of the predicted classes: chi2 or psi."),
     no_trigger: bool = typer.Option(False, "--no-trigger", help="Do not emit drift_detected to the loop."),
+    persist: int = typer.Option(2, "--persist", help="Consecutive drifted windows before the loop "
+                                "is told (drift_detected)."),
     as_job: bool = typer.Option(False, "--as-job", help="Run it as a Ray job (jobs/drift_monitor.py)."),
     fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit non-zero when drifted."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -46,7 +48,8 @@ def drift(
     from flowops.drift_monitor import DriftMonitorConfig
 
     cfg = settings()
-    config = drift_mod.make_config(alpha=alpha, correction=correction, class_test=class_test)
+    config = drift_mod.make_config(alpha=alpha, correction=correction, class_test=class_test,
+                                   persist=persist)
     common = {"model_uri": model, "data_version": data_version, "drift": config,
               "trigger": not no_trigger}
     if watch:

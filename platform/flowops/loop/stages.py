@@ -25,6 +25,7 @@ import pandas as pd
 from flowops import data, events, jobs, labels, registry, serving
 from flowops.durable import atomic_write_text
 from flowops.errors import FlowOpsError, GateFailed, InvalidInput, validated
+from flowops.loop import timeline
 from flowops.loop.state import AnalysisProgress, LoopConfig, RolloutRecord, RolloutStore, home_tag
 from flowops.pseudo_label import PseudoLabelConfig
 from flowops.refs import ModelRef
@@ -207,7 +208,7 @@ def stage_canary(settings: Settings, config: LoopConfig, rid: str) -> RolloutRec
                 weight=weight)
     return store.update(rid, stage="analysis", stable_version=stable, run_id=run_id,
                         analysis=AnalysisProgress(step=0, started=time.time(),
-                                                  started_requests=started))
+                                                  started_requests=started, began=time.time()))
 
 
 def _canary_requests(settings: Settings, version: str) -> int:
@@ -229,19 +230,22 @@ def _start_rollout_run(settings: Settings, rid: str, version: str, stable: str,
     return run.info.run_id
 
 
-def _log_decision(settings: Settings, run_id: str, decision: Decision, index: int) -> None:
+def _log_decision(settings: Settings, rid: str, run_id: str, decision: Decision, index: int,
+                  at: float) -> None:
+    """One look, kept twice: MLflow step metrics of the rollout run, and an `analysis_tick` event
+    (what `flowops loop report --html` draws)."""
     client = configure_mlflow(settings)
-    metrics = {"weight": decision.weight, "step_requests": decision.evidence["step_requests"],
-               "canary_requests": decision.evidence["canary_requests"]}
+    metrics = {"weight": decision.weight, "canary_requests": decision.evidence["canary_requests"],
+               "stable_requests": decision.evidence["stable_requests"]}
     for check in decision.checks:
-        for side in ("canary", "stable"):
-            value = getattr(check, side)
+        for bound in ("estimate", "lower", "upper"):
+            value = getattr(check, bound)
             if value is not None:
-                metrics[f"{check.name}_{side}"] = float(value)
-        if check.p_value is not None:
-            metrics[f"{check.name}_p"] = float(check.p_value)
+                metrics[f"{check.name}_{bound}"] = float(value)
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value), step=index)
+    events.emit(settings, "analysis_tick", rollout=rid, version=decision.evidence["canary"],
+                key=f"{rid}:tick:{index}", ts=at, **_jsonable(decision.tick()))
 
 
 def stage_analysis(settings: Settings, config: LoopConfig, rid: str,
@@ -269,16 +273,18 @@ def stage_analysis(settings: Settings, config: LoopConfig, rid: str,
     while not should_stop():
         seen_at = time.time()
         decision = decide(serving.ledger_snapshot(settings), stable=stable, canary=version,
-                          step=analysis.step, step_started_requests=analysis.started_requests,
-                          step_elapsed_s=seen_at - analysis.started, config=cfg)
+                          step=analysis.step, step_elapsed_s=seen_at - analysis.started,
+                          elapsed_s=seen_at - (analysis.began or analysis.started), config=cfg)
         ticks += 1
         if decision.action == "wait":
             if ticks % 5 == 1:
-                _log_decision(settings, run_id, decision, ticks)
+                _log_decision(settings, rid, run_id, decision, ticks, seen_at)
+                analysis = analysis.model_copy(update={"ticks": ticks, "waiting": decision.reasons})
+                store.update(rid, analysis=analysis)
                 store.beat(status="running", rollout=rid, stage="analysis")
             time.sleep(min(config.poll_s, 1.0))
             continue
-        _log_decision(settings, run_id, decision, ticks)
+        _log_decision(settings, rid, run_id, decision, ticks, seen_at)
         if decision.action == "rollback":
             store.update(rid, deciding="rollback")
             serving.rollback(settings)
@@ -293,12 +299,19 @@ def stage_analysis(settings: Settings, config: LoopConfig, rid: str,
         serving.set_weight(settings, cfg.steps[step])
         analysis = AnalysisProgress(step=step, started=time.time(),
                                     started_requests=_canary_requests(settings, version),
-                                    ticks=ticks)
+                                    ticks=ticks, began=analysis.began or analysis.started)
         record = store.update(rid, analysis=analysis)
     return record
 
 
 # Finishing ------------------------------------------------------------------------------------
+
+
+def _log_report(settings: Settings, record: RolloutRecord) -> None:
+    """The rollout's HTML report, an artifact of its MLflow run."""
+    if record.run_id:
+        _, page = timeline.rollout_page(settings, record.id)
+        configure_mlflow(settings).log_text(record.run_id, page, "rollout_report.html")
 
 
 def _finish_promote(settings: Settings, record: RolloutRecord,
@@ -317,6 +330,7 @@ def _finish_promote(settings: Settings, record: RolloutRecord,
         client.set_terminated(record.run_id, "FINISHED")
     events.emit(settings, "promoted", rollout=rid, version=version,
                 previous=record.stable_version)
+    _log_report(settings, record)
     return RolloutStore(settings).update(rid, stage="pseudo_label", status="promoted",
                                          reasons=decision.reasons if decision else [])
 
@@ -340,6 +354,7 @@ def _finish_rollback(settings: Settings, record: RolloutRecord, decision: Decisi
     rollback_s = round(stable_at - evidence_at, 3)
     events.emit(settings, "rolled_back", rollout=rid, version=version, ts=stable_at,
                 reasons=reasons, rollback_s=rollback_s, evidence_at=evidence_at)
+    _log_report(settings, record)
     return RolloutStore(settings).update(rid, stage="done", status="rolled_back", reasons=reasons,
                                          rollback_s=rollback_s)
 

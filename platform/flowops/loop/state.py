@@ -39,7 +39,8 @@ class LoopConfig(BaseModel):
     threshold: int = Field(50, ge=1, description="New human labels that trigger a retrain.")
     max_age_s: float | None = Field(None, gt=0, description="Also retrain when the oldest new "
                                     "label waited this long (needs at least min_labels).")
-    min_labels: int = Field(1, ge=1, description="Fewest labels a max-age or drift retrain uses.")
+    min_labels: int = Field(10, ge=1, description="Fewest new labels a max-age or drift retrain "
+                            "uses: too few to learn from, and the drift waits for more.")
     retrain_on_drift: bool = Field(True, description="Also retrain when the drift monitor flagged "
                                    "live inputs since the last rollout (needs at least min_labels).")
     poll_s: float = Field(2.0, gt=0, le=300, description="Seconds between inbox checks.")
@@ -87,6 +88,10 @@ class AnalysisProgress(BaseModel):
     started: float
     started_requests: int = Field(ge=0)
     ticks: int = Field(0, ge=0)
+    began: float | None = Field(None, description="When the analysis began (its deadline counts "
+                                "from here; None in records older than sequential analysis).")
+    waiting: list[str] = Field(default_factory=list, description="What the last look still needed: "
+                               "how much more evidence each check wants.")
 
 
 class RolloutRecord(BaseModel):

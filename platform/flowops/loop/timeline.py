@@ -1,12 +1,14 @@
 """The loop's timeline: `timeline()` turns the event log (`flowops.events`) into per-rollout stage
-rows for `flowops loop report`."""
+rows for `flowops loop report`; `rollout_page()` is one rollout's HTML report."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from flowops.errors import NotFound
 from flowops.events import read_events
+from flowops.loop import report
 from flowops.settings import Settings
 
 # Stages in the order the report prints them: (label, event that starts it, event that ends it).
@@ -82,3 +84,15 @@ def format_timeline(rollouts: list[dict[str, Any]]) -> list[str]:
             for reason in r.get("reasons", []):
                 lines.append(f"  reason: {reason}")
     return lines
+
+
+def rollout_page(settings: Settings, rollout: str | None = None) -> tuple[str, str]:
+    """(rollout id, its HTML report): the named rollout, or the latest one."""
+    rows = {r["rollout"]: r for r in timeline(settings)}
+    if not rows:
+        raise NotFound("no rollout yet: the loop records one when new labels reach the threshold")
+    rid = rollout or list(rows)[-1]
+    if rid not in rows:
+        raise NotFound(f"rollout {rid!r} does not exist; rollouts: {', '.join(rows)}")
+    ticks = [e for e in read_events(settings, rid) if e["event"] == "analysis_tick"]
+    return rid, report.render(rows[rid], ticks)

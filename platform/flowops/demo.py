@@ -71,6 +71,7 @@ class TrafficGenerator:
         self.images, self.truth = _holdout_images(settings)
         self.sent = self.failed = self.feedback = 0
         self.by_version: dict[str, int] = {}
+        self.last_seen: dict[str, float] = {}  # when a client last got an answer of each version
         self.failures: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -119,6 +120,7 @@ class TrafficGenerator:
         pred = resp.json()["predictions"][0]
         version = str(pred["model_version"])
         self.by_version[version] = self.by_version.get(version, 0) + 1
+        self.last_seen[version] = time.time()
         if self.rng.random() < self.feedback_share:
             try:
                 fb = client.post(f"{self.url}/feedback",

@@ -149,9 +149,10 @@ def test_monitor_settings_come_from_the_monitor_section(home, monkeypatch):
 
     monkeypatch.setenv("FLOWOPS_MONITOR_PROMETHEUS_PORT", "19090")
     monkeypatch.setenv("FLOWOPS_MONITOR_SCRAPE_INTERVAL_S", "7")
+    monkeypatch.setenv("FLOWOPS_MONITOR_EXPORTER_PORT", "18091")
     settings = get_settings()
     assert prometheus.local_url(settings) == "http://127.0.0.1:19090"
     config = prometheus.prometheus_config(settings, settings.monitor.exporter_port,
                                           settings.monitor.scrape_interval_s)
     assert config["global"]["scrape_interval"] == "7s"
-    assert config["scrape_configs"][1]["static_configs"][0]["targets"] == ["127.0.0.1:8091"]
+    assert config["scrape_configs"][1]["static_configs"][0]["targets"] == ["127.0.0.1:18091"]

@@ -5,8 +5,9 @@ RayJobs, apply objects.
 `kustomize build`): FlowOps does not reimplement kustomize. `cluster/base/ray-cluster.platform.yaml` is
 generated from the typed builders (`platform_cluster`) by `flowops cluster generate`; a unit test fails
 when the committed file is stale, as for the PrometheusRule. `submit_train_k8s` is what
-`flowops train --target k8s` calls: a RayJob running `python -m jobs.train --config '<JSON>'` on its
-own short-lived RayCluster, built by the builders the tests validate against KubeRay's CRD schemas.
+`flowops train --target k8s` calls: a RayJob running
+`python -m flowops.workloads.train --config '<JSON>'` on its own short-lived RayCluster, built by
+the builders the tests validate against KubeRay's CRD schemas.
 """
 
 from __future__ import annotations
@@ -22,26 +23,25 @@ from typing import Any
 
 import yaml
 
-from flowops import manifests
+from flowops import manifests, resources
 from flowops.durable import atomic_write_text
 from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError, InvalidInput, NotFound, validated_json
 from flowops.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "gpu", "prod")
 PLATFORM_CLUSTER_FILE = Path("base") / "ray-cluster.platform.yaml"  # inside the manifests folder
 
 
 def manifests_dir(settings: Settings) -> Path:
-    """The kustomize tree: FLOWOPS_CLUSTER_MANIFESTS_DIR, else the repository's `cluster/`."""
-    return settings.cluster.manifests_dir or REPO_ROOT / "cluster"
+    """The kustomize tree: FLOWOPS_CLUSTER_MANIFESTS_DIR, else the one FlowOps ships (`cluster/`)."""
+    return settings.cluster.manifests_dir or resources.cluster_tree()
 
 
 def overlay_dir(settings: Settings, name: str) -> Path:
     overlays = manifests_dir(settings) / "overlays"
     if not overlays.is_dir():
-        raise NotFound(f"no kustomize overlays in {overlays.parent}: set FLOWOPS_CLUSTER_MANIFESTS_DIR to "
-                       "the cluster/ folder of a FlowOps checkout")
+        raise NotFound(f"no kustomize overlays in {overlays.parent}: FLOWOPS_CLUSTER_MANIFESTS_DIR must "
+                       "name a tree like FlowOps' cluster/ (base/ and overlays/)")
     path = overlays / name
     if not (path / "kustomization.yaml").is_file():
         known = sorted(p.name for p in overlays.iterdir() if p.is_dir())
@@ -229,10 +229,10 @@ def generate_platform_cluster(settings: Settings, check: bool = False) -> Path:
 
 
 def train_job(settings: Settings, config_json: str, name: str | None = None) -> dict[str, Any]:
-    """A RayJob running `python -m jobs.train --config '<TrainConfig JSON>'` on its own cluster (deleted
-    when it ends): one worker pod per Ray Train worker, with the worker's GPUs. A config that does not
-    set `workers` gets FLOWOPS_CLUSTER_TRAIN_WORKERS; one without `gpus_per_worker` gets pods with
-    FLOWOPS_CLUSTER_TRAIN_WORKER_GPUS GPUs."""
+    """A RayJob running `python -m flowops.workloads.train --config '<TrainConfig JSON>'` on its own
+    cluster (deleted when it ends): one worker pod per Ray Train worker, with the worker's GPUs. A
+    config that does not set `workers` gets FLOWOPS_CLUSTER_TRAIN_WORKERS; one without
+    `gpus_per_worker` gets pods with FLOWOPS_CLUSTER_TRAIN_WORKER_GPUS GPUs."""
     from flowops.train import TrainConfig  # pandas and pyarrow: kept out of CLI start-up
 
     config = validated_json(TrainConfig, config_json, "train config")
@@ -243,7 +243,7 @@ def train_job(settings: Settings, config_json: str, name: str | None = None) -> 
             else k8s.train_worker_gpus)
     job = manifests.RayJobInput(
         name=name or f"flowops-train-{time.strftime('%Y%m%d-%H%M%S')}",
-        entrypoint=shlex.join(["python", "-m", "jobs.train", "--config",
+        entrypoint=shlex.join(["python", "-m", "flowops.workloads.train", "--config",
                                config.model_dump_json(exclude_unset=True)]),
         env_vars={"PYTHONUNBUFFERED": "1", "FLOWOPS_MODEL_NAME": settings.model_name},
         cluster=manifests.RayClusterInput(

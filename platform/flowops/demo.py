@@ -46,6 +46,7 @@ class DemoConfig(BaseModel):
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0, description="Fractional, to fit beside serving.")
     rate_per_s: float = Field(40.0, gt=0, le=200, description="Generated requests per second.")
+    users: int = Field(4, ge=1, le=32, description="Concurrent simulated users sharing the rate.")
     feedback_share: float = Field(0.5, ge=0, le=1)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig,
                                      description="The canary analysis (sequential tests).")
@@ -57,77 +58,87 @@ class DemoConfig(BaseModel):
 
 
 class TrafficGenerator:
-    """Bounded synthetic users on 127.0.0.1: predict a holdout image, then (sometimes) send its
-    true label as feedback. Counts every request and every failed one: any answer but 200, or no
-    answer at all."""
+    """Bounded synthetic users on 127.0.0.1: each predicts a holdout image, then (sometimes) sends
+    its true label as feedback. `users` threads share the rate, so the rate holds while a request
+    waits. Counts every request and every failed one: any answer but 200, or no answer at all."""
 
     def __init__(self, settings: Settings, rate_per_s: float = 25.0, feedback_share: float = 0.5,
-                 seed: int = 0, max_requests: int = 200_000):
+                 seed: int = 0, max_requests: int = 200_000, users: int = 4):
         self.url = f"http://127.0.0.1:{settings.serve_port}"
         self.rate_per_s = min(rate_per_s, 200.0)
         self.feedback_share = feedback_share
         self.max_requests = max_requests
-        self.rng = random.Random(seed)
+        self.seed, self.users = seed, users
         self.images, self.truth = _holdout_images(settings)
         self.sent = self.failed = self.feedback = 0
         self.by_version: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}  # when a client last got an answer of each version
         self.failures: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> TrafficGenerator:
-        self._thread = threading.Thread(target=self._run, name="flowops-traffic", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(k,), name=f"flowops-user-{k}",
+                                          daemon=True) for k in range(self.users)]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> dict[str, Any]:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        return {"sent": self.sent, "failed": self.failed, "feedback": self.feedback,
-                "by_version": dict(self.by_version), "failures": self.failures[-5:]}
+        with self._lock:
+            return {"sent": self.sent, "failed": self.failed, "feedback": self.feedback,
+                    "by_version": dict(self.by_version), "failures": self.failures[-5:]}
 
-    def _run(self) -> None:
+    def _run(self, user: int) -> None:
         import httpx
 
-        interval = 1.0 / self.rate_per_s
+        rng = random.Random(self.seed * 1000 + user)
+        interval = self.users / self.rate_per_s
         with httpx.Client(timeout=10.0) as client:
             while not self._stop.is_set() and self.sent < self.max_requests:
                 started = time.monotonic()
-                self._one(client)
+                self._one(client, rng)
                 self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
-    def _one(self, client) -> None:
+    def _failed(self, why: str) -> None:
+        with self._lock:
+            self.failed += 1
+            self.failures.append((time.time(), why))
+
+    def _one(self, client, rng: random.Random) -> None:
         import httpx
 
-        i = self.rng.randrange(len(self.images))
-        self.sent += 1
+        i = rng.randrange(len(self.images))
+        with self._lock:
+            self.sent += 1
         try:
             resp = client.post(f"{self.url}/predict", json={
-                "instances": [self.images[i]], "routing_key": f"user-{self.rng.random()}"})
+                "instances": [self.images[i]], "routing_key": f"user-{rng.random()}"})
         except httpx.HTTPError as exc:
-            self.failed += 1
-            self.failures.append((time.time(), type(exc).__name__))
-            return
+            return self._failed(type(exc).__name__)
         if resp.status_code != 200:
-            self.failed += 1
-            self.failures.append((time.time(), f"HTTP {resp.status_code}"))
-            return
+            return self._failed(f"HTTP {resp.status_code}")
         pred = resp.json()["predictions"][0]
         version = str(pred["model_version"])
-        self.by_version[version] = self.by_version.get(version, 0) + 1
-        self.last_seen[version] = time.time()
-        if self.rng.random() < self.feedback_share:
+        with self._lock:
+            self.by_version[version] = self.by_version.get(version, 0) + 1
+            self.last_seen[version] = time.time()
+        if rng.random() < self.feedback_share:
             try:
                 fb = client.post(f"{self.url}/feedback",
                                  json={"request_id": pred["request_id"], "label": self.truth[i]})
-                self.feedback += fb.status_code == 200
             except httpx.HTTPError:
-                pass
+                return None
+            with self._lock:
+                self.feedback += fb.status_code == 200
+        return None
 
 
 def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str]]:
@@ -159,16 +170,23 @@ def _train_job(settings: Settings, run_name: str, config: TrainConfig, say) -> s
 
 
 def wait_rollout(settings: Settings, rid: str, timeout_s: float, say) -> loop.RolloutRecord:
-    """Follow a rollout's events until it is done; print each as it happens."""
+    """Follow a rollout's events until it is done; print each as it happens (the analysis' looks
+    at most every 15 s: what each check still needs)."""
     store = loop.RolloutStore(settings)
     printed: set[str] = set()
+    last_tick = [0.0]
 
     def finished() -> loop.RolloutRecord | None:
         for event in events.read_events(settings, rid):
-            if event["key"] not in printed:
-                printed.add(event["key"])
-                say(f"   {time.strftime('%H:%M:%S', time.localtime(event['ts']))} "
-                    f"{rid} {_describe(event)}")
+            if event["key"] in printed:
+                continue
+            printed.add(event["key"])
+            if event["event"] == "analysis_tick":
+                if event["ts"] - last_tick[0] < 15:
+                    continue
+                last_tick[0] = event["ts"]
+            say(f"   {time.strftime('%H:%M:%S', time.localtime(event['ts']))} "
+                f"{rid} {_describe(event)}")
         record = store.get(rid)
         if record.done:
             return record
@@ -195,6 +213,8 @@ def _describe(event: dict[str, Any]) -> str:
         "training_done": lambda e: f"model v{e.get('version')}",
         "canary_started": lambda e: f"v{e.get('version')} at {e.get('weight')}% beside "
                                     f"v{e.get('stable')}",
+        "analysis_tick": lambda e: f"at {e.get('weight')}%: "
+                                   f"{'; '.join(r.split(' (')[0] for r in e.get('reasons', []))[:160]}",
         "analysis_step": lambda e: f"{e.get('weight')}% passed "
                                    f"({e.get('evidence', {}).get('canary_requests')} canary "
                                    "requests)",
@@ -246,7 +266,7 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
         threshold=cfg.threshold, epochs=cfg.epochs_finetune, workers=cfg.workers,
         cpus_per_worker=cfg.cpus_per_worker, poll_s=1.0,
         train_overrides={"lr": cfg.lr_finetune}, analysis=cfg.analysis))
-    traffic = TrafficGenerator(settings, cfg.rate_per_s, cfg.feedback_share).start()
+    traffic = TrafficGenerator(settings, cfg.rate_per_s, cfg.feedback_share, users=cfg.users).start()
     try:
         say(f"6/8 simulated labelers label the {cfg.threshold} most uncertain images")
         before = {r.id for r in loop.RolloutStore(settings).records()}

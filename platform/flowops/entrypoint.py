@@ -2,10 +2,12 @@
 
 A job takes exactly one argument, the JSON of the same pydantic model the client serialised:
 
-    python -m jobs.<name> --config '<JSON>'         the config inline
-    python -m jobs.<name> --config @path/to.json    the config in a file (relative to the job's
-                                                   working directory, the project)
-    python -m jobs.<name>                           every field at its default
+    python -m flowops.workloads.<name> --config '<JSON>'       the config inline
+    python -m flowops.workloads.<name> --config @path/to.json  the config in a file (relative to the
+                                                              job's working directory)
+    python -m flowops.workloads.<name>                         every field at its default
+
+(`flowops.workloads` is the checkout's `jobs/` folder, so `python -m jobs.<name>` works there too.)
 
 A config that does not parse ends the job with one line and exit code 2, never a traceback.
 """
@@ -24,7 +26,7 @@ from flowops.errors import FlowOpsError, InvalidInput, validated_json
 from flowops.settings import Settings, get_settings
 
 M = TypeVar("M", bound=BaseModel)
-USAGE = "usage: python -m jobs.<name> [--config '<JSON>' | --config @file.json]"
+USAGE = "usage: python -m flowops.workloads.<name> [--config '<JSON>' | --config @file.json]"
 
 
 def config_text(value: str) -> str:

@@ -1,4 +1,5 @@
-"""The job submission layer: every workload is a Ray job (`python -m jobs.<name> --config '<JSON>'`).
+"""The job submission layer: every workload is a Ray job
+(`python -m flowops.workloads.<name> --config '<JSON>'`).
 
 A workload's config is the same pydantic model on both sides: the client sends
 `config.model_dump_json()`, the job parses it with that model (`flowops.entrypoint.run_job`).
@@ -58,7 +59,8 @@ class JobInfo:
         return round(end - self.start_time, 1)
 
 
-# Every workload: its entrypoint is `python -m jobs.<name> --config '<JSON>'`, the JSON being the
+# Every workload: its entrypoint is `python -m flowops.workloads.<name> --config '<JSON>'` (the
+# checkout's jobs/<name>.py), the JSON being the
 # pydantic model named here (a test checks this list against the modules in `jobs/`).
 WORKLOADS = {
     "controller": "flowops.loop:LoopConfig",
@@ -122,9 +124,11 @@ def config_json(config: BaseModel | str | None) -> str | None:
 
 
 def entrypoint(workload: str, config: BaseModel | str | None = None) -> str:
-    """The shell command of a workload: `python -m jobs.<workload> --config '<JSON>'`."""
+    """The shell command of a workload: `python -m flowops.workloads.<workload> --config '<JSON>'`
+    (the modules of the checkout's `jobs/`, installed inside the package)."""
     text = config_json(config)
-    return shlex.join(["python", "-m", f"jobs.{workload}", *(["--config", text] if text else [])])
+    return shlex.join(["python", "-m", f"flowops.workloads.{workload}",
+                       *(["--config", text] if text else [])])
 
 
 def new_submission_id(workload: str) -> str:
@@ -143,7 +147,7 @@ def submit(
     entrypoint_num_gpus: float = 0,
     extra_env: dict[str, str] | None = None,
 ) -> str:
-    """Submit `python -m jobs.<workload> --config <config JSON>` as a Ray job; returns its id.
+    """Submit `python -m flowops.workloads.<workload> --config <JSON>` as a Ray job; returns its id.
 
     `config` is the workload's pydantic model (or its JSON text); None runs it with defaults.
     """

@@ -14,13 +14,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from flowops import resources
 from flowops.errors import InvalidInput, NotFound
 from flowops.settings import DEFAULT_IMAGE
 
@@ -359,9 +359,9 @@ def service(name: str, ns: str, selector: dict[str, str], ports: list[Obj], type
 # Validation --------------------------------------------------------------------------------------
 
 
-def packaged_crd_dir() -> Traversable:
+def packaged_crd_dir() -> Path:
     """KubeRay's CRD schemas shipped in the package (resources/kuberay-crds/README.md says which)."""
-    return resources.files("flowops") / "resources" / "kuberay-crds"
+    return resources.crd_dir()
 
 
 def _strict_schema(node: Any) -> Any:

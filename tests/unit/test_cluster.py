@@ -133,7 +133,7 @@ def test_train_rayjob_for_k8s(tmp_path, monkeypatch):
     (job,) = list(yaml.safe_load_all(text))
     assert job["kind"] == "RayJob"
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "-m", "jobs.train", "--config"] and len(argv) == 5
+    assert argv[:4] == ["python", "-m", "flowops.workloads.train", "--config"] and len(argv) == 5
     # The job gets the config it was given, with the cluster's default worker count.
     assert json.loads(argv[4]) == {"epochs": 2, "data_version": "v3", "workers": 2}
     assert job["spec"]["shutdownAfterJobFinishes"] is True

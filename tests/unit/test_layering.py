@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "platform" / "flowops"
 
-FOUNDATION = {"errors", "settings", "durable", "refs", "ray_client", "events"}
+FOUNDATION = {"errors", "settings", "durable", "refs", "ray_client", "events", "resources"}
 SERVICES = {"serving", "loop", "observability", "stack", "demo"}
 ADAPTERS = {"cli"}
 MAX_LINES = 600
@@ -173,7 +173,8 @@ def test_the_package_never_imports_its_adapters():
         if _top(name) in ADAPTERS:
             continue
         for module, _ in _imports(name):
-            if module.split(".")[0] in ("jobs", "serve_apps") or module.startswith("flowops.cli"):
+            if module.split(".")[0] in ("jobs", "serve_apps") or \
+                    module.startswith(("flowops.cli", "flowops.workloads", "flowops.apps")):
                 wrong.append(f"{name} imports {module}")
     assert wrong == []
 
@@ -246,3 +247,17 @@ def test_the_workload_list_is_the_job_entrypoints_with_their_configs():
         module, name = target.split(":")
         assert hasattr(importlib.import_module(module), name), target
         assert name in (REPO / "jobs" / f"{workload}.py").read_text(), workload
+
+
+def test_pyproject_ships_every_package_and_nothing_generic_at_the_top_level():
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = setuptools["package-dir"]
+    tree = {".".join(p.relative_to(PACKAGE.parent).parts[:-1])
+            for p in PACKAGE.rglob("__init__.py")}
+    expected = tree | {name for name in mapped if name}
+    assert set(setuptools["packages"]) == expected
+    assert all(name.split(".")[0] == "flowops" for name in setuptools["packages"])
+    for name, folder in mapped.items():
+        assert (REPO / folder).is_dir(), (name, folder)

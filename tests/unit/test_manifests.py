@@ -150,7 +150,7 @@ def test_entrypoints_and_import_paths_are_project_modules(rendered):
                 for app in config["applications"]:
                     modules.add(app["import_path"].split(":")[0])
                     serve_args.append((app["import_path"], app.get("args", {})))
-    assert {"jobs.train", "jobs.pseudo_label", "serve_apps.classifier"} <= modules
+    assert {"flowops.workloads.train", "flowops.workloads.pseudo_label", "flowops.apps.classifier"} <= modules
     missing = sorted(m for m in modules if importlib.util.find_spec(m) is None)
     assert not missing, f"entrypoints/import paths that are not modules of the project: {missing}"
     for module in modules:
@@ -161,7 +161,7 @@ def test_entrypoints_and_import_paths_are_project_modules(rendered):
     from flowops.serving import ServeAppConfig
     from flowops.train import TrainConfig
 
-    configs = {"jobs.train": TrainConfig, "jobs.pseudo_label": PseudoLabelConfig}
+    configs = {"flowops.workloads.train": TrainConfig, "flowops.workloads.pseudo_label": PseudoLabelConfig}
     for argv in entrypoints:
         parse_job_config(configs[argv[0]], argv[1:])
     for import_path, args in serve_args:

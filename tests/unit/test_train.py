@@ -90,12 +90,12 @@ def test_the_config_crosses_the_job_boundary_unchanged(tmp_path):
                          freeze_epochs=1, include_pseudo=True, seed=7, register_version=False,
                          run_name="it's \"quoted\" $HOME")
     command = shlex.split(jobs.entrypoint("train", config))  # what the job's shell runs
-    assert command[:4] == ["python", "-m", "jobs.train", "--config"]
+    assert command[:4] == ["python", "-m", "flowops.workloads.train", "--config"]
     assert parse_job_config(TrainConfig, command[3:]) == config
     (tmp_path / "train.json").write_text(config.model_dump_json())
     assert parse_job_config(TrainConfig, [f"--config=@{tmp_path / 'train.json'}"]) == config
     assert parse_job_config(TrainConfig, []) == TrainConfig()
-    assert jobs.entrypoint("data_check") == "python -m jobs.data_check"
+    assert jobs.entrypoint("data_check") == "python -m flowops.workloads.data_check"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import yaml
 
+from flowops import resources
 from flowops.durable import atomic_write_text
 from flowops.errors import Conflict, InvalidInput
 
-MONITORING_DIR = Path(__file__).resolve().parents[3] / "cluster" / "monitoring"
+MONITORING_DIR = resources.monitoring_dir()
 RULES_FILE = MONITORING_DIR / "rules.yaml"
 PROMETHEUS_RULE_FILE = MONITORING_DIR / "prometheus-rule.flowops.yaml"
 

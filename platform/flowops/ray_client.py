@@ -60,9 +60,9 @@ def connect(
 
     Returns the `ray` module. `runtime_env` applies only outside a job (a job has its own).
     """
+    apply_ray_auth_env(settings)  # before Ray is imported: it reads RAY_AUTH_MODE once
     import ray
 
-    apply_ray_auth_env(settings)
     if ray.is_initialized():
         return ray
     if inside_ray_job():

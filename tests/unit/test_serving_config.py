@@ -83,3 +83,15 @@ def test_predict_body_names_the_bad_instance():
     assert image.shape == (8, 8) and 0 <= image.min() <= image.max() <= 1
     with pytest.raises(InvalidInput, match=r"instances\[0\]: b64"):
         PredictRequest(instances=[{"b64": "not base64!"}]).images(8, max_instances=1)
+
+
+def test_the_deployment_hash_survives_the_round_trip_to_the_replica():
+    """The replica parses the arguments the deploying process dumped; both must agree on the hash,
+    or every routing change would redeploy the app (and take its route away for seconds)."""
+    from flowops.serving.config import ServeAppConfig, parse_app_config
+
+    deployed = parse_app_config({"stable": "2", "canary": "3", "weight": 10, "home": "/h"})
+    replica = ServeAppConfig.model_validate(deployed.model_dump())
+    assert replica.deployment_hash() == deployed.deployment_hash()
+    assert parse_app_config({"stable": "5"}).deployment_hash() == \
+        parse_app_config({"stable": "7", "weight": 50}).deployment_hash()  # routing is not in it

@@ -26,7 +26,9 @@ ROUTING_FIELDS = ("stable", "canary", "weight", "shadow_pct", "sticky_images", "
 class ServeAppConfig(BaseModel):
     """Arguments of the classifier app (`build_app(args)`, the Serve config file, `serve deploy`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Defaults are validated too (num_gpus 0 -> 0.0): the deploying process and the replica, which
+    # gets the arguments after a round trip, must compute the same `deployment_hash`.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     name: str = Field(APP_NAME, description="Serve application name (also names its state actor).")
     model_name: str | None = Field(None, description="Registered model (default: settings).")

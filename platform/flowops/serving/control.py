@@ -11,6 +11,7 @@ process that can reach the Serve port: no Ray driver, a change is live in well u
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -60,12 +61,22 @@ def _request(settings: Settings, method: str, path: str, *, admin: bool = False,
     return body
 
 
-def app_running(settings: Settings) -> dict[str, Any] | None:
-    """The app's routing status if the classifier app answers, else None."""
-    try:
-        return _request(settings, "GET", "/routing", timeout=5)
-    except FlowOpsError:
-        return None
+def app_running(settings: Settings, attempts: int = 3) -> dict[str, Any] | None:
+    """The app's routing status if the classifier app answers, else None.
+
+    A busy machine (training beside serving) can make one status call slow: a deployed app is
+    asked `attempts` times before it counts as absent, because `deploy` redeploys an absent app,
+    and a redeploy briefly takes its route away from users (HTTP 404 from the proxy).
+    """
+    for attempt in range(attempts):
+        try:
+            return _request(settings, "GET", "/routing", timeout=15)
+        except ClusterUnavailable:
+            if attempt + 1 < attempts:
+                time.sleep(1.0)
+        except FlowOpsError:
+            return None
+    return None
 
 
 def deploy(settings: Settings, stable: str | None = None, canary: str | None = None,

@@ -213,8 +213,7 @@ def _describe(event: dict[str, Any]) -> str:
         "training_done": lambda e: f"model v{e.get('version')}",
         "canary_started": lambda e: f"v{e.get('version')} at {e.get('weight')}% beside "
                                     f"v{e.get('stable')}",
-        "analysis_tick": lambda e: f"at {e.get('weight')}%: "
-                                   f"{'; '.join(r.split(' (')[0] for r in e.get('reasons', []))[:160]}",
+        "analysis_tick": lambda e: "; ".join(r.split(" (")[0] for r in e.get("reasons", []))[:160],
         "analysis_step": lambda e: f"{e.get('weight')}% passed "
                                    f"({e.get('evidence', {}).get('canary_requests')} canary "
                                    "requests)",

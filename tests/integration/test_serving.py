@@ -380,7 +380,9 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(served
 
     settings, _ = served
     serving.rollback(settings)
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # The test stack's dashboard, named: another cluster on this machine (a demo) must not count.
+    replicas = [a for a in list_actors(address=f"http://127.0.0.1:{settings.dashboard_port}",
+                                       filters=[("state", "=", "ALIVE")], limit=1000)
                 if a.class_name.startswith("ServeReplica:classifier")]
     assert len(replicas) == 2, [a.class_name for a in replicas]
     log: list[int] = []

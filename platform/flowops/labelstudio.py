@@ -107,7 +107,10 @@ def remember_setup(body: dict[str, Any]) -> None:
 
 def _origin(url: str) -> str:
     """scheme://host[:port] of a URL ('' when it has none)."""
-    parsed = urlparse(url.strip())
+    try:
+        parsed = urlparse(url.strip())
+    except ValueError:  # e.g. a malformed IPv6 host
+        return ""
     return f"{parsed.scheme}://{parsed.netloc}" if parsed.scheme and parsed.netloc else ""
 
 
@@ -159,6 +162,8 @@ async def fetch_task_image(task: dict[str, Any], schema: LabelSchema, roots: Ima
         return await _fetch(ref, roots)
     except InvalidInput as exc:
         raise InvalidInput(f"task {task.get('id')}: {exc}") from None
+    except ValueError as exc:  # urlparse: e.g. a malformed IPv6 host
+        raise InvalidInput(f"task {task.get('id')}: not an image URL ({exc})") from None
 
 
 async def _fetch(ref: str, roots: ImageRoots) -> bytes:
@@ -277,14 +282,19 @@ def task_error(exc: Exception, model_version: str) -> dict[str, Any]:
 
 def image_id_of(task: dict[str, Any], image_key: str = "image") -> str | None:
     """The dataset image id of a task: data.image_id or data.id, else the image file's stem."""
-    data = task.get("data") or {}
+    data = task.get("data")
+    if not isinstance(data, dict):
+        return None
     for key in ("image_id", "id"):
         if data.get(key) not in (None, ""):
             return str(data[key])
     ref = data.get(image_key)
     if not isinstance(ref, str) or not ref or ref.startswith("data:"):
         return None
-    url = urlparse(ref)
+    try:
+        url = urlparse(ref)
+    except ValueError:  # e.g. a malformed IPv6 host
+        return None
     name = parse_qs(url.query).get("d", [url.path])[0]
     stem = Path(unquote(name)).stem
     if url.path.startswith("/data/upload/"):
@@ -304,12 +314,13 @@ def handle_webhook(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ignored", "event": action, "reason": "annotation was skipped",
                 "recorded": 0}
     label = None
-    for item in annotation.get("result") or []:
-        if isinstance(item, dict) and item.get("type") == "choices":
-            values = (item.get("value") or {}).get("choices") or []
-            if values:
-                label = str(values[0])
-                break
+    results = annotation.get("result")
+    for item in results if isinstance(results, list) else []:
+        value = item.get("value") if isinstance(item, dict) and item.get("type") == "choices" else None
+        values = value.get("choices") if isinstance(value, dict) else None
+        if isinstance(values, list) and values:
+            label = str(values[0])
+            break
     if label is None:
         return {"status": "ignored", "event": action, "reason": "no choice in the annotation",
                 "recorded": 0}

@@ -21,6 +21,19 @@ _BARE = re.compile(rf"^(?:(?P<version>\d+)|@?(?P<alias>{_ALIAS}))$")
 _DATA = re.compile(r"^v\d+$")
 
 
+def model_ref_pattern(name: str | None = None) -> str:
+    """The references `ModelRef.parse(text, default_name)` reads, as a regular expression in the
+    ASCII subset that JSON Schema (ECMA-262), Python and pydantic read alike: a number, an alias,
+    or a models:/ URI (of the model `name` when given, else of any model)."""
+    alias = "[A-Za-z][A-Za-z0-9_-]*"
+    if name:  # punctuation as \xNN: an escape ECMA-262, Python and Rust regexes all read
+        model = "".join(c if c.isalnum() or c == "_" or ord(c) > 127 else f"\\x{ord(c):02x}"
+                        for c in name)
+    else:
+        model = "[A-Za-z0-9][A-Za-z0-9_.-]*"
+    return rf"^(?:[0-9]+|@?{alias}|models:/{model}(?:/[0-9]+|@{alias}))$"
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """One registered model version, by number or by alias (exactly one of the two)."""

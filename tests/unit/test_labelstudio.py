@@ -152,3 +152,28 @@ def test_webhook_records_the_chosen_label_and_ignores_other_events(tmp_path):
     assert labelstudio.handle_webhook(settings, skipped)["recorded"] == 0
     with pytest.raises(InvalidInput):
         labelstudio.handle_webhook(settings, {"action": "ANNOTATION_CREATED", "task": {}})
+
+
+@pytest.mark.parametrize("annotation,task", [
+    ({"result": 5}, {"id": 1}),
+    ({"result": [{"type": "choices", "value": ["3"]}]}, {"id": 1}),
+    ({"result": [{"type": "choices", "value": {"choices": {"a": 1}}}]}, {"id": 1}),
+    ({"result": [{"type": "choices", "value": {"choices": ["3"]}}]}, {"id": 1, "data": [1]}),
+    ({"result": [{"type": "choices", "value": {"choices": ["3"]}}]},
+     {"id": 1, "data": {"image": "http://[::1"}}),
+])
+def test_webhook_bodies_of_odd_shapes_are_ignored_or_refused_never_crash(tmp_path, annotation, task):
+    from flowops.settings import get_settings
+
+    settings = get_settings(home=tmp_path / "home")
+    event = {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": task}
+    try:
+        assert labelstudio.handle_webhook(settings, event)["recorded"] == 0
+    except InvalidInput as exc:
+        assert "image id" in str(exc)
+
+
+def test_a_malformed_host_is_no_origin():
+    assert labelstudio._origin("http://[::1") == ""
+    labelstudio.remember_setup({"project": "9", "hostname": "http://[::1"})
+    assert labelstudio._setup["9"]["hostname"] == ""

@@ -71,18 +71,31 @@ def test_replicas_read_the_deployers_key_file_first_and_skip_it_when_absent(tmp_
 
 
 def test_predict_body_names_the_bad_instance():
+    """What the body's schema states is checked when it is read (one error naming the instance);
+    what only decoding can tell (a broken image file) when the images are made."""
     from flowops.errors import validated_json
     from flowops.serving.config import PredictRequest
 
-    body = validated_json(PredictRequest, b'{"instances": [[[0, 255], [128, 64]], [[1, 2], [3]]]}')
-    with pytest.raises(InvalidInput, match=r"instances\[1\]"):
-        body.images(8, max_instances=4)
+    def read(body: bytes) -> PredictRequest:
+        return validated_json(PredictRequest, body)
+
+    with pytest.raises(InvalidInput, match=r"instances\.1\.pixel_array: the rows .* row 1 has 1"):
+        read(b'{"instances": [[[0, 255], [128, 64]], [[1, 2], [3]]]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0\.pixel_array\.0\.1: .*less than or equal to 255"):
+        read(b'{"instances": [[[0, 256]]]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0\.image_file\.b64: String should match"):
+        read(b'{"instances": [{"b64": "not base64!"}]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0: an instance is"):
+        read(b'{"instances": [7]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0\.pixel_array: List should have at least 1"):
+        read(b'{"instances": [[]]}')
+    body = read(b'{"instances": [[[0, 255], [128, 64]], [[1, 2], [3, 4]]]}')
     with pytest.raises(InvalidInput, match="too many instances"):
         body.images(8, max_instances=1)
     (image,) = PredictRequest(instances=[[[0, 255], [128, 64]]]).images(8, max_instances=1)
     assert image.shape == (8, 8) and 0 <= image.min() <= image.max() <= 1
-    with pytest.raises(InvalidInput, match=r"instances\[0\]: b64"):
-        PredictRequest(instances=[{"b64": "not base64!"}]).images(8, max_instances=1)
+    with pytest.raises(InvalidInput, match=r"instances\[0\]: not a decodable image"):
+        read(b'{"instances": [{"b64": "QUJDRA=="}]}').images(8, max_instances=1)
 
 
 def test_the_deployment_hash_survives_the_round_trip_to_the_replica():

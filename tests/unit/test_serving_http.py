@@ -8,7 +8,9 @@ import base64
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Query
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
 
 from flowops.errors import Conflict, FlowOpsError
 from flowops.serving.config import FeedbackRequest
@@ -17,10 +19,15 @@ from flowops.serving.http import (
     current_policy,
     flowops_error,
     json_body,
-    json_object,
+    parameters_invalid,
     require_admin_key,
     require_api_key,
 )
+
+
+class OpenBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    clash: bool = False
 
 
 class _Client:
@@ -41,6 +48,7 @@ class _Client:
 def _client(require_api: bool = False, admin_key: str | None = "adm") -> _Client:
     api = FastAPI()
     api.add_exception_handler(FlowOpsError, flowops_error)
+    api.add_exception_handler(RequestValidationError, parameters_invalid)
     policy = HttpPolicy(admin_key=admin_key, api_key="k", require_api_key=require_api,
                         max_body_bytes=1024)
     api.dependency_overrides[current_policy] = lambda: policy
@@ -50,10 +58,10 @@ def _client(require_api: bool = False, admin_key: str | None = "adm") -> _Client
         return body.model_dump()
 
     @api.post("/open", dependencies=[Depends(require_api_key)])
-    async def open_route(body: dict = Depends(json_object)):
-        if body.get("clash"):
+    async def open_route(body: OpenBody = Depends(json_body(OpenBody)), flag: bool = Query(False)):
+        if body.clash:
             raise Conflict("it clashes")
-        return body
+        return body.model_dump(exclude_unset=True)
 
     return _Client(api)
 
@@ -82,7 +90,7 @@ def test_the_api_key_is_asked_only_when_required_and_label_studio_sends_it_as_pa
 
 @pytest.mark.parametrize("content,status,says", [
     (b"{not json", 400, "JSON"),
-    (b"[1, 2]", 400, "JSON object"),
+    (b"[1, 2]", 400, "should be an object"),
     (b"{" + b" " * 2000 + b"}", 413, "limit"),
     (b'{"clash": true}', 409, "clashes"),
 ])
@@ -98,3 +106,8 @@ def test_typed_bodies_are_checked_and_limited():
     assert typo.status_code == 400 and "lable" in typo.json()["error"]
     big = client.post("/admin", json={**BODY, "label": "x" * 200}, headers=headers)
     assert big.status_code == 413
+
+
+def test_fastapis_own_parameter_checks_answer_400_with_an_error():
+    resp = _client().post("/open?flag=maybe", json={"a": 1})
+    assert resp.status_code == 400 and resp.json()["error"].startswith("invalid request: query.flag")

@@ -10,6 +10,7 @@ Light on purpose: importing it loads neither Ray nor FastAPI. Inside the package
     models   the version set of a replica: resolve, load, choose, unload (plain Python)
     state    the app's shared routing actor and the replicas' ledger buffer
     http     FastAPI dependencies (keys, body limits) and the one error-to-JSON mapping
+    openapi  the app's OpenAPI document: answers, keys, and each replica's limits written in
     replica  what a replica does; app: its routes and the Serve deployment
 """
 

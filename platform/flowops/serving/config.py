@@ -10,11 +10,12 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from flowops.errors import InvalidInput, invalid_input
+from flowops.refs import model_ref_pattern
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,17 +82,68 @@ def parse_app_config(args: dict[str, Any] | None) -> ServeAppConfig:
 # Request bodies ----------------------------------------------------------------------------------
 
 
+# The one constraint on instances that JSON Schema cannot state: the rows of a pixel array have equal
+# lengths (checked by `_rectangular`, said in the schema's description). What a base64 string must
+# decode to (an image file) is named by the custom string format IMAGE_FORMAT, so that a client or a
+# fuzzer can be taught to make one (tests/integration/test_openapi.py does).
+B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+IMAGE_FORMAT = "image-base64"
+# Likewise for Label Studio: a task's image reference, and a label config (XML).
+IMAGE_URL_FORMAT = "image-url"
+LABEL_CONFIG_FORMAT = "label-studio-config"
+
+
 class B64Instance(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    b64: str = Field(..., description="A PNG or JPEG file, base64-encoded.")
+    model_config = ConfigDict(extra="forbid", title="ImageFile")
+    b64: str = Field(..., min_length=4, pattern=B64_PATTERN,
+                     description="An image file (PNG, JPEG, ...), base64-encoded (standard alphabet, "
+                     "padded); any size, converted to grayscale and resized to the model's input.",
+                     json_schema_extra={"format": IMAGE_FORMAT, "contentEncoding": "base64",
+                                        "contentMediaType": "image/*"})
+
+
+def _rectangular(rows: list[list[float]]) -> list[list[float]]:
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"the rows of a pixel array must have one length (height x width): "
+                             f"row 0 has {width} values, row {i} has {len(row)}")
+    return rows
+
+
+Pixel = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]
+PixelArray = Annotated[
+    list[Annotated[list[Pixel], Field(min_length=1)]],
+    Field(min_length=1, title="PixelArray",
+          description="A grayscale image as a 2-D array (height x width) of pixel values 0-255; every "
+          "row has the same length. Any size: resized to the model's input."),
+    AfterValidator(_rectangular),
+]
+
+
+def _instance_kind(value: Any) -> str | None:
+    if isinstance(value, (dict, B64Instance)):
+        return "image_file"
+    return "pixel_array" if isinstance(value, list) else None
+
+
+Instance = Annotated[
+    Annotated[B64Instance, Tag("image_file")] | Annotated[PixelArray, Tag("pixel_array")],
+    Discriminator(_instance_kind, custom_error_type="instance",
+                  custom_error_message='an instance is {"b64": "<base64 image file>"} or a 2-D '
+                  "array of pixel values 0-255"),
+]
 
 
 class PredictRequest(BaseModel):
     """KServe / TF-Serving v1: each instance is {"b64": ...} or a 2-D array of pixel values 0-255."""
 
     model_config = ConfigDict(extra="forbid")
-    instances: list[B64Instance | list[list[float]]] = Field(..., min_length=1)
-    routing_key: str | None = Field(None, max_length=256, description="Sticky routing key.")
+    instances: list[Instance] = Field(..., min_length=1, description="The images to classify (at "
+                                      "most the app's max_instances per call: the document served "
+                                      "by the app states its limit).")
+    routing_key: str | None = Field(None, max_length=256, description="Sticky routing key (the "
+                                    "X-Routing-Key header wins).")
 
     def images(self, image_size: int, max_instances: int) -> list[np.ndarray]:
         """The instances as (S, S) float arrays in [0, 1]; InvalidInput names the bad instance."""
@@ -124,11 +176,103 @@ class FeedbackRequest(BaseModel):
     label: str = Field(..., min_length=1, max_length=128)
 
 
+def _leave_out_none_defaults(schema: dict[str, Any]) -> None:
+    """A field that may be left out but not sent as null: no `"default": null` in its schema."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None and "anyOf" not in prop:
+            del prop["default"]
+
+
 class RoutingUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    stable: str | None = Field(None, min_length=1, max_length=128)
-    canary: str | None = Field(None, max_length=128, description="null or '' removes the canary.")
-    weight: int | None = Field(None, ge=0, le=100)
-    shadow_pct: int | None = Field(None, ge=0, le=100)
-    sticky_images: bool | None = None
-    canary_fallback: bool | None = None
+    """Fields left out keep their value (only the canary may be null: null removes it). A version
+    is a number, an alias or a models:/ URI of the app's model."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_leave_out_none_defaults)
+    stable: str = Field(None, min_length=1, max_length=128, pattern=model_ref_pattern(),
+                        description="Version number, alias (production) or models:/ URI.")
+    canary: str | None = Field(None, max_length=128, pattern=f"^$|{model_ref_pattern()}",
+                               description="Like stable; null or '' removes the canary.")
+    weight: int = Field(None, ge=0, le=100, description="Percent of traffic to the canary (0 "
+                        "without a canary).")
+    shadow_pct: int = Field(None, ge=0, le=100, description="Percent of stable traffic mirrored "
+                            "to the canary.")
+    sticky_images: bool = Field(None, description="Route by a hash of the image when a request "
+                                "has no routing key.")
+    canary_fallback: bool = Field(None, description="Answer from stable when the canary fails.")
+
+
+# Label Studio ML-backend bodies: what Label Studio sends, open to the fields it adds over time.
+
+
+class LabelStudioSetup(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    project: str | int | None = Field(None, description="'<project id>.<created at>'")
+    label_config: str | None = Field(None, alias="schema", description="The project's labeling "
+                                     "config (XML).")
+    hostname: str | None = Field(None, description="Label Studio's URL (task images are fetched "
+                                 "from it).")
+    access_token: str | None = Field(None, description="Label Studio token (kept in memory, "
+                                     "never logged).")
+    model_version: str | None = None
+    extra_params: dict[str, Any] | None = None
+
+
+class LabelStudioTaskData(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra=_leave_out_none_defaults)
+    image: str = Field(None, min_length=1, description="The task's image, under the key the label "
+                       "config's <Image value=\"$key\"> names ('image' by default): a "
+                       "data:image/...;base64 URI, Label Studio's /data/upload/... or "
+                       "/data/local-files/?d=... path, or an http(s) URL on this machine or the "
+                       "Label Studio host.", json_schema_extra={"format": IMAGE_URL_FORMAT})
+
+
+class LabelStudioTask(BaseModel):
+    """One task; one whose image cannot be read gets an error result (the others are answered)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: int | str | None = None
+    data: LabelStudioTaskData
+
+
+LabelConfig = Annotated[str, Field(max_length=200_000, json_schema_extra={
+    "format": LABEL_CONFIG_FORMAT, "contentMediaType": "application/xml"})]
+
+
+class LabelStudioPredict(BaseModel):
+    # Without a label config the image key is 'image': every task needs it then (what a config
+    # names instead is inside its XML, out of the schema's reach).
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "if": {"anyOf": [{"not": {"required": ["label_config"]}},
+                         {"properties": {"label_config": {"type": "null"}}}]},
+        "then": {"properties": {"tasks": {"items": {"properties": {
+            "data": {"required": ["image"]}}}}}},
+    })
+    tasks: list[LabelStudioTask] = Field(..., min_length=1, description="At most the app's "
+                                         "max_instances tasks per call.")
+    label_config: LabelConfig | None = Field(None, description="The project's labeling config: "
+                                             "XML with a <Choices name toName> tag and the <Image> "
+                                             "it names, no entities. Default: choices 'choice' on "
+                                             "image 'image'.")
+    project: str | int | None = None
+    model_version: str | None = None
+    params: dict[str, Any] | None = None
+
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+
+
+class LabelStudioWebhook(BaseModel):
+    """An event of a project webhook: annotation events record the chosen label; others answer 200
+    and are ignored."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "if": {"properties": {"action": {"enum": list(ANNOTATION_EVENTS)}}, "required": ["action"]},
+        "then": {"required": ["annotation", "task"], "properties": {
+            "annotation": {"type": "object"},
+            "task": {"type": "object", "required": ["id"], "properties": {
+                "id": {"type": ["integer", "string"]}}}}},
+    })
+    action: str | None = Field(None, description="ANNOTATION_CREATED / ANNOTATION_UPDATED need "
+                               "'annotation' and 'task' (with its id); other events are ignored.")
+    annotation: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None

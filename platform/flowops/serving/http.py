@@ -13,15 +13,14 @@ object per replica process and names it in the replica context).
 import base64
 import binascii
 import hmac
-import json
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from flowops.errors import FlowOpsError, InvalidInput, validated_json
+from flowops.errors import FlowOpsError, InvalidInput, describe_validation_error, validated_json
 
 SMALL_BODY_BYTES = 64 * 1024  # feedback and routing changes
 
@@ -68,6 +67,11 @@ async def flowops_error(request: Request, exc: FlowOpsError) -> JSONResponse:
     """The exception handler: `{"error": message, **exc.details}` with the error's status."""
     return JSONResponse({"error": str(exc), **getattr(exc, "details", {})},
                         status_code=exc.http_status)
+
+
+async def parameters_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own checks (query and header parameters) answer like the bodies' do: 400."""
+    return await flowops_error(request, InvalidInput(describe_validation_error(exc, "invalid request")))
 
 
 # Keys --------------------------------------------------------------------------------------------
@@ -135,22 +139,3 @@ def json_body(model: type[BaseModel], limit: int | None = None):
         return validated_json(model, raw, "invalid request body")
 
     return body
-
-
-async def json_object(request: Request, policy: HttpPolicy = Depends(current_policy)) -> dict[str, Any]:
-    """Dependency: the body as a JSON object of any shape (Label Studio's calls), up to the app's
-    `max_body_bytes`."""
-    raw = await read_body(request, policy.max_body_bytes)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return body
-
-
-def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` of a route whose body a dependency reads: the body's schema for /docs."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}

@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from flowops.errors import Conflict
+from flowops.errors import Conflict, InvalidInput
 from flowops.refs import ModelRef
 
 Resolver = Callable[[ModelRef], str]
@@ -61,7 +61,11 @@ class VersionSet:
         out = {}
         for role, ref in (("stable", stable), ("canary", canary)):
             if ref:
-                out[role] = await asyncio.to_thread(self._resolve, ModelRef.parse(ref, self.model_name))
+                parsed = ModelRef.parse(ref, self.model_name)
+                if parsed.name != self.model_name:
+                    raise InvalidInput(f"{role} {ref!r} names another model; this app serves "
+                                       f"{self.model_name!r}")
+                out[role] = await asyncio.to_thread(self._resolve, parsed)
         return out
 
     async def load(self, routing: dict[str, Any]) -> None:

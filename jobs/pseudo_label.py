@@ -9,14 +9,12 @@ The last line of the log is `RESULT <JSON>` (what `flowops pseudo-label --json` 
 
 from __future__ import annotations
 
-import json
-
-from flowops.entrypoint import run_job
+from flowops.entrypoint import print_result, run_job
 from flowops.pseudo_label import PseudoLabelConfig, run_pseudo_label
 
 
 def main(settings, config: PseudoLabelConfig) -> None:
-    print("RESULT " + json.dumps(run_pseudo_label(settings, config).to_dict()), flush=True)
+    print_result(run_pseudo_label(settings, config).to_dict())
 
 
 if __name__ == "__main__":

@@ -5,20 +5,18 @@
     python -m jobs.train --config @train.json
 
 The config is `flowops.train.TrainConfig` as JSON (`--help` lists its fields). Prints the result
-as one JSON line, then a summary line.
+as one `RESULT <JSON>` line, then a summary line.
 """
 
 from __future__ import annotations
 
-import json
-
-from flowops.entrypoint import run_job
+from flowops.entrypoint import print_result, run_job
 from flowops.train import TrainConfig, train
 
 
 def main(settings, config: TrainConfig) -> None:
     result = train(settings, config)
-    print(json.dumps(result.to_dict()), flush=True)
+    print_result(result.to_dict())
     print(result.summary(), flush=True)
 
 

@@ -7,14 +7,12 @@ The config is `flowops.tune.TuneConfig` as JSON (or `--config @file.json`; `--he
 
 from __future__ import annotations
 
-import json
-
-from flowops.entrypoint import run_job
+from flowops.entrypoint import print_result, run_job
 from flowops.tune import TuneConfig, run_tune
 
 
 def main(settings, config: TuneConfig) -> None:
-    print(json.dumps(run_tune(settings, config), default=str), flush=True)
+    print_result(run_tune(settings, config))
 
 
 if __name__ == "__main__":

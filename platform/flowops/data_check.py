@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowops import data, tracking
+from flowops.entrypoint import print_result
 from flowops.errors import InvalidInput
 from flowops.settings import Settings
 
@@ -34,7 +34,7 @@ def run_data_check(settings: Settings, config: DataCheckConfig) -> dict[str, Any
         for split, n in summary["counts"].items():
             mlflow.log_metric(f"count_{split}", n)
         mlflow.log_dict(summary, "data_check.json")
-    print(json.dumps(summary, indent=2))
+    print_result(summary)  # the job's RESULT line, also when the version is invalid
     if not summary["ok"]:
         raise InvalidInput(f"data version {summary['version']} is invalid: "
                            + "; ".join(summary["problems"]))

@@ -2,7 +2,7 @@
 against the served model's training data (`flowops.drift` does the statistics).
 
 Its config is one model on both sides of the job boundary: `flowops monitor drift --as-job|--watch`
-sends `DriftMonitorConfig(...).model_dump_json()`, `python -m jobs.drift_monitor` parses it.
+sends `DriftMonitorConfig(...).model_dump_json()`, `python -m flowops.workloads.drift_monitor` parses it.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ A config that does not parse ends the job with one line and exit code 2, never a
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -27,6 +28,13 @@ from flowops.settings import Settings, get_settings
 
 M = TypeVar("M", bound=BaseModel)
 USAGE = "usage: python -m flowops.workloads.<name> [--config '<JSON>' | --config @file.json]"
+RESULT_PREFIX = "RESULT "  # a job's result line; `flowops.jobs.result_from_logs` reads it back
+
+
+def print_result(value: object) -> None:
+    """Print a job's result as its one `RESULT <JSON>` log line: what the submitting command's
+    `--json` returns as `result`."""
+    print(RESULT_PREFIX + json.dumps(value, default=str), flush=True)
 
 
 def config_text(value: str) -> str:

@@ -8,6 +8,7 @@ Foreign errors are translated once, here: `invalid_input()` turns a pydantic `Va
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 
@@ -52,12 +53,37 @@ class GateFailed(FlowOpsError):
     exit_code = 6
     http_status = 409
 
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report  # the gate's findings, for callers that print them (`--json`)
+
 
 class JobFailed(FlowOpsError):
     """A submitted Ray job (or a pipeline step) ended in failure."""
 
     exit_code = 7
     http_status = 500
+
+
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as shells report SIGINT
+
+
+def exit_codes() -> list[tuple[int, str, str, str]]:
+    """(exit code, meaning, error class, when) for success, every error of this module and an
+    interruption: the table of `flowops --help` and the README, generated here so it cannot drift.
+    The meaning is the class name in words (`GateFailed` -> "gate failed")."""
+    rows = [(0, "success", "", "the command did what it was asked")]
+    for cls in (FlowOpsError, *FlowOpsError.__subclasses__()):
+        if cls.__module__ != __name__:
+            continue
+        when = (cls.__doc__ or "").strip().split(". ")[0].rstrip(".")
+        if cls is FlowOpsError:
+            rows.append((cls.exit_code, "unexpected", cls.__name__, "any other failure"))
+        else:
+            rows.append((cls.exit_code, re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower(),
+                         cls.__name__, when))
+    rows.append((INTERRUPTED_EXIT_CODE, "interrupted", "", "Ctrl-C (SIGINT)"))
+    return sorted(rows)
 
 
 def describe_validation_error(exc, what: str = "") -> str:

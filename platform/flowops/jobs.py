@@ -15,13 +15,16 @@ starting a duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import os
 import re
 import shlex
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +32,21 @@ from typing import Any
 from pydantic import BaseModel
 
 from flowops.durable import atomic_write_text, wait_until
+from flowops.entrypoint import RESULT_PREFIX
 from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, JobFailed, NotFound
 from flowops.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# What a job's working directory (the project) leaves out, every heavy local folder named here.
+# Ray excludes `.git`, `.venv`, `venv` and `__pycache__` by default but warns about each one present
+# on every submission; listing them here and turning Ray's defaults off keeps submissions quiet.
 WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", ".flowops", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
-    "tests/benchmarks/*.json", "*.egg-info", "build", "dist", "docs", "cluster", ".whl", ".gl",
+    ".git", ".venv", "venv", ".flowops", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
+    "tests/benchmarks/*.json", "*.egg-info", "build", "dist", "docs", "cluster", ".whl", ".gl", "mlruns",
 ]
+RAY_DEFAULT_EXCLUDES_ENV = "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"
+_ENV_LOCK = threading.Lock()  # submissions from several threads swap the variable one at a time
 
 
 @dataclass
@@ -57,6 +66,9 @@ class JobInfo:
             return None
         end = self.end_time or time.time()
         return round(end - self.start_time, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "duration_s": self.duration_s}
 
 
 # Every workload: its entrypoint is `python -m flowops.workloads.<name> --config '<JSON>'` (the
@@ -158,14 +170,15 @@ def submit(
     meta = {"workload": workload, "user": getpass.getuser(), **(metadata or {})}
     meta = {k: str(v) for k, v in meta.items() if v is not None}
     try:
-        job_client.submit_job(
-            entrypoint=command,
-            submission_id=sid,
-            runtime_env=runtime_env(settings, extra_env),
-            metadata=meta,
-            entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=entrypoint_num_gpus,
-        )
+        with ray_default_excludes_off():
+            job_client.submit_job(
+                entrypoint=command,
+                submission_id=sid,
+                runtime_env=runtime_env(settings, extra_env),
+                metadata=meta,
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                entrypoint_num_gpus=entrypoint_num_gpus,
+            )
     except Exception as exc:  # noqa: BLE001
         text = str(exc)
         if "already exists" in text:
@@ -173,6 +186,22 @@ def submit(
         raise ClusterUnavailable(f"submitting {workload} failed: {text.splitlines()[0]}") from None
     _record_metric("submitted", workload)
     return sid
+
+
+@contextlib.contextmanager
+def ray_default_excludes_off() -> Iterator[None]:
+    """While the working directory is packaged: Ray's default excludes off (WORKING_DIR_EXCLUDES
+    names them), so Ray does not warn that it ignores `.git` and `.venv`."""
+    with _ENV_LOCK:
+        before = os.environ.get(RAY_DEFAULT_EXCLUDES_ENV)
+        os.environ[RAY_DEFAULT_EXCLUDES_ENV] = ""
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(RAY_DEFAULT_EXCLUDES_ENV, None)
+            else:
+                os.environ[RAY_DEFAULT_EXCLUDES_ENV] = before
 
 
 def _record_metric(event: str, workload: str, duration_s: float | None = None) -> None:
@@ -271,6 +300,28 @@ def run(settings: Settings, workload: str, config: BaseModel | str | None = None
     if result.status != "SUCCEEDED":
         raise JobFailed(failure_message(settings, result))
     return result
+
+
+def result_from_logs(text: str) -> Any | None:
+    """A job's result: the JSON of the last `RESULT <JSON>` line it printed (None without one)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            try:
+                return json.loads(line[len(RESULT_PREFIX):])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def outcome(settings: Settings, job: JobInfo, *, with_result: bool = False) -> dict[str, Any]:
+    """What a script reads of a job (`--json` of the submitting commands): id, workload, status,
+    duration, message and, with_result, the result a succeeded job printed."""
+    report: dict[str, Any] = {"job_id": job.id, "workload": job.workload, "status": job.status,
+                              "duration_s": job.duration_s, "message": job.message}
+    if with_result:
+        succeeded = job.status == "SUCCEEDED"
+        report["result"] = result_from_logs(logs(settings, job.id)) if succeeded else None
+    return report
 
 
 def failure_message(settings: Settings, job: JobInfo) -> str:

@@ -167,9 +167,10 @@ def score_batches(
     """Stream scored batches (id, path, error, probabilities) of `rows` through Ray Data."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    # Ray Data's progress stays on (RAY_DATA_DISABLE_PROGRESS_BARS=1 turns it off): bars in a
+    # terminal, a line every 10 s into a job's log (RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL); the
+    # submitting command's `--json` sends that log to stderr.
+    ray.data.DataContext.get_current().print_on_execution_start = False
     size = model.image_size
     chunks = [rows.iloc[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     ds = ray.data.from_pandas(chunks or [rows])

@@ -233,7 +233,7 @@ class RayHead:
         env["GRPC_ENABLE_FORK_SUPPORT"] = "false"
         env.pop("RAY_AUTH_TOKEN", None)
         env.pop("RAY_ADDRESS", None)
-        # Jobs run `python -m jobs.<name>`: `python` must be this interpreter (the project's venv).
+        # Jobs run `python -m flowops.workloads.<name>`: `python` must be this interpreter.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:

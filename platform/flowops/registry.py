@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -142,7 +143,8 @@ def validate_version(
         return report
     _set_tags(settings, name, number, {**common, "validation": "failed",
                                        "validation_reasons": "; ".join(report["reasons"])})
-    raise GateFailed(f"version {number} failed validation: {'; '.join(report['reasons'])}")
+    raise GateFailed(f"version {number} failed validation: {'; '.join(report['reasons'])}",
+                     report=report)
 
 
 def promote(settings: Settings, version: str | int, force: bool = False,
@@ -252,8 +254,10 @@ def prune(settings: Settings, older_than: str | timedelta, dry_run: bool = False
     return {"deleted": sorted(deleted, key=int), "kept": sorted(kept, key=int), "dry_run": dry_run}
 
 
-def reproduce(settings: Settings, version: str | int, name: str | None = None) -> dict[str, Any]:
-    """Re-run the training recorded on a version (not registered) and compare metrics and weights."""
+def reproduce(settings: Settings, version: str | int, name: str | None = None,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Re-run the training recorded on a version (not registered) and compare metrics and weights;
+    `on_epoch` follows the re-run's epochs (`flowops.train.train`)."""
     from flowops.train import recorded_config, train
 
     name = name or settings.model_name
@@ -266,7 +270,7 @@ def reproduce(settings: Settings, version: str | int, name: str | None = None) -
     })
     original_hash = mv.tags.get("weights_hash", "")
     original_acc = float(mv.tags.get("holdout_accuracy", "nan"))
-    result = train(settings, config)
+    result = train(settings, config, on_epoch=on_epoch)
     new_acc = round(result.metrics["holdout_accuracy"], 4)
     _client(settings).set_tag(result.run_id, "reproduces", f"{name}/{mv.version}")
     report = {

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from flowops.data import DataVersion
 from flowops.errors import FlowOpsError, InvalidInput, validated_json
 from flowops.evaluate import Split, split_from_rows
 from flowops.settings import Settings
-from flowops.train_session import create_session, run_local, run_ray_train
+from flowops.train_session import create_session, follow_epochs, run_local, run_ray_train
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +381,10 @@ def finish_run(settings: Settings, p: TrainPlan, model, *, tags: dict[str, str],
     return {**metrics, "per_class_f1": scores["per_class_f1"]}, digest, version
 
 
-def train(settings: Settings, config: TrainConfig) -> TrainResult:
-    """Train per `config`, tracked in one MLflow run; registers a new model version."""
+def train(settings: Settings, config: TrainConfig,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train per `config`, tracked in one MLflow run; registers a new model version. `on_epoch`
+    gets each epoch's metrics (epoch, epochs, train_loss, val_accuracy) as it ends: progress."""
     import mlflow
 
     from flowops.model import ImageClassifier
@@ -409,13 +412,15 @@ def train(settings: Settings, config: TrainConfig) -> TrainResult:
         name = f"{run_name}-{run_id[:8]}"
         looped = loop_config(p, "local" if config.local else "train", mlflow_info, storage / name)
         started = time.perf_counter()
+        progress = None if on_epoch is None else (lambda m: on_epoch({**m, "epochs": config.epochs}))
         if config.local:
-            state = run_local(train_loop, looped)
+            state = run_local(train_loop, {**looped, "on_epoch": progress})
         else:
-            state = run_ray_train(
-                train_loop, looped, workers=config.workers, cpus_per_worker=config.cpus_per_worker,
-                gpus_per_worker=config.gpus_per_worker, max_failures=config.max_failures,
-                storage=storage, name=name)
+            with follow_epochs(settings.tracking_uri, run_id, progress):
+                state = run_ray_train(
+                    train_loop, looped, workers=config.workers,
+                    cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker,
+                    max_failures=config.max_failures, storage=storage, name=name)
         mlflow.log_metric("train_wall_s", time.perf_counter() - started)
         resumed = list(state.get("resumed_at", []))
         if resumed:

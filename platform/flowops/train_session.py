@@ -10,11 +10,12 @@ of the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ class LocalSession(Session):
             os.replace(tmp, target)
         append_jsonl(self.folder / "metrics.jsonl", metrics)
         self.log_metrics(metrics)
+        if self.config.get("on_epoch"):  # the driver's progress view (same process)
+            self.config["on_epoch"](metrics)
         log.info("epoch %d: loss %.4f val_accuracy %.4f (%.2fs)", metrics["epoch"],
                  metrics["train_loss"], metrics["val_accuracy"], metrics["epoch_time_s"])
 
@@ -211,6 +214,43 @@ def run_local(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any
     loop(loop_config)
     last = sorted(Path(loop_config["checkpoint_dir"]).glob("checkpoint_epoch_*"))[-1]
     return load_checkpoint(last)
+
+
+@contextlib.contextmanager
+def follow_epochs(tracking_uri: str, run_id: str,
+                  on_epoch: Callable[[dict[str, Any]], None] | None,
+                  poll_s: float = 2.0) -> Iterator[None]:
+    """While Ray Train runs the loop elsewhere, pass each epoch rank 0 logged to the MLflow run to
+    `on_epoch` (the driver's progress view); a no-op without a callback."""
+    if on_epoch is None:
+        yield
+        return
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    stop = threading.Event()
+
+    def follow() -> None:
+        client, seen, stopped = MlflowClient(tracking_uri=tracking_uri), -1, False
+        while not stopped:
+            stopped = stop.wait(poll_s)  # after the stop, one last look: the final epochs
+            try:
+                history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+                           for k in ("train_loss", "val_accuracy")}
+            except Exception:  # noqa: BLE001 - progress is best effort, training goes on
+                continue
+            for step in sorted(s for s in history["val_accuracy"] if s > seen):
+                seen = step
+                on_epoch({"epoch": step, **{k: v[step] for k, v in history.items() if step in v}})
+
+    thread = threading.Thread(target=follow, name="flowops-epochs", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *,

@@ -91,8 +91,10 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
                 scheduler=ASHAScheduler(max_t=config.epochs, grace_period=1, reduction_factor=2),
                 search_alg=BasicVariantGenerator(random_state=config.seed),
             ),
+            # Tune's trial table (verbose 1): redrawn in a terminal, printed now and then into a
+            # job's log; `--json` of the submitting command sends the log to stderr.
             run_config=tune.RunConfig(name=f"tune-{parent.info.run_id[:8]}",
-                                      storage_path=str(settings.home / "tune-runs"), verbose=0),
+                                      storage_path=str(settings.home / "tune-runs"), verbose=1),
         )
         started = time.perf_counter()
         grid = tuner.fit()

@@ -56,7 +56,8 @@ def test_drift_job_flags_inverted_window_and_reports_everywhere(stack, dataset, 
         "--persist", "1", timeout=600
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    report = json.loads(out.stdout[out.stdout.index("{") :])
+    report = json.loads(out.stdout)  # one JSON object, nothing before it: the job's notes on stderr
+    assert report["job_id"].startswith("drift-monitor-") and report["status"] == "SUCCEEDED"
     assert report["drifted"] is True and report["model_version"] == version
     assert report["data_version"] == dataset  # lineage from the model's run
     assert "mean_intensity" in report["drifted_features"]

@@ -16,6 +16,8 @@ from flowops.errors import JobFailed
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.integration
+# What Ray logs for each of its default excludes (.git, .venv, ...) found in a working directory.
+RAY_EXCLUDE_WARNING = "is now ignored by default when packaging the working directory"
 
 
 def test_up_again_is_a_noop_and_status_is_healthy(stack):
@@ -49,8 +51,9 @@ def test_data_init_versions_and_show(dataset, stack):
 
 
 def test_data_check_runs_as_a_ray_job_and_logs_to_mlflow(dataset, stack):
-    out = run_cli("data", "check", "--version", dataset, check=True)
+    out = run_cli("data", "check", "--data-version", dataset, check=True)
     assert "SUCCEEDED" in out.stdout
+    assert RAY_EXCLUDE_WARNING not in out.stdout + out.stderr  # .git/.venv excluded explicitly
     listed = json.loads(run_cli("jobs", "list", "--json", check=True).stdout)
     checks = [j for j in listed if j["workload"] == "data_check" and j["status"] == "SUCCEEDED"]
     assert checks and checks[-1]["metadata"]["data_version"] == dataset
@@ -58,6 +61,36 @@ def test_data_check_runs_as_a_ray_job_and_logs_to_mlflow(dataset, stack):
     exp = client.get_experiment_by_name("data-checks")
     runs = client.search_runs([exp.experiment_id], f"tags.data_version = '{dataset}'")
     assert runs and runs[0].data.metrics["images"] == 1797
+
+
+def test_job_submitters_answer_in_json_and_logs_follow_exits_with_the_outcome(dataset, stack):
+    out = run_cli("data", "check", "--data-version", dataset, "--json", check=True)
+    report = json.loads(out.stdout)  # all of stdout is one JSON object
+    assert report["job_id"].startswith("data-check-") and report["status"] == "SUCCEEDED"
+    assert report["workload"] == "data_check"
+    assert report["result"]["version"] == dataset and report["result"]["ok"] is True
+    assert f"data version {dataset} OK" in out.stderr  # the job's log streamed to stderr
+    assert RAY_EXCLUDE_WARNING not in out.stderr
+    followed = run_cli("jobs", "logs", "-f", report["job_id"])
+    assert followed.returncode == 0 and f"data version {dataset} OK" in followed.stdout
+    assert f"job {report['job_id']} (data_check) SUCCEEDED" in followed.stderr
+
+    bad_config = ["--", "--config", '{"data_version": "v999"}']
+    failed = run_cli("jobs", "submit", "data_check", "--json", *bad_config)
+    assert failed.returncode == JobFailed.exit_code
+    report = json.loads(failed.stdout)
+    assert report["status"] == "FAILED" and report["result"] is None
+    assert failed.stderr.strip().splitlines()[-1].startswith(f"error: job {report['job_id']} "
+                                                             "(data_check) FAILED")
+
+    queued = run_cli("jobs", "submit", "data_check", "--no-wait", "--json", *bad_config, check=True)
+    submitted = json.loads(queued.stdout)
+    assert submitted["job_id"].startswith("data-check-") and submitted["status"] in (
+        "PENDING", "RUNNING", "FAILED")
+    followed = run_cli("jobs", "logs", "-f", submitted["job_id"])
+    assert followed.returncode == JobFailed.exit_code  # the job's outcome, in one line
+    assert followed.stderr.strip().splitlines()[-1].startswith(
+        f"error: job {submitted['job_id']} (data_check) FAILED")
 
 
 def test_workload_through_the_ray_cli_with_the_token(dataset, stack):
@@ -110,7 +143,7 @@ def test_pipeline_restart_adopts_the_submitted_job(dataset, stack):
         (["jobs", "submit", "no_such_workload"], "unknown workload 'no_such_workload'; known"),
         (["jobs", "submit", "data_check", "--", "--config", '{"version": "v1"}'],
          "--config (DataCheckConfig): version: Extra inputs are not permitted"),
-        (["data", "check", "--version", "v999"], "data version 'v999' does not exist"),
+        (["data", "check", "--data-version", "v999"], "data version 'v999' does not exist"),
         (["jobs", "status", "no-such-job"], "no job 'no-such-job'"),
         (["data", "init", "--from", "/nonexistent"], "not a folder"),
     ],

@@ -157,7 +157,7 @@ def test_rollback_branch_sends_all_traffic_to_stable_within_seconds(stack, serve
 
     stable = registry.production_version(stack)
     bad = _train_local(stack, "loop-test-bad", epochs=1, lr=0.001)
-    proc = run_cli("loop", "canary", "--version", bad, "--min-accuracy", "0", check=True)
+    proc = run_cli("loop", "canary", "--model-version", bad, "--min-accuracy", "0", check=True)
     rid = proc.stdout.split()[2]
     if loop.loop_status(stack)["controller"]["status"] != "RUNNING":
         run_cli("loop", "start", *LOOP_ARGS, check=True)
@@ -190,7 +190,7 @@ def test_a_model_that_fails_the_gate_is_rejected_before_any_canary(stack, served
 
     stable = registry.production_version(stack)
     weak = _train_local(stack, "loop-test-weak", epochs=1, lr=0.0005)
-    proc = run_cli("loop", "canary", "--version", weak, check=True)  # the normal gate
+    proc = run_cli("loop", "canary", "--model-version", weak, check=True)  # the normal gate
     rid = proc.stdout.split()[2]
     if loop.loop_status(stack)["controller"]["status"] != "RUNNING":
         run_cli("loop", "start", *LOOP_ARGS, check=True)

@@ -127,7 +127,9 @@ def job_result(batch_env):
                    "--batch-size", "32", "--size-rule", "exact", "--accept-threshold", "0.9",
                    "--json", env=batch_env["env"], timeout=420)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout)
+    out = json.loads(proc.stdout)  # the one JSON object on stdout: the job and its result
+    assert out["status"] == "SUCCEEDED" and out["job_id"].startswith("pseudo-label-")
+    return out["result"]
 
 
 def test_unknown_model_fails_before_any_data_is_read(batch_env):

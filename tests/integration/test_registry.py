@@ -33,6 +33,11 @@ def test_gate_fail_then_pass_promote_and_reproduce(stack, dataset):
         registry.validate_version(stack, v, name=NAME, min_accuracy=0.999)
     mv = registry.get_version(stack, v, name=NAME)
     assert mv.tags["validation"] == "failed" and "below the floor" in mv.tags["validation_reasons"]
+    proc = run_cli("models", "validate", v, "--min-accuracy", "0.999", "--json", timeout=180, env=ENV)
+    assert proc.returncode == GateFailed.exit_code
+    failed = json.loads(proc.stdout)  # the report, also when the gate fails
+    assert failed["passed"] is False and "below the floor" in failed["reasons"][0]
+    assert proc.stderr.startswith(f"error: version {v} failed validation")
     proc = run_cli("models", "promote", v, timeout=120, env=ENV)
     assert proc.returncode != 0 and "has not passed validation" in proc.stderr
     with pytest.raises(Conflict):
@@ -62,7 +67,8 @@ def test_gate_fail_then_pass_promote_and_reproduce(stack, dataset):
 
     proc = run_cli("models", "reproduce", v, "--json", timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout[proc.stdout.index("{"):])["match"] is True
+    assert json.loads(proc.stdout)["match"] is True
+    assert "epoch 3/3" in proc.stderr  # the re-run's progress
 
 
 def test_mark_rolled_back_restores_the_previous_production(stack, dataset):

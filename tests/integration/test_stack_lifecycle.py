@@ -97,7 +97,7 @@ def test_lifecycle(private_env):
         time.sleep(0.5)
     assert ray_client.session_processes(sid) == []
     dead = _cli(env, "status", "--json")
-    assert dead.returncode == 1, dead.stdout
+    assert dead.returncode == 5, dead.stdout  # ClusterUnavailable
     assert json.loads(dead.stdout)["ray"]["healthy"] is False
     repaired = json.loads(_cli(env, "up", "--json").stdout)
     assert "ray" in repaired["repaired"] and "ray" in repaired["started"]
@@ -111,5 +111,5 @@ def test_lifecycle(private_env):
     assert ray_client.session_processes(new_sid) == []
     assert (Path(env["FLOWOPS_HOME"]) / "mlflow" / "mlflow.db").exists()
     assert (Path(env["FLOWOPS_HOME"]) / "workspace" / ".dvc").is_dir()
-    assert _cli(env, "status").returncode == 1
+    assert _cli(env, "status").returncode == 5
     assert sys.executable  # the same interpreter ran everything

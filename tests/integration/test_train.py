@@ -27,8 +27,11 @@ def _run(stack, run_id):
 @pytest.mark.slow
 def test_two_workers_register_a_tagged_version_and_survive_a_killed_worker(stack, dataset, tmp_path):
     marker = tmp_path / "killed-once"
+    progress: list[dict] = []
     result = train(stack, TrainConfig(data_version=dataset, workers=2, epochs=4, seed=5,
-                                      experiment="it-train", fault_marker=str(marker)))
+                                      experiment="it-train", fault_marker=str(marker)),
+                   on_epoch=progress.append)
+    assert [(m["epoch"], m["epochs"]) for m in progress] == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert marker.exists(), "the fault hook did not kill rank 1"
     assert result.resumed_at and min(result.resumed_at) > 0, "did not resume from a checkpoint"
     assert result.version is not None and result.mode == "ray"
@@ -62,10 +65,26 @@ def test_training_through_the_real_ray_job_submit_cli(stack, dataset):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"run_id"'))
-    result = json.loads(line)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
     assert result["mode"] == "ray" and result["version"]
     assert _run(stack, result["run_id"]).data.tags["data_version"] == dataset
+
+
+def test_train_answers_in_json_as_a_ray_job_and_locally(stack, dataset):
+    out = run_cli("train", "--data-version", dataset, "--epochs", "2", "--experiment", "it-json",
+                  "--json", timeout=420, check=True)
+    report = json.loads(out.stdout)  # one JSON object; the job's log went to stderr
+    assert report["job_id"].startswith("train-") and report["status"] == "SUCCEEDED"
+    assert report["result"]["mode"] == "ray" and report["result"]["version"]
+    assert report["result"]["data_version"] == dataset
+    assert "ignored by default when packaging" not in out.stderr  # no warning about .git/.venv
+
+    local = run_cli("train", "--local", "--data-version", dataset, "--epochs", "2",
+                    "--experiment", "it-json", "--json", timeout=300, check=True)
+    result = json.loads(local.stdout)
+    assert result["mode"] == "local" and result["version"]
+    assert "epoch 1/2" in local.stderr and "epoch 2/2" in local.stderr  # progress, on stderr
 
 
 def test_fine_tune_from_production_records_lineage(stack, dataset):

@@ -19,9 +19,9 @@ def _flowops(*args, home):
                                "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
 
 
-def test_unhealthy_status_exits_non_zero(tmp_path):
+def test_unhealthy_status_exits_5(tmp_path):
     out = _flowops("status", "--json", home=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 5  # ClusterUnavailable
     assert '"healthy": false' in out.stdout
 
 

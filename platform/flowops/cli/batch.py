@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from flowops.cli._common import console, log_printer, print_json, settings
-from flowops.errors import InvalidInput, JobFailed, validated
+from flowops.cli._common import console, err_console, follow_job, notes, print_json, settings
+from flowops.errors import InvalidInput, validated
 
 labels_app = typer.Typer(help="Labels: the review queue, pseudo-labels, the label inbox.",
                          no_args_is_help=True)
@@ -38,9 +37,11 @@ def pseudo_label(
     ),
     no_version: bool = typer.Option(False, "--no-version", help="Do not cut a data version."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Submit and print the job id."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job id, status and (when waited "
+                                 "for) the job's result as JSON; logs go to stderr."),
 ) -> None:
-    """Score a pool with a registered model as a Ray job (Ray Data, stateful model actors)."""
+    """Score a pool with a registered model as a Ray job (Ray Data, stateful model actors).
+    Exits 7 when the job fails."""
     from flowops import data, jobs
     from flowops.model import resolve_model_version
     from flowops.pseudo_label import PseudoLabelConfig, default_model_uri
@@ -61,29 +62,8 @@ def pseudo_label(
                                          "data_version": tag})
     job_id = jobs.submit(cfg, "pseudo_label", job_cfg, metadata={
         "data_version": tag, "model_version": version, "model_uri": uri})
-    if no_wait:
-        if as_json:
-            print_json({"job_id": job_id})
-        else:
-            console.print(f"submitted {job_id}")
-        return
-    if not as_json:
-        console.print(f"submitted {job_id} (model {name} v{version}, data {tag}/{pool})")
-    job = jobs.wait(cfg, job_id, on_log=None if as_json else log_printer)
-    if job.status != "SUCCEEDED":
-        raise JobFailed(jobs.failure_message(cfg, job))
-    result = _result_line(jobs.logs(cfg, job_id))
-    if as_json:
-        print_json({"job_id": job_id, **(result or {})})
-        return
-    console.print(f"[green]{job_id} SUCCEEDED[/green] in {job.duration_s}s")
-
-
-def _result_line(text: str) -> dict | None:
-    for line in reversed(text.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return None
+    notes(as_json).print(f"submitted {job_id} (model {name} v{version}, data {tag}/{pool})")
+    follow_job(cfg, job_id, no_wait=no_wait, as_json=as_json)
 
 
 @labels_app.command("queue")
@@ -166,7 +146,7 @@ def synth(
     from flowops.synth import SynthConfig, synthesize
 
     cfg = validated(SynthConfig, "synth config", count=count, data_version=data_version, seed=seed)
-    with console.status(f"writing {count} augmented images…"):
+    with err_console.status(f"writing {count} augmented images…"):
         info = synthesize(settings(), cfg)
     if as_json:
         print_json(info.to_dict())

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from flowops import cluster, devenv, manifests
-from flowops.cli._common import console, print_json, settings
+from flowops.cli._common import console, err_console, print_json, settings
 from flowops.durable import atomic_write_text
 from flowops.errors import InvalidInput
 
@@ -52,16 +53,21 @@ def validate(
         None, help="Folder of KubeRay CRD files (default: FLOWOPS_CLUSTER_CRD_DIR, else the schemas "
         "packaged with FlowOps)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (also when "
+                                 "objects are invalid: exit 2)."),
 ) -> None:
     """Validate rendered objects against KubeRay's CRD schemas and Kubernetes' schemas."""
     report = cluster.validate(settings(), [overlay] if overlay else None, crd_dir)
+    if as_json:
+        print_json({"valid": not report.problems, **asdict(report)})
     for line in report.skipped:
         console.print(f"[yellow]skipped[/yellow] {line}")
     for line in report.problems:
         console.print(f"[red]invalid[/red] {line}")
     if report.problems:
         raise InvalidInput(f"{len(report.problems)} of {report.checked} objects are invalid")
-    console.print(f"{report.checked} objects valid")
+    if not as_json:
+        console.print(f"{report.checked} objects valid")
 
 
 @devenv_app.command("create")
@@ -86,7 +92,7 @@ def create(
     request = devenv.make_request(cfg, name=name, gpus=gpus, gpu_type=gpu_type, cpus=cpus, memory=memory,
                                   backend=backend, owner=owner)
     if backend == "local":
-        with console.status(f"starting the local Ray cluster of {name}…"):
+        with err_console.status(f"starting the local Ray cluster of {name}…"):
             record = devenv.create(cfg, request)
         if as_json:
             print_json(record)
@@ -103,13 +109,15 @@ def create(
         return
     result = devenv.create(cfg, request, apply=apply)
     text = manifests.dump(result["objects"])
+    if output and not apply:
+        atomic_write_text(output, text)
+    if as_json:  # applied: what was created; else the manifests (and where they were written)
+        print_json({k: v for k, v in result.items() if not (apply and k == "objects")}
+                   | ({"output": str(output)} if output and not apply else {}))
+        return
     if apply:
-        if as_json:
-            print_json({k: v for k, v in result.items() if k != "objects"})
-            return
         console.print(f"created in namespace {name}: {', '.join(result['created'])}")
     elif output:
-        atomic_write_text(output, text)
         console.print(f"wrote {output}: apply with `kubectl apply -f {output}`")
     else:
         typer.echo(text, nl=False)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from flowops import data
-from flowops.cli._common import console, print_json, settings, submit_and_follow
+from flowops.cli._common import console, err_console, print_json, settings, submit_and_follow
 
 data_app = typer.Typer(help="Versioned datasets (git + DVC).", no_args_is_help=True)
 
@@ -26,11 +26,11 @@ def init(
     holdout_fraction: float = typer.Option(0.2, help="Share kept as the fixed holdout test set."),
     image_size: int = typer.Option(28, help="Side in pixels models use for --from images."),
     seed: int = typer.Option(0, help="Seed of the split."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the new version as JSON."),
 ) -> None:
     """Write the default dataset (scikit-learn digits) or your folder as a new data version."""
     cfg = settings()
-    with console.status("writing the dataset and pushing it to the DVC remote…"):
+    with err_console.status("writing the dataset and pushing it to the DVC remote…"):
         info = data.init_dataset(
             cfg, from_dir, unlabeled_fraction=unlabeled_fraction,
             holdout_fraction=holdout_fraction, image_size=image_size, seed=seed,
@@ -42,7 +42,7 @@ def init(
 
 
 @data_app.command("versions")
-def versions(as_json: bool = typer.Option(False, "--json")) -> None:
+def versions(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List data versions with counts per pool and class."""
     cfg = settings()
     found = data.list_versions(cfg)
@@ -66,7 +66,7 @@ def versions(as_json: bool = typer.Option(False, "--json")) -> None:
 @data_app.command("show")
 def show(
     version: str = typer.Argument("latest", help="Data version id (vN) or 'latest'."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show one data version: commit, counts per pool and class."""
     info = data.show_version(settings(), version)
@@ -83,13 +83,16 @@ def show(
 
 @data_app.command("check")
 def check(
-    version: str = typer.Option("latest", "--version", help="Data version to validate."),
+    data_version: str = typer.Option("latest", "--data-version", help="Data version to validate."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Submit and return the job id."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job id, status and (when waited "
+                                 "for) the check's summary as JSON; logs go to stderr."),
 ) -> None:
-    """Validate a data version as a Ray job (jobs/data_check.py); the summary goes to MLflow."""
+    """Validate a data version as a Ray job (jobs/data_check.py); the summary goes to MLflow.
+    Exits 7 when the version is invalid (the job fails)."""
     from flowops.data_check import DataCheckConfig
 
     cfg = settings()
-    tag = data.resolve_version(cfg, version)
+    tag = data.resolve_version(cfg, data_version)
     submit_and_follow(cfg, "data_check", DataCheckConfig(data_version=tag), no_wait=no_wait,
-                      metadata={"data_version": tag})
+                      as_json=as_json, metadata={"data_version": tag})

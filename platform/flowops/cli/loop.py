@@ -76,9 +76,11 @@ def start(
     no_retrain_on_drift: bool = typer.Option(False, "--no-retrain-on-drift",
                                              help="Do not retrain when the drift monitor flags "
                                              "live inputs (by default: as soon as new labels exist)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the controller's job id and status "
+                                 "as JSON."),
 ) -> None:
     """Start the controller as a Ray job (one per home; refuses if one is running)."""
-    from flowops import loop
+    from flowops import jobs, loop
     from flowops.errors import InvalidInput
 
     try:
@@ -95,16 +97,23 @@ def start(
     config = loop.parse_config(raw)
     cfg = settings()
     sid = loop.start_controller(cfg, config)
+    if as_json:
+        print_json(jobs.outcome(cfg, jobs.info(cfg, sid)))
+        return
     console.print(f"loop controller started as Ray job [bold]{sid}[/bold] (threshold {threshold}, "
                   f"steps {weights}); follow it with `flowops loop status` / `flowops jobs logs {sid}`")
 
 
 @loop_app.command("stop")
-def stop() -> None:
+def stop(as_json: bool = typer.Option(False, "--json", help="Print the final status as JSON.")) -> None:
     """Stop the controller; a rollout in progress resumes where it was at the next start."""
     from flowops import loop
 
-    status = loop.stop_controller(settings())
+    cfg = settings()
+    status = loop.stop_controller(cfg)
+    if as_json:
+        print_json({"job_id": loop.controller_submission_id(cfg), "status": status})
+        return
     console.print(f"loop controller {status}")
 
 
@@ -162,16 +171,21 @@ def report(
 
 @loop_app.command("canary")
 def canary(
-    version: str = typer.Option(..., "--version", help="Registered model version to roll out."),
+    model_version: str = typer.Option(..., "--model-version",
+                                      help="Registered model version to roll out."),
     min_accuracy: float = typer.Option(
         None, "--min-accuracy",
         help="Lower the registry gate for this rollout: this accuracy floor and no regression "
         "check (demos)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the queued rollout as JSON."),
 ) -> None:
     """Queue a trained model version for validate → canary → promote/roll back (the running
     controller picks it up)."""
     from flowops import loop
 
     gate = {} if min_accuracy is None else {"min_accuracy": min_accuracy, "max_regression": 1.0}
-    rid = loop.submit_candidate(settings(), version, gate=gate)
-    console.print(f"queued rollout {rid} for model v{version}")
+    rid = loop.submit_candidate(settings(), model_version, gate=gate)
+    if as_json:
+        print_json({"rollout_id": rid, "model_version": model_version, "gate": gate})
+        return
+    console.print(f"queued rollout {rid} for model v{model_version}")

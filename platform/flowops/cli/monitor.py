@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
-from flowops.cli._common import console, log_printer, print_json, settings
+from flowops.cli._common import console, err_console, log_printer, notes, print_json, settings
 from flowops.errors import GateFailed, InvalidInput, JobFailed
 
 monitor_app = typer.Typer(help="Metrics, alert rules, Prometheus and drift detection.",
@@ -60,22 +61,30 @@ def drift(
         job_config = DriftMonitorConfig(watch=drift_mod.windows_dir(cfg), interval_s=interval, **common)
         drift_mod.windows_dir(cfg).mkdir(parents=True, exist_ok=True)
         job_id = jobs.submit(cfg, "drift_monitor", job_config)
+        if as_json:
+            print_json(jobs.outcome(cfg, jobs.info(cfg, job_id)))
+            return
         console.print(f"drift monitor running as Ray job [bold]{job_id}[/bold] (every {interval:g} s "
-                      f"over {drift_mod.windows_dir(cfg)}); stop it with `ray job stop {job_id}`")
+                      f"over {drift_mod.windows_dir(cfg)}); stop it with `flowops jobs stop {job_id}`")
         return
     window = window or drift_mod.newest_window(cfg)
+    job = None
     if as_job:
         job_id = jobs.submit(cfg, "drift_monitor", DriftMonitorConfig(window=window.resolve(), **common))
-        console.print(f"submitted [bold]{job_id}[/bold]")
-        result = jobs.wait(cfg, job_id, on_log=None if as_json else log_printer)
-        if result.status != "SUCCEEDED":
-            raise JobFailed(jobs.failure_message(cfg, result))
+        notes(as_json).print(f"submitted [bold]{job_id}[/bold]")
+        job = jobs.wait(cfg, job_id, on_log=log_printer(sys.stderr if as_json else None))
+        if job.status != "SUCCEEDED":
+            if as_json:
+                print_json(jobs.outcome(cfg, job))
+            raise JobFailed(jobs.failure_message(cfg, job))
         report = drift_mod.latest_report(cfg)
     else:
-        report = drift_mod.run_drift_check(cfg, window, model_uri=model, data_version=data_version,
-                                           config=config, trigger=not no_trigger).to_dict()
+        with err_console.status(f"checking {window.name} for drift…"):
+            report = drift_mod.run_drift_check(cfg, window, model_uri=model, data_version=data_version,
+                                               config=config, trigger=not no_trigger).to_dict()
     if as_json:
-        print_json(report)
+        # The report, plus which job made it when it ran as one.
+        print_json({**jobs.outcome(cfg, job), **report} if job else report)
     else:
         mark = "[red]DRIFT[/red]" if report["drifted"] else "[green]no drift[/green]"
         console.print(f"{mark}  score {report['score']:.3f}  window {report['n']} images  "

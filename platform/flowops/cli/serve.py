@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from flowops.cli._common import console, print_json, settings
+from flowops.cli._common import console, err_console, print_json, settings
 
 serve_app = typer.Typer(help="Serve the classifier: deploy, canary, shadow, promote, rollback.",
                         no_args_is_help=True)
@@ -53,7 +53,7 @@ def deploy_cmd(
     from flowops import serving
 
     s = settings()
-    with console.status("deploying the classifier app..."):
+    with err_console.status("deploying the classifier app..."):
         status = serving.deploy(
             s, stable=stable, canary=canary, weight=weight, redeploy=redeploy, shadow_pct=shadow,
             sticky_images=sticky_images, num_replicas=replicas, num_cpus=num_cpus,

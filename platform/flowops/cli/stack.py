@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from flowops import stack
-from flowops.cli._common import console, print_json, settings
+from flowops.cli._common import console, err_console, print_json, settings
+from flowops.errors import ClusterUnavailable
 
 
 def register(app: typer.Typer) -> None:
@@ -33,7 +34,7 @@ def up(
         num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, ray_port=ray_port,
         client_port=client_port, serve_port=serve_port, metrics_port=metrics_port,
     )
-    with console.status("starting the FlowOps stack…"):
+    with err_console.status("starting the FlowOps stack…"):
         if with_prometheus:
             from flowops import observability
 
@@ -62,7 +63,7 @@ def _print_addresses(cfg) -> None:
 
 
 def status(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
-    """Health and addresses of each component. Exit 1 when something is unhealthy."""
+    """Health and addresses of each component. Exit 5 when something is unhealthy."""
     cfg = settings()
     report = stack.status(cfg)
     if as_json:
@@ -79,7 +80,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the report 
         if ws.get("healthy"):
             console.print(f"{'':<10} data versions: {ws.get('versions', 0)}, latest {ws.get('latest')}")
     if not report["healthy"]:
-        raise typer.Exit(1)
+        down = [name for name, part in report.items() if isinstance(part, dict)
+                and part.get("healthy") is False]
+        raise ClusterUnavailable(f"unhealthy: {', '.join(down) or 'the stack'} (start it with "
+                                 f"`flowops up`)")
 
 
 def down(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:

@@ -8,8 +8,15 @@ from enum import Enum
 import typer
 from rich.table import Table
 
-from flowops.cli._common import console, print_json, settings, submit_and_follow
-from flowops.errors import validated
+from flowops.cli._common import (
+    console,
+    epoch_progress,
+    err_console,
+    print_json,
+    settings,
+    submit_and_follow,
+)
+from flowops.errors import GateFailed, validated
 
 models_app = typer.Typer(help="Registered model versions and their stages (aliases).",
                          no_args_is_help=True)
@@ -26,8 +33,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
 
 
-def _submit_and_follow(cfg, workload: str, config, no_wait: bool) -> None:
-    submit_and_follow(cfg, workload, config, no_wait=no_wait, metadata={"stage": workload})
+def _submit_and_follow(cfg, workload: str, config, no_wait: bool, as_json: bool) -> None:
+    submit_and_follow(cfg, workload, config, no_wait=no_wait, as_json=as_json,
+                      metadata={"stage": workload})
 
 
 def train_cmd(
@@ -54,9 +62,11 @@ def train_cmd(
                                   help="local: the embedded/configured Ray cluster; k8s: a KubeRay RayJob."),
     apply: bool = typer.Option(False, "--apply", help="With --target k8s: apply the RayJob (else print it)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return after submitting."),
-    as_json: bool = typer.Option(False, "--json", help="With --local: print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (the Ray job's id, "
+                                 "status and result; with --local the result); logs go to stderr."),
 ) -> None:
-    """Train the classifier on a data version (Ray Train job); registers a new model version."""
+    """Train the classifier on a data version (Ray Train job); registers a new model version.
+    Exits 7 when the job fails."""
     from flowops import train
 
     cfg = settings()
@@ -72,18 +82,23 @@ def train_cmd(
 
         # Fields left at their defaults stay out, so the cluster settings fill them (workers).
         config_json = config.model_dump_json(exclude_defaults=True)
-        typer.echo(submit_train_k8s(cfg, config_json, apply))  # raw YAML, no wrapping
+        text = submit_train_k8s(cfg, config_json, apply)
+        if as_json:
+            print_json({"target": "k8s", "applied": apply, "output": text})
+        else:
+            typer.echo(text)  # raw YAML, no wrapping
         return
     if not local:
         config = train.precheck(cfg, config)
     if local:
-        result = train.train(cfg, config)
+        with epoch_progress("training") as on_epoch:
+            result = train.train(cfg, config, on_epoch=on_epoch)
         if as_json:
             print_json(result.to_dict())
         else:
             console.print(result.summary())
         return
-    _submit_and_follow(cfg, "train", config, no_wait)
+    _submit_and_follow(cfg, "train", config, no_wait, as_json)
 
 
 def tune_cmd(
@@ -93,8 +108,11 @@ def tune_cmd(
     experiment: str = typer.Option("tune", "--experiment", help="MLflow experiment (parent run)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the search and the trials."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return after submitting."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job id, status and (when waited "
+                                 "for) the best trial as JSON; logs go to stderr."),
 ) -> None:
-    """A small Ray Tune search (learning rate, width) with ASHA; registers the best trial's model."""
+    """A small Ray Tune search (learning rate, width) with ASHA; registers the best trial's model.
+    Exits 7 when the job fails."""
     from flowops import data
     from flowops.tune import TuneConfig
 
@@ -103,7 +121,7 @@ def tune_cmd(
         data_version = data.resolve_version(cfg, data_version)
     config = validated(TuneConfig, "tune config", data_version=data_version, trials=trials,
                        epochs=epochs, experiment=experiment, seed=seed)
-    _submit_and_follow(cfg, "tune", config, no_wait)
+    _submit_and_follow(cfg, "tune", config, no_wait, as_json)
 
 
 # models ----------------------------------------------------------------------------------------
@@ -119,12 +137,19 @@ def validate_cmd(
         None, "--max-regression",
         help="Allowed drop vs production (default FLOWOPS_GATE_MAX_REGRESSION or 0.02).",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the gate's report as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the gate's report as JSON (also when "
+                                 "it fails: passed false and the reasons)."),
 ) -> None:
-    """Run the validation gate; on pass the version gets alias `staging`, else a non-zero exit."""
+    """Run the validation gate; on pass the version gets alias `staging`, else exit 6."""
     from flowops import registry
 
-    report = registry.validate_version(settings(), version, min_accuracy, max_regression)
+    try:
+        with err_console.status(f"evaluating version {version} on the holdout…"):
+            report = registry.validate_version(settings(), version, min_accuracy, max_regression)
+    except GateFailed as exc:
+        if as_json and exc.report is not None:
+            print_json(exc.report)
+        raise
     if as_json:
         print_json(report)
         return
@@ -193,10 +218,11 @@ def reproduce_cmd(
     version: str = typer.Argument(..., help="Model version number."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Re-run the training recorded on VERSION; exit 1 if metrics or weights differ."""
+    """Re-run the training recorded on VERSION; exit 6 if metrics or weights differ."""
     from flowops import registry
 
-    report = registry.reproduce(settings(), version)
+    with epoch_progress(f"reproducing version {version}") as on_epoch:
+        report = registry.reproduce(settings(), version, on_epoch=on_epoch)
     if as_json:
         print_json(report)
     else:
@@ -207,4 +233,6 @@ def reproduce_cmd(
             f"vs {report['reproduced_holdout_accuracy']}; run {report['run_id']})"
         )
     if not report["match"]:
-        raise typer.Exit(1)
+        raise GateFailed(f"version {report['version']} did not reproduce: weights match "
+                         f"{report['weights_match']}, metrics match {report['metrics_match']}",
+                         report=report)

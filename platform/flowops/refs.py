@@ -1,8 +1,8 @@
-"""References to the platform's two versioned nouns, parsed once and printed once.
+"""References to registered model versions, parsed once and printed once.
 
 A model version travels as `models:/<name>/<N>`, `models:/<name>@<alias>`, a bare number or a bare
-alias; a data version as `vN` or `latest`. Everything else in FlowOps holds a `ModelRef` or a
-`DataRef`, and this is the only module that builds a `models:/` string.
+alias. Everything else in FlowOps holds a `ModelRef`, and this is the only module that builds a
+`models:/` string. (Data versions, `vN` or `latest`, are resolved once by `data.open_version`.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ _NAME = r"[A-Za-z0-9][\w.-]*"
 _ALIAS = r"[A-Za-z][\w-]*"
 _URI = re.compile(rf"^models:/(?P<name>{_NAME})(?:/(?P<version>\d+)|@(?P<alias>{_ALIAS}))$")
 _BARE = re.compile(rf"^(?:(?P<version>\d+)|@?(?P<alias>{_ALIAS}))$")
-_DATA = re.compile(r"^v\d+$")
 
 
 def model_ref_pattern(name: str | None = None) -> str:
@@ -92,26 +91,3 @@ def version_number(text: str | int, name: str | None = None) -> str:
     if raw.startswith("models:/"):
         return ModelRef.parse(raw).number()
     raise InvalidInput(f"model version must be a number (e.g. 3), got {text!r}")
-
-
-@dataclass(frozen=True)
-class DataRef:
-    """A data version id (`vN`), or None for the latest."""
-
-    tag: str | None = None
-
-    @classmethod
-    def parse(cls, text: str | None) -> DataRef:
-        raw = (text or "").strip()
-        if raw in ("", "latest"):
-            return cls(None)
-        if not _DATA.match(raw):
-            raise InvalidInput(f"data version {raw!r} is not of the form vN (e.g. v3) or 'latest'")
-        return cls(raw)
-
-    @property
-    def is_latest(self) -> bool:
-        return self.tag is None
-
-    def __str__(self) -> str:
-        return self.tag or "latest"

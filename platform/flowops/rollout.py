@@ -243,6 +243,7 @@ class Assessment:
     """Per ledger and check (shape (R, 3)): estimate, bounds, status flags, evidence still needed."""
 
     estimate: np.ndarray
+    variance: np.ndarray
     lower: np.ndarray  # lower bound of the 1 - alpha/k sequence: > 0 shows harm
     upper: np.ndarray  # upper bound of the 1 - beta sequence: < margin shows non-inferiority
     harm: np.ndarray
@@ -265,7 +266,7 @@ def assess(counts: Counts, config: AnalysisConfig, step: np.ndarray | int) -> As
     factor = before_last / (np.minimum(np.asarray(step), before_last - 1) + 1)
     step_bound = np.broadcast_to(margins * np.asarray(factor, float)[..., None], estimate.shape)
     return Assessment(
-        estimate=estimate, lower=lower, upper=upper,
+        estimate=estimate, variance=variance, lower=lower, upper=upper,
         harm=has_data & (lower > 0),
         non_inferior=has_data & (upper < margins),
         step_ok=has_data & (upper < step_bound),
@@ -374,8 +375,7 @@ def decide(
     counts = _ledger_counts({str(k): v for k, v in snapshot.items()}, stable, canary)
     code, a = decide_batch(counts, config, step, step_elapsed_s, elapsed)
     action: Action = ACTIONS[int(code[0])]  # type: ignore[assignment]
-    estimate, variance = difference(counts)
-    needed = more_needed(estimate, variance, counts.n_c, a.step_bound, config.beta)
+    needed = more_needed(a.estimate, a.variance, counts.n_c, a.step_bound, config.beta)
     checks = [_explain(counts, a, needed, i, name, config, elapsed) for i, name in enumerate(CHECKS)]
     weight = config.steps[step]
     if action == "rollback":

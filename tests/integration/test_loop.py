@@ -35,6 +35,17 @@ def _finished(settings, rid: str):
     return record if record.done else None
 
 
+def _roll_out(stack, version: str, *gate_args: str):
+    """(rollout id, finished record) of `flowops loop canary` for a trained version."""
+    from flowops import loop
+
+    proc = run_cli("loop", "canary", "--model-version", version, *gate_args, check=True)
+    rid = proc.stdout.split()[2]
+    if loop.loop_status(stack)["controller"]["status"] != "RUNNING":
+        run_cli("loop", "start", *LOOP_ARGS, check=True)
+    return rid, _wait(lambda: _finished(stack, rid), 300, f"rollout {rid} to finish", poll_s=2)
+
+
 def _train_local(settings, run_name: str, **overrides) -> str:
     from flowops.train import TrainConfig, train
 
@@ -152,16 +163,12 @@ def _all_answered(traffic) -> None:
 
 
 def test_rollback_branch_sends_all_traffic_to_stable_within_seconds(stack, served):
-    from flowops import events, loop, registry, serving
+    from flowops import events, registry, serving
     from flowops.tracking import configure_mlflow
 
     stable = registry.production_version(stack)
     bad = _train_local(stack, "loop-test-bad", epochs=1, lr=0.001)
-    proc = run_cli("loop", "canary", "--model-version", bad, "--min-accuracy", "0", check=True)
-    rid = proc.stdout.split()[2]
-    if loop.loop_status(stack)["controller"]["status"] != "RUNNING":
-        run_cli("loop", "start", *LOOP_ARGS, check=True)
-    record = _wait(lambda: _finished(stack, rid), 300, f"rollout {rid} to finish", poll_s=2)
+    rid, record = _roll_out(stack, bad, "--min-accuracy", "0")  # a lowered gate: it reaches canary
     assert record.status == "rolled_back", record
     assert any("accuracy" in r for r in record.reasons)
     routing = serving.routing_status(stack)
@@ -186,15 +193,11 @@ def test_rollback_branch_sends_all_traffic_to_stable_within_seconds(stack, serve
 
 
 def test_a_model_that_fails_the_gate_is_rejected_before_any_canary(stack, served):
-    from flowops import events, loop, registry, serving
+    from flowops import events, registry, serving
 
     stable = registry.production_version(stack)
     weak = _train_local(stack, "loop-test-weak", epochs=1, lr=0.0005)
-    proc = run_cli("loop", "canary", "--model-version", weak, check=True)  # the normal gate
-    rid = proc.stdout.split()[2]
-    if loop.loop_status(stack)["controller"]["status"] != "RUNNING":
-        run_cli("loop", "start", *LOOP_ARGS, check=True)
-    record = _wait(lambda: _finished(stack, rid), 300, f"rollout {rid} to finish", poll_s=2)
+    rid, record = _roll_out(stack, weak)  # the normal gate
     assert record.status == "rejected", record
     assert any("accuracy" in r for r in record.reasons)
     names = [e["event"] for e in events.read_events(stack, rid)]

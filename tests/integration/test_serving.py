@@ -64,6 +64,23 @@ async def _fire(url: str, n: int, concurrency: int, headers_for=None) -> list[ht
     return out
 
 
+async def _load(url: str, clients: int, stop: asyncio.Event, log: list) -> None:
+    """Closed-loop clients sending /predict until `stop`; each answer is logged as (time, status,
+    model version), each failure to get one as (time, 0, exception name)."""
+    async def worker(client):
+        i = 0
+        while not stop.is_set():
+            try:
+                r = await client.post(f"{url}/predict", json=_body(i))
+                log.append((time.monotonic(), r.status_code, r.headers.get("x-model-version")))
+            except httpx.HTTPError as exc:
+                log.append((time.monotonic(), 0, type(exc).__name__))
+            i += 1
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+
+
 def test_predict_names_the_version_everywhere(served):
     settings, v = served
     resp = httpx.post(f"{settings.serve_url}/predict", timeout=30, json={
@@ -113,22 +130,8 @@ def test_weight_changes_and_rollback_under_load_lose_nothing(served):
     log: list[tuple[float, int, str]] = []
     stop = asyncio.Event()
 
-    async def load() -> None:
-        async def worker(client):
-            i = 0
-            while not stop.is_set():
-                try:
-                    r = await client.post(f"{settings.serve_url}/predict", json=_body(i))
-                    log.append((time.monotonic(), r.status_code, r.headers.get("x-model-version")))
-                except httpx.HTTPError as exc:
-                    log.append((time.monotonic(), 0, type(exc).__name__))
-                i += 1
-
-        async with httpx.AsyncClient(timeout=30) as client:
-            await asyncio.gather(*(worker(client) for _ in range(8)))
-
     async def scenario() -> float:
-        task = asyncio.create_task(load())
+        task = asyncio.create_task(_load(settings.serve_url, 8, stop, log))
         await asyncio.sleep(1.0)
         await asyncio.to_thread(serving.set_weight, settings, 60)
         await asyncio.sleep(1.0)
@@ -384,25 +387,11 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(served
                                        limit=1000)
                 if a.class_name.startswith("ServeReplica:classifier")]
     assert len(replicas) == 2, [a.class_name for a in replicas]
-    log: list[int] = []
+    log: list[tuple[float, int, str]] = []
     stop = asyncio.Event()
 
-    async def load() -> None:
-        async def worker(client):
-            i = 0
-            while not stop.is_set():
-                try:
-                    r = await client.post(f"{settings.serve_url}/predict", json=_body(i))
-                    log.append(r.status_code)
-                except httpx.HTTPError as exc:
-                    log.append(type(exc).__name__)
-                i += 1
-
-        async with httpx.AsyncClient(timeout=30) as client:
-            await asyncio.gather(*(worker(client) for _ in range(16)))
-
     async def scenario() -> int:
-        task = asyncio.create_task(load())
+        task = asyncio.create_task(_load(settings.serve_url, 16, stop, log))
         await asyncio.sleep(2.0)
         before = len(log)
         os.kill(replicas[0].pid, signal.SIGKILL)
@@ -413,7 +402,7 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(served
 
     before = asyncio.run(scenario())
     assert before > 20 and len(log) > before + 20  # traffic flowed before and after the kill
-    failed = [code for code in log if code != 200]
+    failed = [(code, what) for _, code, what in log if code != 200]
     assert len(failed) <= 16, f"{len(failed)} of {len(log)} requests failed: {failed[:10]}"
-    assert all(code == 200 for code in log[-200:]), log[-200:]  # recovered: the tail is clean
+    assert all(code == 200 for _, code, _ in log[-200:]), log[-200:]  # recovered: the tail is clean
 

@@ -99,7 +99,7 @@ class Session:
         now = int(time.time() * 1000)
         step = int(metrics["epoch"])
         values = [Metric(k, float(metrics[k]), now, step)
-                  for k in ("train_loss", "val_accuracy", "epoch_time_s")]
+                  for k in ("train_loss", "val_accuracy", "epoch_time_s", "images_per_s") if k in metrics]
         self._mlflow.log_batch(self._run_id, metrics=values)
 
     def restore(self) -> dict[str, Any] | None:
@@ -255,7 +255,7 @@ def follow_epochs(tracking_uri: str, run_id: str,
 
 def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *,
                   workers: int, cpus_per_worker: float, gpus_per_worker: float, max_failures: int,
-                  storage: Path, name: str) -> dict[str, Any]:
+                  storage: Path, name: str, py_modules: list[str] | None = None) -> dict[str, Any]:
     """Run the loop on `workers` Ray Train workers; returns the last checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -272,6 +272,8 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
             name=name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # the engineer's task package, shipped to every worker (on any node)
+            worker_runtime_env={"py_modules": py_modules} if py_modules else None,
         ),
     )
     try:
@@ -283,3 +285,172 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
         raise JobFailed("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return load_checkpoint(folder)
+
+
+class TaskContext:
+    """What a training loop gets: the model, the data, and the few calls distribution plugs into.
+
+    An engineer's single-device loop becomes a FlowOps task loop by taking `ctx` and calling
+    `ctx.prepare_model(model)`, `ctx.data_loader()` (or `ctx.prepare_data_loader(own_loader)`),
+    `start = ctx.restore(model, optimizer)`, `for epoch in ctx.epochs_from(start, loader):` and
+    `ctx.report(epoch, model, optimizer, train_loss=...)` once per epoch. Under Ray Train these
+    wrap the model in DDP, shard the loader, and checkpoint so a restarted worker group resumes.
+    """
+
+    def __init__(self, session: Session, task, model, config: dict[str, Any]):
+        import torch
+        from torch.utils.data import TensorDataset
+
+        self.session, self.task, self.model, self.config = session, task, model, config
+        self.classes: list[str] = list(config["classes"])
+        self.epochs: int = int(config["epochs"])
+        self.batch_size: int = int(config["batch_size"])
+        self.lr: float = float(config["lr"])
+        self.seed: int = int(config["seed"])
+        self.freeze_epochs: int = int(config.get("freeze_epochs", 0))
+        self.rank = session.rank
+        self.device = session.device()
+        tensors = {k: torch.from_numpy(config[k]) for k in ("x_train", "y_train", "x_val", "y_val")}
+        self.train_set = TensorDataset(tensors["x_train"], tensors["y_train"])
+        self.val_set = TensorDataset(tensors["x_val"], tensors["y_val"])
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.amp_dtype = amp_dtype(config.get("precision", "auto"), self.device)
+        self.channels_last = self.device.type == "cuda"
+        self.resumed_at: list[int] = []
+        self._started = time.perf_counter()
+        self._seen = 0
+
+    # Model and data ----------------------------------------------------------------------------
+
+    def prepare_model(self, model):
+        """Move to the device (channels-last on GPU) and, distributed, wrap in DDP."""
+        import torch
+
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return self.session.prepare_model(model)
+
+    def prepare_data_loader(self, loader):
+        """Distributed: each worker gets its shard (a DistributedSampler); else the loader as is."""
+        return self.session.prepare_data_loader(loader)
+
+    def data_loader(self, dataset=None, shuffle: bool = True):
+        """A prepared loader over the training set: seeded shuffle (the same order for an epoch,
+        resumed or not), pinned memory on GPU."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset or self.train_set, batch_size=self.batch_size, shuffle=shuffle,
+                            generator=self.generator, pin_memory=self.device.type == "cuda")
+        return self.prepare_data_loader(loader)
+
+    def to_device(self, xb, yb=None):
+        """A batch on the device (channels-last on GPU), augmented while the model trains."""
+        import torch
+
+        xb = xb.to(self.device, non_blocking=True)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb if yb is None else (xb, yb.to(self.device, non_blocking=True))
+
+    def augment(self, xb):
+        return self.task.augment(xb) if self.task.augment is not None else xb
+
+    def autocast(self):
+        """Mixed precision (bf16) where asked and supported; a no-op otherwise."""
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # Epochs, checkpoints, metrics --------------------------------------------------------------
+
+    def restore(self, model, optimizer=None) -> int:
+        """Load the last checkpoint of a restarted worker group; returns the epoch to start at."""
+        state = self.session.restore()
+        if state is None:
+            return 0
+        unwrap_module(model).load_state_dict(state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        self.resumed_at = [*state.get("resumed_at", []), state["epoch"] + 1]
+        return state["epoch"] + 1
+
+    def epochs_from(self, start: int, loader=None) -> Iterator[int]:
+        """The epochs to run; each one reseeds the shuffle and, distributed, the sampler."""
+        for epoch in range(start, self.epochs):
+            self.session.maybe_fail(epoch)
+            self.generator.manual_seed(self.seed + epoch)
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            self._started, self._seen = time.perf_counter(), 0
+            yield epoch
+
+    def count(self, n: int) -> None:
+        """Images trained on this epoch (for images/s); `report` takes `samples=` too."""
+        self._seen += int(n)
+
+    def evaluate(self, model) -> float:
+        """Accuracy on the validation slice (0 when it is empty)."""
+        import torch
+
+        if len(self.val_set) == 0:
+            return 0.0
+        model.eval()
+        correct = 0
+        with torch.no_grad(), self.autocast():
+            for start in range(0, len(self.val_set), 512):
+                xb, yb = self.val_set[start:start + 512]
+                xb, yb = self.to_device(xb, yb)
+                correct += int((model(xb).argmax(1) == yb).sum())
+        return correct / len(self.val_set)
+
+    def report(self, epoch: int, model, optimizer=None, *, train_loss: float, **extra) -> dict[str, Any]:
+        """End of an epoch: validation accuracy, metrics to MLflow, a checkpoint to resume from."""
+        elapsed = time.perf_counter() - self._started
+        samples = int(extra.pop("samples", self._seen))
+        metrics = {
+            "epoch": epoch, "train_loss": float(train_loss), "val_accuracy": self.evaluate(model),
+            "epoch_time_s": elapsed, "samples": samples, "images_per_s": samples / max(elapsed, 1e-9),
+            "resumed_at": self.resumed_at, "reported_at": time.time(), **extra,
+        }
+        module = unwrap_module(model)
+        self.session.report(metrics, {
+            "epoch": epoch, "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "resumed_at": self.resumed_at, "weights_hash": weights_hash(module),
+        })
+        return metrics
+
+
+def weights_hash(model) -> str:
+    """sha256 over the state_dict tensors (names, dtypes, shapes, bytes) in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = unwrap_module(model).state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def unwrap_module(model):
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def amp_dtype(precision: str, device):
+    """bf16 for `bf16`, or for `auto` on a GPU that supports it; None (fp32) otherwise."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None

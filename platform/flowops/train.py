@@ -475,4 +475,14 @@ def precheck(settings: Settings, config: TrainConfig) -> TrainConfig:
         resolve_model_version(settings, config.init_from)
     if config.freeze_epochs > config.epochs:
         raise InvalidInput(f"--freeze-epochs {config.freeze_epochs} exceeds --epochs {config.epochs}")
+    task_packages(config)  # a task that does not import or lacks what it needs: before any job starts
     return config
+
+
+def task_packages(config: TrainConfig) -> list[str]:
+    """The folder of the task's package when it is the engineer's (Ray ships it with the job)."""
+    if not config.task:
+        return []
+    options = {**config.task_options, **({"width": config.width} if config.width else {})}
+    folder = package_dir(load_task(TaskSpec(path=config.task, options=options)))
+    return [str(folder)] if folder else []

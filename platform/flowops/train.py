@@ -273,7 +273,7 @@ def task_spec(config: TrainConfig, version: DataVersion, base_spec: TaskSpec | N
         return TaskSpec(path=config.task, options=options)
     if base_spec is not None:
         return TaskSpec(path=base_spec.path, options={**base_spec.options, **options})
-    sized = {"channels": int(version.meta.get("channels", 1)), "size": version.image_size}
+    sized = {"channels": version.channels, "size": version.image_size}
     return TaskSpec(path=DEFAULT_TASK, options={**sized, **options})
 
 
@@ -284,7 +284,7 @@ def model_name_for(settings: Settings, config: TrainConfig, task: Task, version:
         return config.model_name
     if "model_name" in settings.model_fields_set:
         return settings.model_name
-    return task.name or f"{version.meta.get('name', 'digits')}-classifier"
+    return task.name or f"{version.name}-classifier"
 
 
 def plan(settings: Settings, config: TrainConfig) -> TrainPlan:

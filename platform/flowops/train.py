@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,11 +32,10 @@ from flowops.evaluate import Split, split_from_rows
 from flowops.settings import Settings
 from flowops.task import DEFAULT_TASK, Task, TaskSpec, load_task, package_dir
 from flowops.train_session import (
-    TaskContext,
-    create_session,
     follow_epochs,
     run_local,
     run_ray_train,
+    train_loop,
     unwrap_module,
     weights_hash,
 )
@@ -155,70 +153,6 @@ def pseudo_rows(root: Path, manifest, classes: list[str]):
 
 
 # The training loop ---------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = False
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """What runs on each worker (or in this process): build the task's model and hand a
-    `TaskContext` to the task's own loop, or to FlowOps's `fit`."""
-    import torch
-
-    from flowops.task import TaskSpec, load_task
-
-    session = create_session(config)
-    seed_everything(int(config["seed"]) + session.rank)  # DDP broadcasts rank 0's weights anyway
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    task = load_task(TaskSpec.model_validate(config["task"]))
-    model = task.build_model(list(config["classes"]))
-    if config.get("init_state") is not None:
-        model.load_state_dict(config["init_state"])
-    ctx = TaskContext(session, task, model, config)
-    (task.train_loop or fit)(ctx)
-
-
-def fit(ctx: TaskContext) -> None:
-    """FlowOps's training loop, written as any task's loop is: plain single-device PyTorch plus
-    the context's calls. Adam; cross-entropy; the backbone frozen (learning rate 0, DDP-safe) for
-    the first `freeze_epochs`; mixed precision and channels-last on GPU."""
-    import torch
-    from torch import nn
-
-    model = ctx.prepare_model(ctx.model)
-    loader = ctx.data_loader()
-    head = ctx.task.head_prefix(unwrap_module(model))
-    named = list(unwrap_module(model).named_parameters())
-    in_head = [n == head or n.startswith(f"{head}.") for n, _ in named]
-    backbone = [p for (_, p), h in zip(named, in_head, strict=True) if not h]
-    head_params = [p for (_, p), h in zip(named, in_head, strict=True) if h]
-    groups = [g for g in ({"params": backbone}, {"params": head_params}) if g["params"]]
-    optimizer = torch.optim.Adam(groups, lr=ctx.lr)
-    start = ctx.restore(model, optimizer)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in ctx.epochs_from(start, loader):
-        if backbone and head_params:
-            optimizer.param_groups[0]["lr"] = 0.0 if epoch < ctx.freeze_epochs else ctx.lr
-        model.train()
-        total, seen = 0.0, 0
-        for xb, yb in loader:
-            xb, yb = ctx.to_device(xb, yb)
-            optimizer.zero_grad(set_to_none=True)
-            with ctx.autocast():
-                loss = loss_fn(model(ctx.augment(xb)), yb)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(yb)
-            seen += len(yb)
-        ctx.report(epoch, model, optimizer, train_loss=total / max(seen, 1), samples=seen)
 
 
 # Input checks --------------------------------------------------------------------------------------

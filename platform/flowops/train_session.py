@@ -1,6 +1,7 @@
-"""Where the training loop runs: in this process, on Ray Train workers, or as a Ray Tune trial.
+"""The training loop and where it runs: in this process, on Ray Train workers, or as a Ray Tune trial.
 
-`flowops.train.train_loop` is plain single-device PyTorch; the session it gets is the only place
+`train_loop(config)` builds the task's network and hands a `TaskContext` to the task's own loop or
+to FlowOps's `fit`: plain single-device PyTorch. The session behind the context is the only place
 distribution plugs in: under Ray Train `ray.train.torch.prepare_model(model)`,
 `ray.train.torch.prepare_data_loader(loader)` and `ray.train.report(metrics, checkpoint=...)`
 every epoch (restored through `ray.train.get_checkpoint()` when a failed worker group restarts).
@@ -13,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from flowops.durable import append_jsonl
 from flowops.errors import JobFailed
@@ -285,6 +289,71 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
         raise JobFailed("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return load_checkpoint(folder)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():  # speed: the same-weights promise holds on CPU
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """What runs on each worker (or in this process): build the task's model and hand a
+    `TaskContext` to the task's own loop, or to FlowOps's `fit`."""
+    import torch
+
+    from flowops.task import TaskSpec, load_task
+
+    session = create_session(config)
+    seed_everything(int(config["seed"]) + session.rank)  # DDP broadcasts rank 0's weights anyway
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    task = load_task(TaskSpec.model_validate(config["task"]))
+    model = task.build_model(list(config["classes"]))
+    if config.get("init_state") is not None:
+        model.load_state_dict(config["init_state"])
+    ctx = TaskContext(session, task, model, config)
+    (task.train_loop or fit)(ctx)
+
+
+def fit(ctx: TaskContext) -> None:
+    """FlowOps's training loop, written as any task's loop is: plain single-device PyTorch plus
+    the context's calls. Adam; cross-entropy; the backbone frozen (learning rate 0, DDP-safe) for
+    the first `freeze_epochs`; mixed precision and channels-last on GPU."""
+    import torch
+    from torch import nn
+
+    model = ctx.prepare_model(ctx.model)
+    loader = ctx.data_loader()
+    head = ctx.task.head_prefix(unwrap_module(model))
+    named = list(unwrap_module(model).named_parameters())
+    in_head = [n == head or n.startswith(f"{head}.") for n, _ in named]
+    backbone = [p for (_, p), h in zip(named, in_head, strict=True) if not h]
+    head_params = [p for (_, p), h in zip(named, in_head, strict=True) if h]
+    groups = [g for g in ({"params": backbone}, {"params": head_params}) if g["params"]]
+    optimizer = torch.optim.Adam(groups, lr=ctx.lr)
+    start = ctx.restore(model, optimizer)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in ctx.epochs_from(start, loader):
+        if backbone and head_params:
+            optimizer.param_groups[0]["lr"] = 0.0 if epoch < ctx.freeze_epochs else ctx.lr
+        model.train()
+        total, seen = 0.0, 0
+        for xb, yb in loader:
+            xb, yb = ctx.to_device(xb, yb)
+            optimizer.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                loss = loss_fn(model(ctx.augment(xb)), yb)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(yb)
+            seen += len(yb)
+        ctx.report(epoch, model, optimizer, train_loss=total / max(seen, 1), samples=seen)
 
 
 class TaskContext:

@@ -1,6 +1,6 @@
 """Hyperparameter search: a small Ray Tune search (learning rate, width) over the training loop.
 
-Each trial runs `flowops.train.train_loop` in one process and reports every epoch to Tune; ASHA
+Each trial runs `flowops.train_session.train_loop` in one process and reports every epoch to Tune; ASHA
 stops weak trials early. Trials are MLflow child runs of one parent run; the best trial's final
 weights are evaluated on the holdout and registered as a new model version (in its child run).
 """
@@ -39,7 +39,7 @@ class TuneConfig(BaseModel):
 
 def _trial(config: dict[str, Any], base: dict[str, Any] | None = None) -> None:
     """One Tune trial: the training loop with this trial's learning rate and width."""
-    from flowops.train import train_loop
+    from flowops.train_session import train_loop
 
     assert base is not None
     name = f"trial-lr{config['lr']:g}-w{config['width']}"

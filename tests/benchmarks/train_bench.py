@@ -107,8 +107,8 @@ def run(settings, args) -> dict:
     import torch
 
     from flowops import ray_client
-    from flowops.train import TrainConfig, loop_config, plan, train_loop
-    from flowops.train_session import run_local
+    from flowops.train import TrainConfig, loop_config, plan
+    from flowops.train_session import run_local, train_loop
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, cpus_per_worker=1,
                          register_version=False)

@@ -17,8 +17,8 @@ from flowops.entrypoint import parse_job_config
 from flowops.errors import InvalidInput
 from flowops.evaluate import classification_metrics
 from flowops.tasks import SmallCNN
-from flowops.train import TrainConfig, check_resources, pseudo_rows, train_loop, weights_hash
-from flowops.train_session import load_checkpoint
+from flowops.train import TrainConfig, check_resources, pseudo_rows
+from flowops.train_session import load_checkpoint, train_loop, weights_hash
 from tests.conftest import REPO
 
 

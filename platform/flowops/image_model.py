@@ -83,8 +83,10 @@ class Preprocess:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 return self.image(img)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-                Image.DecompressionBombError) as exc:
+        except UnidentifiedImageError:
+            raise UndecodableImage(f"not a decodable image: no image format recognised in "
+                                   f"{len(data)} bytes") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise UndecodableImage(f"not a decodable image: {exc}") from None
 
     def pixels(self, values: Any) -> np.ndarray:

@@ -255,7 +255,7 @@ def follow_epochs(tracking_uri: str, run_id: str,
 
 def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *,
                   workers: int, cpus_per_worker: float, gpus_per_worker: float, max_failures: int,
-                  storage: Path, name: str, py_modules: list[str] | None = None) -> dict[str, Any]:
+                  storage: Path, name: str) -> dict[str, Any]:
     """Run the loop on `workers` Ray Train workers; returns the last checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -272,8 +272,6 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
             name=name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # the engineer's task package, shipped to every worker (on any node)
-            worker_runtime_env={"py_modules": py_modules} if py_modules else None,
         ),
     )
     try:

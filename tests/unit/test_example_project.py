@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowops.task import load_task, package_dir
+from flowops.task import load_task, pack_package, package_dir, unpack_package
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "examples"
@@ -53,3 +53,14 @@ def test_the_package_is_a_task_with_the_scripts_preprocessing(demo):
         np.testing.assert_allclose(task.decode(path.read_bytes()), train.load_image(path), atol=1e-6)
     model = task.build_model(["blue", "orange"])
     assert model(torch.zeros(2, *task.preprocess.shape)).shape == (2, 2)
+
+
+def test_the_package_travels_to_workers_as_bytes():
+    """What a Ray Train worker gets in its config: the package, extracted once per content."""
+    task = load_task("shapes.task:task")
+    packed = pack_package(task)
+    folder = unpack_package(packed)
+    assert folder == unpack_package(packed)  # the second worker on a node reuses it
+    assert (folder / "shapes" / "task.py").read_bytes() == (EXAMPLES / "shapes" / "task.py").read_bytes()
+    assert not list(folder.rglob("__pycache__"))
+    assert pack_package(load_task("flowops.tasks:resnet")) is None

@@ -261,7 +261,7 @@ def follow_epochs(tracking_uri: str, run_id: str,
 
 def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *,
                   workers: int, cpus_per_worker: float, gpus_per_worker: float, max_failures: int,
-                  storage: Path, name: str, py_modules: list[str] | None = None) -> dict[str, Any]:
+                  storage: Path, name: str) -> dict[str, Any]:
     """Run the loop on `workers` Ray Train workers; returns the last checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -278,8 +278,6 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
             name=name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # the engineer's task package, shipped to every worker (on any node)
-            worker_runtime_env={"py_modules": py_modules} if py_modules else None,
         ),
     )
     try:
@@ -310,12 +308,14 @@ def train_loop(config: dict[str, Any]) -> None:
     `TaskContext` to the task's own loop, or to FlowOps's `fit`."""
     import torch
 
-    from flowops.task import TaskSpec, load_task
+    from flowops.task import TaskSpec, load_task, unpack_package
 
     session = create_session(config)
     seed_everything(int(config["seed"]) + session.rank)  # DDP broadcasts rank 0's weights anyway
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    task = load_task(TaskSpec.model_validate(config["task"]))
+    code = config.get("task_code")  # the engineer's task package, packed by the driver
+    task = load_task(TaskSpec.model_validate(config["task"]),
+                     code_dir=unpack_package(code) if code else None)
     model = task.build_model(list(config["classes"]))
     if config.get("init_state") is not None:
         model.load_state_dict(config["init_state"])

@@ -108,12 +108,16 @@ def client(settings: Settings):
         raise ClusterUnavailable(f"cannot reach the Ray job API at {settings.job_api}: {exc}") from None
 
 
-def runtime_env(settings: Settings, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The project as working directory when running from a checkout, and the platform settings."""
+def runtime_env(settings: Settings, extra_env: dict[str, str] | None = None,
+                py_modules: list[str] | None = None) -> dict[str, Any]:
+    """The project as working directory when running from a checkout, the platform settings, and
+    the packages of an engineer's task (`py_modules`: Ray uploads them for every node)."""
     from flowops.tracking import project_commit
 
     env = {**settings.job_env(), "FLOWOPS_GIT_COMMIT": project_commit(), **(extra_env or {})}
     renv: dict[str, Any] = {"env_vars": env}
+    if py_modules:
+        renv["py_modules"] = list(py_modules)
     if (PROJECT_ROOT / "jobs").is_dir() and (PROJECT_ROOT / "pyproject.toml").exists():
         renv["working_dir"] = str(PROJECT_ROOT)
         renv["excludes"] = WORKING_DIR_EXCLUDES
@@ -158,6 +162,7 @@ def submit(
     entrypoint_num_cpus: float = 0,
     entrypoint_num_gpus: float = 0,
     extra_env: dict[str, str] | None = None,
+    py_modules: list[str] | None = None,
 ) -> str:
     """Submit `python -m flowops.workloads.<workload> --config <JSON>` as a Ray job; returns its id.
 
@@ -174,7 +179,7 @@ def submit(
             job_client.submit_job(
                 entrypoint=command,
                 submission_id=sid,
-                runtime_env=runtime_env(settings, extra_env),
+                runtime_env=runtime_env(settings, extra_env, py_modules),
                 metadata=meta,
                 entrypoint_num_cpus=entrypoint_num_cpus,
                 entrypoint_num_gpus=entrypoint_num_gpus,

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "platform" / "flowops"
 
-FOUNDATION = {"errors", "settings", "durable", "refs", "ray_client", "events", "resources"}
+FOUNDATION = {"errors", "settings", "durable", "refs", "ray_client", "events", "resources", "image_model"}
 SERVICES = {"serving", "loop", "observability", "stack", "demo"}
 ADAPTERS = {"cli"}
 MAX_LINES = 600

@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowops import events
-from flowops.durable import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, wait_until
+from flowops.durable import atomic_write_bytes, wait_until
 from flowops.errors import InvalidInput, NotFound, validated
 from flowops.refs import ModelRef
 from flowops.settings import Settings
@@ -376,17 +376,27 @@ def newest_window(settings: Settings) -> Path:
     return files[-1]
 
 
-def latest_report_path(settings: Settings) -> Path:
-    """The last report run_drift_check wrote (read by the exporter as flowops_drift_* gauges)."""
-    return drift_dir(settings) / "latest.json"
+def save_report(settings: Settings, record: dict[str, Any]) -> None:
+    """Keep a checked window's report in the state database (the exporter turns the latest one
+    into flowops_drift_* gauges; the history decides whether a drift persisted)."""
+    from flowops import statedb
+
+    with statedb.transaction(settings) as conn:
+        conn.execute(statedb.drift_reports.insert().values(
+            ts=float(record.get("ts") or time.time()), model=str(record.get("model", "")),
+            drifted=bool(record.get("drifted")), report=record))
 
 
 def latest_report(settings: Settings) -> dict[str, Any]:
     """The last drift report written by run_drift_check (NotFound if none)."""
-    path = latest_report_path(settings)
-    if not path.exists():
-        raise NotFound(f"no drift report yet in {path.parent}; run `flowops monitor drift --window ...`")
-    return json.loads(path.read_text())
+    from flowops import statedb
+
+    table = statedb.drift_reports
+    with statedb.reading(settings) as conn:
+        row = conn.execute(table.select().order_by(table.c.id.desc()).limit(1)).first()
+    if row is None:
+        raise NotFound("no drift report yet; run `flowops monitor drift --window ...`")
+    return row.report
 
 
 def load_window(path: Path, image_size: int) -> np.ndarray:
@@ -480,11 +490,10 @@ def run_drift_check(
 ) -> DriftReport:
     """Check one window file against the served model's training data.
 
-    Writes the report to <home>/drift/latest.json (the exporter turns it into gauges) and
-    history.jsonl, logs it to MLflow (experiment drift-monitor: into the active run as step
-    `mlflow_step` when one is open, as the watch does, else in a run of its own), and when the
-    last `config.persist` windows of the model all drifted and `trigger` is set, appends a
-    `drift_detected` event to the loop's event log.
+    Keeps the report in the state database (`save_report`), logs it to MLflow (experiment
+    drift-monitor: into the active run as step `mlflow_step` when one is open, as the watch does,
+    else in a run of its own), and when the last `config.persist` windows of the model all
+    drifted and `trigger` is set, appends a `drift_detected` event to the loop's event log.
     """
     config = config or DriftConfig()
     model_uri = model_uri or ModelRef.production(settings.model_name).uri
@@ -492,9 +501,7 @@ def run_drift_check(
     images = load_window(Path(window), reference.image_size)
     report = check_window(reference, images, model=loaded.model, config=config)
     record = report.to_dict() | {"window": str(window), "model_uri": model_uri, "model": loaded.name}
-    drift_dir(settings).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(latest_report_path(settings), json.dumps(record, indent=2))
-    append_jsonl(drift_dir(settings) / "history.jsonl", record)
+    save_report(settings, record)
     if log_to_mlflow:
         _log_report(settings, report, record, mlflow_step)
     if report.drifted and trigger and persisted(settings, loaded.name, config.persist):
@@ -504,9 +511,13 @@ def run_drift_check(
 
 def persisted(settings: Settings, model_name: str, windows: int) -> bool:
     """Whether the last `windows` checked windows of the model all drifted (drift history)."""
-    mine = [r for r in read_jsonl(drift_dir(settings) / "history.jsonl")
-            if r.get("model", model_name) == model_name]
-    return len(mine) >= windows and all(r.get("drifted") for r in mine[-windows:])
+    from flowops import statedb
+
+    table = statedb.drift_reports
+    with statedb.reading(settings) as conn:
+        last = conn.execute(table.select().where(table.c.model == model_name)
+                            .order_by(table.c.id.desc()).limit(windows)).all()
+    return len(last) >= windows and all(r.drifted for r in last)
 
 
 def _log_report(settings: Settings, report: DriftReport, record: dict[str, Any],
@@ -534,7 +545,7 @@ def _log_report(settings: Settings, report: DriftReport, record: dict[str, Any],
 
 
 def _emit_drift_event(settings: Settings, report: DriftReport, model_name: str, windows: int) -> None:
-    """Tell the loop: a `drift_detected` event in <home>/loop/events.jsonl (the loop's event log)."""
+    """Tell the loop: a `drift_detected` event in the loop's event log."""
     fields = {"model": model_name, "score": report.score, "data_version": report.data_version,
               "drifted_features": report.drifted_features, "class_drifted": report.class_drifted,
               "windows": windows}

@@ -119,7 +119,7 @@ class ClassifierReplica:
             load=lambda ref: load_model(settings, ref.uri, device).model,
         )
         self.replica_id = uuid.uuid4().hex[:8]
-        self.state = get_state_actor(cfg.name)
+        self.state = get_state_actor(cfg.name, settings)
         self.ledger = LedgerBuffer()
         self.metrics = Metrics()
         self.window = InputWindow(cfg.input_window_max)

@@ -64,10 +64,11 @@ def load_labels(source: str | None):
         from flowops import labels
 
         return labels
-    spec = importlib.util.spec_from_file_location("labels_baseline", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if "labels_baseline" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("labels_baseline", source)
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["labels_baseline"]
 
 
 def _baseline_source(folder: Path) -> Path | None:

@@ -160,9 +160,6 @@ def _reaching(url: str) -> Iterator[None]:
         reason = " ".join(str(exc.orig or exc).split())[:300]
         raise ClusterUnavailable(f"state database {masked(url)} is unreachable ({_tried(url)}): "
                                  f"{reason}; check FLOWOPS_STATE_URL") from None
-    except OSError as exc:
-        raise ClusterUnavailable(f"state database {masked(url)}: {_tried(url)} failed: "
-                                 f"{exc.strerror or exc}") from None
 
 
 def _json(value) -> str:
@@ -174,8 +171,11 @@ def _create(url: str) -> sa.Engine:
     if parsed.get_backend_name() == "postgresql":
         return sa.create_engine(parsed, json_serializer=_json, pool_pre_ping=True,
                                 connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
-    with _reaching(url):
+    try:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClusterUnavailable(f"state database {masked(url)}: {_tried(url)} failed: "
+                                 f"{exc.strerror or exc}") from None
     engine = sa.create_engine(parsed, json_serializer=_json,
                               connect_args={"timeout": BUSY_TIMEOUT_S})
 

@@ -112,3 +112,38 @@ def dataset(stack) -> str:
 
     run_cli("data", "init", check=True)
     return data.latest_version(stack)
+
+
+# The state database on both backends ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server for the session (tests/pg.py). Skipped with one line when
+    PostgreSQL is not installed, unless CI is set: then missing it is a failure."""
+    from tests.pg import pg_bin, start_postgres
+
+    if pg_bin() is None:
+        message = ("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin): "
+                   "`make tools` installs Debian's postgresql")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_backend(request, tmp_path, monkeypatch):
+    """A fresh home whose state database is SQLite in the home or a new PostgreSQL database
+    (FLOWOPS_STATE_URL set for this process and its children); returns its Settings."""
+    from flowops.settings import get_settings
+
+    monkeypatch.setenv("FLOWOPS_HOME", str(tmp_path))
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        monkeypatch.setenv("FLOWOPS_STATE_URL", server.create_database())
+    else:
+        monkeypatch.delenv("FLOWOPS_STATE_URL", raising=False)
+    return get_settings()

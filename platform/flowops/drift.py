@@ -422,17 +422,27 @@ def newest_window(settings: Settings) -> Path:
     return files[-1]
 
 
-def latest_report_path(settings: Settings) -> Path:
-    """The last report run_drift_check wrote (read by the exporter as flowops_drift_* gauges)."""
-    return drift_dir(settings) / "latest.json"
+def save_report(settings: Settings, record: dict[str, Any]) -> None:
+    """Keep a checked window's report in the state database (the exporter turns the latest one
+    into flowops_drift_* gauges; the history decides whether a drift persisted)."""
+    from flowops import statedb
+
+    with statedb.transaction(settings) as conn:
+        conn.execute(statedb.drift_reports.insert().values(
+            ts=float(record.get("ts") or time.time()), model=str(record.get("model", "")),
+            drifted=bool(record.get("drifted")), report=record))
 
 
 def latest_report(settings: Settings) -> dict[str, Any]:
     """The last drift report written by run_drift_check (NotFound if none)."""
-    path = latest_report_path(settings)
-    if not path.exists():
-        raise NotFound(f"no drift report yet in {path.parent}; run `flowops monitor drift --window ...`")
-    return json.loads(path.read_text())
+    from flowops import statedb
+
+    table = statedb.drift_reports
+    with statedb.reading(settings) as conn:
+        row = conn.execute(table.select().order_by(table.c.id.desc()).limit(1)).first()
+    if row is None:
+        raise NotFound("no drift report yet; run `flowops monitor drift --window ...`")
+    return row.report
 
 
 def load_window(path: Path, preprocess: Preprocess) -> np.ndarray:

@@ -11,7 +11,6 @@ sends `DriftMonitorConfig(...).model_dump_json()`, `python -m flowops.workloads.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,11 @@ from flowops.drift import (
     build_reference,
     check_window,
     drift_dir,
-    latest_report_path,
     load_window,
     raw_pixels,
+    save_report,
 )
-from flowops.durable import append_jsonl, atomic_write_text, read_jsonl, wait_until
+from flowops.durable import wait_until
 from flowops.errors import InvalidInput
 from flowops.image_model import Preprocess
 from flowops.refs import ModelRef
@@ -135,11 +134,11 @@ def run_drift_check(
 ) -> DriftReport:
     """Check one window file against the served model's training data.
 
-    Writes the report to <home>/drift/latest.json (the exporter turns it into gauges) and
-    history.jsonl, logs it to MLflow (experiment drift-monitor: into the active run as step
-    `mlflow_step` when one is open, as the watch does, else in a run of its own), and when the
-    last `config.persist` windows of the model all drifted and `trigger` is set, appends a
-    `drift_detected` event to the loop's event log.
+    Keeps the report in the state database (`drift.save_report`), logs it to MLflow
+    (experiment drift-monitor: into the active run as step `mlflow_step` when one is open, as the
+    watch does, else in a run of its own), and when the last `config.persist` windows of the
+    model all drifted and `trigger` is set, appends a `drift_detected` event to the loop's event
+    log.
     """
     config = config or DriftConfig()
     model_uri = model_uri or ModelRef.production(settings.model_name).uri
@@ -147,9 +146,7 @@ def run_drift_check(
     images = load_window(Path(window), reference.preprocess)
     report = check_window(reference, images, model=loaded, config=config)
     record = report.to_dict() | {"window": str(window), "model_uri": model_uri, "model": loaded.name}
-    drift_dir(settings).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(latest_report_path(settings), json.dumps(record, indent=2))
-    append_jsonl(drift_dir(settings) / "history.jsonl", record)
+    save_report(settings, record)
     if log_to_mlflow:
         _log_report(settings, report, record, mlflow_step)
     if report.drifted and trigger and persisted(settings, loaded.name, config.persist):
@@ -159,9 +156,13 @@ def run_drift_check(
 
 def persisted(settings: Settings, model_name: str, windows: int) -> bool:
     """Whether the last `windows` checked windows of the model all drifted (drift history)."""
-    mine = [r for r in read_jsonl(drift_dir(settings) / "history.jsonl")
-            if r.get("model", model_name) == model_name]
-    return len(mine) >= windows and all(r.get("drifted") for r in mine[-windows:])
+    from flowops import statedb
+
+    table = statedb.drift_reports
+    with statedb.reading(settings) as conn:
+        last = conn.execute(table.select().where(table.c.model == model_name)
+                            .order_by(table.c.id.desc()).limit(windows)).all()
+    return len(last) >= windows and all(r.drifted for r in last)
 
 
 def _log_report(settings: Settings, report: DriftReport, record: dict[str, Any],
@@ -189,7 +190,7 @@ def _log_report(settings: Settings, report: DriftReport, record: dict[str, Any],
 
 
 def _emit_drift_event(settings: Settings, report: DriftReport, model_name: str, windows: int) -> None:
-    """Tell the loop: a `drift_detected` event in <home>/loop/events.jsonl (the loop's event log)."""
+    """Tell the loop: a `drift_detected` event in the loop's event log."""
     fields = {"model": model_name, "score": report.score, "data_version": report.data_version,
               "drifted_features": report.drifted_features, "class_drifted": report.class_drifted,
               "windows": windows}

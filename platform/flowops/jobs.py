@@ -6,7 +6,8 @@ A workload's config is the same pydantic model on both sides: the client sends
 Submits through Ray's `JobSubmissionClient` with the runtime environment a workload needs (the
 project as working directory, the platform's settings as environment variables), readable
 submission ids and metadata; follows, waits for, stops and lists jobs; and runs **pipelines**
-(ordered jobs, each started when the previous one succeeded), recorded durably in the home folder.
+(ordered jobs, each started when the previous one succeeded), recorded durably in the state
+database (`flowops.statedb`).
 
 Pipelines are resumable: a step's submission id is derived from the pipeline id, so a runner that
 restarts (a controller killed mid-pipeline) adopts the job it had already submitted instead of
@@ -31,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from flowops.durable import atomic_write_text, wait_until
+from flowops.durable import wait_until
 from flowops.entrypoint import RESULT_PREFIX
 from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, JobFailed, NotFound
 from flowops.settings import Settings
@@ -382,28 +383,34 @@ class PipelineRun:
         return cls(steps=steps, **raw)
 
 
-def _pipeline_path(settings: Settings, pipeline_id: str) -> Path:
-    return settings.pipelines_dir / f"{pipeline_id}.json"
-
-
 def save_pipeline(settings: Settings, run_: PipelineRun) -> None:
-    settings.pipelines_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(_pipeline_path(settings, run_.id), json.dumps(run_.to_dict(), indent=2))
+    """Record a pipeline run in the state database (replacing its previous record)."""
+    from flowops import statedb
+
+    with statedb.transaction(settings) as conn:
+        stmt = statedb.insert(conn, statedb.pipelines).values(
+            id=run_.id, created=run_.created, record=run_.to_dict())
+        conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
+                                                set_={"record": stmt.excluded.record}))
 
 
 def load_pipeline(settings: Settings, pipeline_id: str) -> PipelineRun | None:
-    path = _pipeline_path(settings, pipeline_id)
-    if not path.exists():
-        return None
-    return PipelineRun.from_dict(json.loads(path.read_text()))
+    from flowops import statedb
+
+    table = statedb.pipelines
+    with statedb.reading(settings) as conn:
+        row = conn.execute(table.select().where(table.c.id == pipeline_id)).first()
+    return None if row is None else PipelineRun.from_dict(dict(row.record))
 
 
 def list_pipelines(settings: Settings) -> list[PipelineRun]:
-    if not settings.pipelines_dir.is_dir():
-        return []
-    runs = [PipelineRun.from_dict(json.loads(p.read_text()))
-            for p in settings.pipelines_dir.glob("*.json")]
-    return sorted(runs, key=lambda r: r.created)
+    """Every recorded pipeline run, oldest first."""
+    from flowops import statedb
+
+    table = statedb.pipelines
+    with statedb.reading(settings) as conn:
+        rows = conn.execute(table.select().order_by(table.c.created, table.c.id)).all()
+    return [PipelineRun.from_dict(dict(r.record)) for r in rows]
 
 
 def run_pipeline(

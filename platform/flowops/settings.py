@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         None, description="Job API address of an existing cluster (http://host:8265). "
         "Default: the embedded cluster that `flowops up` starts."
     )
+    state_url: str | None = Field(
+        None, description="SQLAlchemy URL of the state database (labels, loop, events, pipelines, "
+        "drift reports, ledger totals): postgresql+psycopg://user:password@host/db for a cluster. "
+        "Default: SQLite in the home folder."
+    )
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking/registry URI. Default: SQLite in the home folder."
     )
@@ -155,6 +160,17 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("state_url")
+    @classmethod
+    def _absolute_sqlite_path(cls, value: str | None) -> str | None:
+        """A relative SQLite path would name another file in a Ray job's working directory."""
+        prefix = "sqlite:///"
+        if value and value.startswith(prefix) and not value.startswith(prefix + "/"):
+            path = value[len(prefix):]
+            if path and not path.startswith(":memory:"):
+                return prefix + str(Path(path).expanduser().resolve())
+        return value
 
     @field_validator(
         "ray_port", "dashboard_port", "client_port", "serve_port", "metrics_port", "mlflow_ui_port"
@@ -284,6 +300,8 @@ class Settings(BaseSettings):
         }
         if "model_name" in self.model_fields_set:  # unset: a job names the model after its task/data
             env["FLOWOPS_MODEL_NAME"] = self.model_name
+        if self.state_url:  # else the default, SQLite in FLOWOPS_HOME, follows from the home
+            env["FLOWOPS_STATE_URL"] = self.state_url
         for section in SECTIONS:
             values = getattr(self, section).model_dump(mode="json", exclude_defaults=True)
             for key, value in values.items():

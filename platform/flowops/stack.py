@@ -1,4 +1,5 @@
-"""The embedded stack: a local Ray head node, the MLflow store and the data workspace.
+"""The embedded stack: the state database (migrated), a local Ray head node, the MLflow store and
+the data workspace.
 
 `up` is idempotent and repairs a stale state (a recorded Ray that died); `down` stops exactly the
 processes `up` started (every process of the session it recorded) and keeps all data.
@@ -152,8 +153,15 @@ def up(settings: Settings, with_serve: bool = True, prometheus_url: str | None =
             f"FLOWOPS_RAY_ADDRESS points at an existing cluster ({settings.ray_address}); "
             "`flowops up` starts the embedded one: unset it to use the embedded stack"
         )
+    from flowops import statedb
+
     result = UpResult([], [], [])
     with stack_lock(settings):
+        # First: a state database that is unreachable or fails to migrate stops `up` before
+        # anything is started.
+        migrated = statedb.migrate(settings)
+        (result.started if migrated["before"] != migrated["revision"]
+         else result.already_running).append("state database")
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
         ensure_token(settings)
         state = read_state(settings)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from flowops.errors import NotFound
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -129,13 +130,19 @@ def test_live_traffic_becomes_windows_that_the_monitor_checks(stack, dataset, re
     # The scheduled monitor (a Ray job) checks the newest window as soon as it starts.
     from flowops import jobs
 
-    drift.latest_report_path(stack).unlink()
+    def latest_ts():
+        try:
+            return drift.latest_report(stack)["ts"]
+        except NotFound:
+            return None
+
+    before = latest_ts()
     started = run_cli("monitor", "drift", "--watch", "--interval", "1", "--model", uri, "--no-trigger")
     assert started.returncode == 0, started.stderr[-2000:]
     job_id = started.stdout.split("Ray job ")[1].split()[0]
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not drift.latest_report_path(stack).exists():
+        while time.monotonic() < deadline and latest_ts() == before:
             assert jobs.info(stack, job_id).status in ("PENDING", "RUNNING"), jobs.logs(stack, job_id)
             time.sleep(1)
         report = drift.latest_report(stack)

@@ -281,17 +281,16 @@ def test_live_input_window_is_a_bounded_uniform_sample_written_atomically(tmp_pa
 def test_one_drifted_window_does_not_tell_the_loop_but_a_persisting_drift_does(tmp_path):
     """`drift_detected` needs `persist` consecutive drifted windows of the model (drift history)."""
     from flowops import events
-    from flowops.durable import append_jsonl
     from flowops.settings import Settings
 
     s = Settings(home=tmp_path)
-    history = drift.drift_dir(s) / "history.jsonl"
-    append_jsonl(history, {"model": "digits-classifier", "drifted": True})
+    drift.save_report(s, {"model": "digits-classifier", "drifted": True})
     assert not drift_monitor.persisted(s, "digits-classifier", 2)  # one noisy window
-    append_jsonl(history, {"model": "other-model", "drifted": False})  # another model's windows
-    append_jsonl(history, {"model": "digits-classifier", "drifted": True})
+    drift.save_report(s, {"model": "other-model", "drifted": False})  # another model's windows
+    drift.save_report(s, {"model": "digits-classifier", "drifted": True})
     assert drift_monitor.persisted(s, "digits-classifier", 2)
-    append_jsonl(history, {"model": "digits-classifier", "drifted": False})
+    assert drift.latest_report(s) == {"model": "digits-classifier", "drifted": True}
+    drift.save_report(s, {"model": "digits-classifier", "drifted": False})
     assert not drift_monitor.persisted(s, "digits-classifier", 2)  # the drift went away
     assert drift_monitor.persisted(s, "other-model", 1) is False
     assert events.read_events(s) == []

@@ -54,10 +54,13 @@ def up(
 
 
 def _print_addresses(cfg) -> None:
+    from flowops import statedb
+
     console.print(f"Ray dashboard / job API : {cfg.job_api}")
     console.print(f"Ray Client              : {cfg.client_address}")
     console.print(f"Serve HTTP              : {cfg.serve_url}")
     console.print(f"MLflow store            : {cfg.tracking_uri}  (UI: flowops ui)")
+    console.print(f"State database          : {statedb.masked(statedb.state_url(cfg))}")
     console.print(f"Data workspace          : {cfg.workspace}  (remote {cfg.remote})")
     console.print(f"Ray token               : {cfg.token_path}")
 

@@ -113,7 +113,7 @@ class ClassifierReplica:
             load=lambda ref: load_model(settings, ref.uri, device),  # network + task + classes
         )
         self.replica_id = uuid.uuid4().hex[:8]
-        self.state = get_state_actor(cfg.name)
+        self.state = get_state_actor(cfg.name, settings)
         self.ledger = LedgerBuffer()
         self.metrics = Metrics()
         self.window = InputWindow(cfg.input_window_max)

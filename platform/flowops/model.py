@@ -60,10 +60,6 @@ class LoadedModel:
     def preprocess(self) -> Preprocess:
         return self.task.preprocess
 
-    @property
-    def image_size(self) -> int:
-        return self.task.preprocess.size[0]
-
 
 def resolve_model_version(settings: Settings, ref: ModelRef | str) -> tuple[str, str]:
     """(name, version number) of a model reference (a ModelRef or its URI); NotFound naming

@@ -98,6 +98,22 @@ def test_predict_names_the_version_everywhere(served):
     assert health["stable"] == v["good"] and health["canary"] is None
 
 
+def test_a_deploy_naming_no_option_moves_only_the_routing(served):
+    """The loop controller deploys with no deployment option. An app it did not start (two replicas
+    here; the RayService's on Kubernetes) keeps its replicas and options: only the routing moves."""
+    from flowops import serving
+
+    settings, v = served
+    before = serving.routing_status(settings)
+    assert len(before["replicas"]) == 2
+    status = serving.deploy(settings, stable=v["good"], canary=v["other"], weight=0)
+    assert status["canary"] == v["other"] and status["weight"] == 0
+    assert status["deployment_hash"] == before["deployment_hash"]
+    assert set(status["replicas"]) == set(before["replicas"])  # the same replicas: nothing restarted
+    status = serving.deploy(settings, stable=v["good"])
+    assert status["canary"] is None and set(status["replicas"]) == set(before["replicas"])
+
+
 def test_canary_share_and_sticky_routing(served):
     from flowops import serving
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -292,6 +294,19 @@ def serve_exporter(settings: Settings, port: int, host: str = "127.0.0.1"):
         return start_http_server(port, addr=host, registry=_registry(settings))
     except OSError as exc:
         raise Conflict(f"exporter port {port} is not free ({exc}); {PORT_HINT}") from None
+
+
+def run_exporter(settings: Settings, port: int | None = None, host: str | None = None) -> None:
+    """Serve the platform metrics in the foreground until SIGTERM or Ctrl-C: the exporter as a
+    container's own process (cluster/base/deployment.exporter.yaml), needing no Ray driver."""
+    server, thread = serve_exporter(settings, port or settings.monitor.exporter_port,
+                                    host or settings.monitor.exporter_host)
+    # shutdown() waits for the serving thread's loop to end, so it runs in a thread of its own.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 def _exporter_actor_class():

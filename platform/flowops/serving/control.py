@@ -34,7 +34,13 @@ from flowops.errors import (
 )
 from flowops.ray_client import connect
 from flowops.refs import ModelRef
-from flowops.serving.config import APP_NAME, RoutingUpdate, ServeAppConfig, parse_app_config
+from flowops.serving.config import (
+    APP_NAME,
+    ROUTING_FIELDS,
+    RoutingUpdate,
+    ServeAppConfig,
+    parse_app_config,
+)
 from flowops.serving.keys import admin_key, write_key_files
 from flowops.settings import Settings
 
@@ -138,11 +144,14 @@ def deploy(settings: Settings, stable: str | None = None, canary: str | None = N
            **options: Any) -> dict[str, Any]:
     """Serve `stable` (default: the `production` alias) and optionally a canary at `weight` %.
 
-    When the app already runs with the same deployment options, only its routing changes (at
-    runtime: replicas load the new version beside the old one, nothing restarts). Otherwise the
-    app is (re)deployed with `serve.run`.
+    When the app already runs with the same deployment options, or serves this registered model
+    and no option is given, only its routing changes (at runtime: replicas load the new version
+    beside the old one, nothing restarts). The second case is how the loop controller steers an app
+    it did not deploy: the RayService's on Kubernetes, or one deployed with `--replicas 2`.
+    Otherwise the app is (re)deployed with `serve.run`.
     """
     args: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    keep_options = not set(args) - set(ROUTING_FIELDS)  # only routing asked for
     args.update({k: v for k, v in (("stable", stable), ("canary", canary), ("weight", weight))
                  if v is not None})
     args.setdefault("model_name", settings.model_name)
@@ -152,7 +161,9 @@ def deploy(settings: Settings, stable: str | None = None, canary: str | None = N
     _check_versions(settings, cfg)
 
     running = app_running(settings)
-    if running and not redeploy and running.get("deployment_hash") == cfg.deployment_hash():
+    same_app = running and (running.get("deployment_hash") == cfg.deployment_hash()
+                            or (keep_options and running.get("model_name") == cfg.model_name))
+    if same_app and not redeploy:
         update = {"stable": cfg.stable, "canary": cfg.canary, "weight": cfg.weight}
         update.update({k: args[k] for k in ("shadow_pct", "sticky_images", "canary_fallback")
                        if k in args})

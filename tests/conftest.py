@@ -65,7 +65,7 @@ def pytest_configure(config):
         "FLOWOPS_CLIENT_PORT": str(_free_port(used)),
         "FLOWOPS_SERVE_PORT": str(_free_port(used)),
         "FLOWOPS_METRICS_PORT": str(_free_port(used)),
-        "FLOWOPS_MLFLOW_UI_PORT": str(_free_port(used)),
+        "FLOWOPS_MLFLOW_PORT": str(_free_port(used)),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(home / "ray" / "auth_token"),
     })

@@ -47,7 +47,7 @@ def _own_cluster() -> Path:
     os.environ.update({
         "FLOWOPS_HOME": str(home),
         **{f"FLOWOPS_{k}_PORT": str(_free_port(used))
-           for k in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS", "MLFLOW_UI")},
+           for k in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS", "MLFLOW")},
     })
     os.environ.pop("FLOWOPS_RAY_ADDRESS", None)
     return home

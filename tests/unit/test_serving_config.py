@@ -44,9 +44,9 @@ def test_admin_key_comes_from_env_then_file_then_a_private_default(tmp_path, mon
     assert serving.admin_key(settings) == "from-env"
 
 
-def test_replicas_read_the_deployers_key_file_first_and_skip_it_when_absent(tmp_path, monkeypatch):
-    """One reader for the CLI and the replicas: the file the deployer wrote wins; a replica on a
-    node without that file falls back to its environment, then to the home folder."""
+def test_replicas_read_the_deployers_key_file_and_skip_it_when_absent(tmp_path, monkeypatch):
+    """One reader for the CLI and the replicas: the file the deployer wrote; a replica on a node
+    without that file falls back to the file FLOWOPS_API_KEY_FILE names, then the home folder."""
     from flowops.serving.keys import API, read_key, write_key_files
     from flowops.settings import get_settings
 
@@ -56,18 +56,40 @@ def test_replicas_read_the_deployers_key_file_first_and_skip_it_when_absent(tmp_
     monkeypatch.delenv("FLOWOPS_API_KEY", raising=False)
     with pytest.raises(InvalidInput, match="FLOWOPS_API_KEY"):
         write_key_files(settings, require_api_key=True)
-    monkeypatch.setenv("FLOWOPS_API_KEY", "deployer-key")
+    assert not (tmp_path / "serve").exists()  # refused before anything is written
+    other = tmp_path / "deployer-key"
+    other.write_text("deployer-key\n")
+    monkeypatch.setenv("FLOWOPS_API_KEY_FILE", str(other))
     admin_file, api_file = write_key_files(settings, require_api_key=True)
+    assert api_file == str(tmp_path / "serve" / "api_key")
     assert stat.S_IMODE((tmp_path / "serve" / "api_key").stat().st_mode) == 0o600
     assert serving.admin_key(settings) == (tmp_path / "serve" / "admin_key").read_text()
-    monkeypatch.setenv("FLOWOPS_API_KEY", "replica-env")
+    monkeypatch.delenv("FLOWOPS_API_KEY_FILE")
     assert read_key(settings, API, api_file) == "deployer-key"
-    assert read_key(settings, API, str(tmp_path / "elsewhere")) == "replica-env"
-    monkeypatch.delenv("FLOWOPS_API_KEY")
     assert read_key(settings, API, str(tmp_path / "elsewhere")) == "deployer-key"  # home folder
     monkeypatch.setenv("FLOWOPS_API_KEY_FILE", str(tmp_path / "missing"))
     with pytest.raises(InvalidInput, match="FLOWOPS_API_KEY_FILE"):
-        read_key(settings, API)
+        read_key(settings, API, str(tmp_path / "elsewhere"))
+
+
+def test_keys_from_the_environment_win_and_are_never_written(tmp_path, monkeypatch):
+    """Kubernetes: every pod gets FLOWOPS_ADMIN_KEY / FLOWOPS_API_KEY from one Secret. A replica
+    uses its variable even where a (stale) key file exists, and deploying writes no key file."""
+    from flowops.serving.keys import ADMIN, API, read_key, write_key_files
+    from flowops.settings import get_settings
+
+    settings = get_settings(home=tmp_path)
+    monkeypatch.delenv("FLOWOPS_ADMIN_KEY_FILE", raising=False)
+    monkeypatch.delenv("FLOWOPS_API_KEY_FILE", raising=False)
+    monkeypatch.setenv("FLOWOPS_ADMIN_KEY", "admin-from-secret")
+    monkeypatch.setenv("FLOWOPS_API_KEY", "api-from-secret")
+    assert write_key_files(settings, require_api_key=True) == (None, None)
+    assert not (tmp_path / "serve").exists()
+    stale = tmp_path / "stale"
+    stale.write_text("old-key")
+    assert read_key(settings, ADMIN, str(stale)) == "admin-from-secret"
+    assert read_key(settings, API, str(stale)) == "api-from-secret"
+    assert serving.admin_key(settings) == "admin-from-secret"
 
 
 def test_predict_body_names_the_bad_instance():

@@ -37,10 +37,10 @@ def _free_port(used: set[int]) -> int:
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the real `flowops` command line in a subprocess."""
+            input: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the real `flowops` command line in a subprocess (from the repository, or `cwd`)."""
     proc = subprocess.run(
-        [*FLOWOPS, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        [*FLOWOPS, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
         env={**os.environ, **(env or {})}, input=input,
     )
     if check and proc.returncode != 0:

@@ -245,7 +245,8 @@ def train_job(settings: Settings, config_json: str, name: str | None = None) -> 
         name=name or f"flowops-train-{time.strftime('%Y%m%d-%H%M%S')}",
         entrypoint=shlex.join(["python", "-m", "flowops.workloads.train", "--config",
                                config.model_dump_json(exclude_unset=True)]),
-        env_vars={"PYTHONUNBUFFERED": "1", "FLOWOPS_MODEL_NAME": settings.model_name},
+        env_vars={"PYTHONUNBUFFERED": "1", **({"FLOWOPS_MODEL_NAME": settings.model_name}
+                                              if "model_name" in settings.model_fields_set else {})},
         cluster=manifests.RayClusterInput(
             image=k8s.image,
             worker_service_account="flowops-ray",

@@ -6,7 +6,7 @@ registered model version (MLflow `code_paths`, loaded as the pyfunc `loader_modu
 loads with `mlflow.pyfunc.load_model` (and answers `mlflow models serve`) in an environment that has
 mlflow and torch but not FlowOps, and it preprocesses exactly as it did in training.
 
-Only numpy and Pillow at import time; torch and pandas inside the functions that need them.
+Only numpy and Pillow at import time; torch, pandas and mlflow inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ class Preprocess:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 return self.image(img)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-                Image.DecompressionBombError) as exc:
+        except UnidentifiedImageError:
+            raise UndecodableImage(f"not a decodable image: no image format recognised in "
+                                   f"{len(data)} bytes") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise UndecodableImage(f"not a decodable image: {exc}") from None
 
     def pixels(self, values: Any) -> np.ndarray:
@@ -152,7 +154,8 @@ class ImagePredictor:
     """What `mlflow.pyfunc.load_model` returns the inside of: the exported network + preprocessing.
 
     Input: a DataFrame with an `image` column (encoded image bytes, or base64 text). Output: a
-    DataFrame with `label`, `score` and one probability column per class.
+    DataFrame with `label`, `score` and one probability column per class. An image it cannot
+    decode raises MlflowException(INVALID_PARAMETER_VALUE): `mlflow models serve` answers 400.
     """
 
     def __init__(self, folder: str | Path):
@@ -168,14 +171,22 @@ class ImagePredictor:
         import pandas as pd
         import torch
 
-        if isinstance(model_input, pd.DataFrame):
-            if "image" not in model_input.columns:
-                raise UndecodableImage("the input needs an 'image' column of encoded images")
-            cells = list(model_input["image"])
-        else:
-            cells = list(model_input)
-        batch = np.stack([self.preprocess.decode(image_bytes(c)) for c in cells]) if cells else \
-            np.zeros((0, *self.preprocess.shape), dtype=np.float32)
+        try:
+            if isinstance(model_input, pd.DataFrame):
+                if "image" not in model_input.columns:
+                    raise UndecodableImage("the input needs an 'image' column of encoded images")
+                cells = list(model_input["image"])
+            else:
+                cells = list(model_input)
+            batch = np.stack([self.preprocess.decode(image_bytes(c)) for c in cells]) if cells else \
+                np.zeros((0, *self.preprocess.shape), dtype=np.float32)
+        except UndecodableImage as exc:
+            # MLflow's scoring server answers this exception as a 400 carrying our message; any
+            # other one as a generic "unexpected error" with the message buried in a traceback.
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         with torch.no_grad():
             probs = torch.softmax(self.network(torch.from_numpy(batch)), dim=1).numpy()
         best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)

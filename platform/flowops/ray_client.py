@@ -232,7 +232,10 @@ class RayHead:
         # followed by exec needs no handlers: gRPC's own advice is to turn them off.
         env["GRPC_ENABLE_FORK_SUPPORT"] = "false"
         env.pop("RAY_AUTH_TOKEN", None)
-        env.pop("RAY_ADDRESS", None)
+        # Ray's helpers that look their cluster up by address (Ray Train's placement-group cleaner
+        # uses the state API) otherwise scan for GCS processes, and fail when another Ray cluster
+        # runs on this machine: every process of this head gets its own cluster's address.
+        env["RAY_ADDRESS"] = f"127.0.0.1:{self.ray_port}"
         # Jobs run `python -m flowops.workloads.<name>`: `python` must be this interpreter.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

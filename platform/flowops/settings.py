@@ -270,7 +270,6 @@ class Settings(BaseSettings):
         """Environment variables that make a Ray job see the same platform as this process."""
         env = {
             "FLOWOPS_HOME": str(self.home),
-            "FLOWOPS_MODEL_NAME": self.model_name,
             "FLOWOPS_DATA_REPO": self.repo,
             "FLOWOPS_DVC_REMOTE": self.remote,
             "FLOWOPS_MLFLOW_TRACKING_URI": self.tracking_uri,
@@ -283,6 +282,8 @@ class Settings(BaseSettings):
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "PYTHONUNBUFFERED": "1",
         }
+        if "model_name" in self.model_fields_set:  # unset: a job names the model after its task/data
+            env["FLOWOPS_MODEL_NAME"] = self.model_name
         for section in SECTIONS:
             values = getattr(self, section).model_dump(mode="json", exclude_defaults=True)
             for key, value in values.items():

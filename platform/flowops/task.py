@@ -13,9 +13,14 @@ serving and pseudo-labeling rebuild the same task without being told again.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import io
+import shutil
 import sys
+import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,3 +183,33 @@ def package_dir(task: Task) -> Path | None:
         raise InvalidInput(f"task module {top!r} is a single file ({getattr(module, '__file__', '?')}): "
                            "put it in a package folder with an __init__.py so Ray can ship it to workers")
     return Path(paths[0])
+
+
+def pack_package(task: Task) -> bytes | None:
+    """The task's package as zip bytes (None for FlowOps's own tasks). It travels inside the
+    training loop's config to every Ray Train worker, however the driver was started (a job with
+    the package, a fine-tune whose code came with the base model, `models reproduce` in a shell):
+    Ray Train only takes packages as URIs in a worker's runtime environment."""
+    folder = package_dir(task)
+    if folder is None:
+        return None
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                archive.write(path, Path(folder.name, path.relative_to(folder)))
+    return buf.getvalue()
+
+
+def unpack_package(data: bytes) -> Path:
+    """Extract packed task code once per content on this node; returns the folder to import from."""
+    target = Path(tempfile.gettempdir(), "flowops-task-code", hashlib.sha256(data).hexdigest()[:16])
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        zipfile.ZipFile(io.BytesIO(data)).extractall(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another worker on this node extracted it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

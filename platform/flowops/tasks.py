@@ -129,3 +129,54 @@ def flip(batch):
     """Mirror a random half of a batch left-right (on the batch's device)."""
     mask = torch.rand(batch.shape[0], device=batch.device) < 0.5
     return torch.where(mask[:, None, None, None], batch.flip(-1), batch)
+
+
+# Backbones from the optional `vision` extra ---------------------------------------------------------
+
+
+def torchvision_model(arch: str = "resnet18", size: int = 224, weights: str | None = None,
+                      resize: str = "center_crop") -> Task:
+    """A torchvision classification network (`pip install 'flowops-platform[vision]'`) with a new
+    head for the classes. `weights`: a state_dict file of the network (e.g. ImageNet weights saved
+    beforehand; nothing is downloaded at run time); the head keeps its fresh initialisation."""
+    models = _optional("torchvision", "torchvision_model").models
+
+    def build(classes: list[str]):
+        try:
+            model = models.get_model(arch, weights=None, num_classes=len(classes))
+        except ValueError as exc:
+            raise ValueError(f"torchvision has no model {arch!r}: {exc}") from None
+        if weights:
+            load_matching(model, weights)
+        return model
+
+    return Task(build_model=build, preprocess=Preprocess(size=size, channels=3, resize=resize,
+                                                         mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+
+def timm_model(name: str = "resnet18", size: int = 224, channels: int = 3, weights: str | None = None,
+               resize: str = "center_crop") -> Task:
+    """A timm network (`pip install 'flowops-platform[vision]'`) with a new head for the classes;
+    drift features are its pooled pre-logits. `weights`: a state_dict file (no download)."""
+    timm = _optional("timm", "timm_model")
+
+    def build(classes: list[str]):
+        model = timm.create_model(name, pretrained=False, num_classes=len(classes), in_chans=channels)
+        if weights:
+            load_matching(model, weights)
+        return model
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.25,))
+    return Task(build_model=build,
+                preprocess=Preprocess(size=size, channels=channels, resize=resize, mean=mean, std=std),
+                embed=lambda model, x: model.forward_head(model.forward_features(x), pre_logits=True))
+
+
+def _optional(module: str, task: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"needs {module} ({exc}); install the vision extra: "
+                         f"pip install 'flowops-platform[vision]'") from None

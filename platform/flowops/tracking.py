@@ -19,6 +19,8 @@ from flowops.settings import Settings
 def _quiet_mlflow_logs() -> None:
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Loading a model version downloads its artifacts: no progress bars on a command's stderr.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def configure_mlflow(settings: Settings):

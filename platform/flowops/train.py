@@ -30,7 +30,7 @@ from flowops.data import DataVersion
 from flowops.errors import FlowOpsError, InvalidInput, validated_json
 from flowops.evaluate import Split, split_from_rows
 from flowops.settings import Settings
-from flowops.task import DEFAULT_TASK, Task, TaskSpec, load_task, package_dir
+from flowops.task import DEFAULT_TASK, Task, TaskSpec, load_task, pack_package, package_dir
 from flowops.train_session import (
     follow_epochs,
     run_local,
@@ -264,7 +264,8 @@ def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None, checkpoint_di
     return {
         "mode": mode, "seed": c.seed, "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr,
         "freeze_epochs": c.freeze_epochs, "classes": p.data.classes, "precision": c.precision,
-        "task": p.task.spec.model_dump(mode="json"), "init_state": p.init_state,
+        "task": p.task.spec.model_dump(mode="json"), "task_code": pack_package(p.task),
+        "init_state": p.init_state,
         "x_train": p.data.train.x, "y_train": p.data.train.y,
         "x_val": p.data.val.x, "y_val": p.data.val.y,
         "threads": max(1, int(c.cpus_per_worker)), "fault_marker": c.fault_marker,
@@ -367,8 +368,7 @@ def train(settings: Settings, config: TrainConfig,
                 state = run_ray_train(
                     train_loop, looped, workers=config.workers,
                     cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker,
-                    max_failures=config.max_failures, storage=storage, name=name,
-                    py_modules=[str(d) for d in [package_dir(p.task)] if d is not None])
+                    max_failures=config.max_failures, storage=storage, name=name)
         mlflow.log_metric("train_wall_s", time.perf_counter() - started)
         resumed = list(state.get("resumed_at", []))
         if resumed:

@@ -54,6 +54,7 @@ class Session:
     """Where the loop runs: in this process ('local'), under Ray Train ('train') or Ray Tune ('tune')."""
 
     rank = 0
+    world_size = 1
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
@@ -143,6 +144,7 @@ class TrainSession(Session):
 
         super().__init__(config)
         self.rank = ray.train.get_context().get_world_rank()
+        self.world_size = ray.train.get_context().get_world_size()
 
     def device(self):
         import ray.train.torch
@@ -259,7 +261,7 @@ def follow_epochs(tracking_uri: str, run_id: str,
 
 def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *,
                   workers: int, cpus_per_worker: float, gpus_per_worker: float, max_failures: int,
-                  storage: Path, name: str, py_modules: list[str] | None = None) -> dict[str, Any]:
+                  storage: Path, name: str) -> dict[str, Any]:
     """Run the loop on `workers` Ray Train workers; returns the last checkpoint's state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -276,8 +278,6 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
             name=name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # the engineer's task package, shipped to every worker (on any node)
-            worker_runtime_env={"py_modules": py_modules} if py_modules else None,
         ),
     )
     try:
@@ -311,12 +311,14 @@ def train_loop(config: dict[str, Any]) -> None:
     `TaskContext` to the task's own loop, or to FlowOps's `fit`."""
     import torch
 
-    from flowops.task import TaskSpec, load_task
+    from flowops.task import TaskSpec, load_task, unpack_package
 
     session = create_session(config)
     seed_everything(int(config["seed"]) + session.rank)  # DDP broadcasts rank 0's weights anyway
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    task = load_task(TaskSpec.model_validate(config["task"]))
+    code = config.get("task_code")  # the engineer's task package, packed by the driver
+    task = load_task(TaskSpec.model_validate(config["task"]),
+                     code_dir=unpack_package(code) if code else None)
     model = task.build_model(list(config["classes"]))
     if config.get("init_state") is not None:
         model.load_state_dict(config["init_state"])
@@ -408,13 +410,37 @@ class TaskContext:
         return self.session.prepare_data_loader(loader)
 
     def data_loader(self, dataset=None, shuffle: bool = True):
-        """A prepared loader over the training set: seeded shuffle (the same order for an epoch,
-        resumed or not), pinned memory on GPU."""
-        from torch.utils.data import DataLoader
+        """Batches of the training set (or `dataset`, a TensorDataset): this worker's shard when
+        distributed, a seeded shuffle (the same order for an epoch, resumed or not).
 
-        loader = DataLoader(dataset or self.train_set, batch_size=self.batch_size, shuffle=shuffle,
-                            generator=self.generator, pin_memory=self.device.type == "cuda")
-        return self.prepare_data_loader(loader)
+        A batch is one indexed gather, not a stack of single samples, and on a GPU a training set
+        that fits in a fifth of the free memory is moved there once: the GPU is not left waiting
+        for the loader (measured in tests/benchmarks/train_gpu_bench.py)."""
+        import torch
+        from torch.utils.data import (
+            BatchSampler,
+            DataLoader,
+            DistributedSampler,
+            RandomSampler,
+            SequentialSampler,
+            TensorDataset,
+        )
+
+        dataset = dataset or self.train_set
+        if self.device.type == "cuda" and isinstance(dataset, TensorDataset):
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if sum(t.nbytes for t in dataset.tensors) < free / 5:
+                dataset = TensorDataset(*(t.to(self.device) for t in dataset.tensors))
+        if self.session.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=self.session.world_size,
+                                         rank=self.rank, shuffle=shuffle, seed=0)
+        elif shuffle:
+            sampler = RandomSampler(dataset, generator=self.generator)
+        else:
+            sampler = SequentialSampler(dataset)
+        on_cpu = dataset.tensors[0].device.type == "cpu" if isinstance(dataset, TensorDataset) else True
+        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, self.batch_size, False),
+                          generator=self.generator, pin_memory=self.device.type == "cuda" and on_cpu)
 
     def to_device(self, xb, yb=None):
         """A batch on the device (channels-last on GPU), augmented while the model trains."""
@@ -455,6 +481,7 @@ class TaskContext:
             self.session.maybe_fail(epoch)
             self.generator.manual_seed(self.seed + epoch)
             sampler = getattr(loader, "sampler", None)
+            sampler = getattr(sampler, "sampler", sampler)  # inside a BatchSampler
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             self._started, self._seen = time.perf_counter(), 0

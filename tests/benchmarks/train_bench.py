@@ -121,7 +121,7 @@ def run(settings, args) -> dict:
                     "load_avg_at_start": os.getloadavg()[0]},
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "repeat_data": args.repeat_data,
                    "train_samples": len(p.data.train), "threads_per_worker": 1,
-                   "data_version": p.data_version.tag, "model": "ImageClassifier(width=32)"},
+                   "data_version": p.data_version.tag, "model": "small CNN task (width=32)"},
         "runs": {},
     }
 

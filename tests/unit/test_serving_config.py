@@ -74,6 +74,7 @@ def test_predict_body_names_the_bad_instance():
     """What the body's schema states is checked when it is read (one error naming the instance);
     what only decoding can tell (a broken image file) when the images are made."""
     from flowops.errors import validated_json
+    from flowops.image_model import Preprocess
     from flowops.serving.config import PredictRequest
 
     def read(body: bytes) -> PredictRequest:
@@ -89,13 +90,23 @@ def test_predict_body_names_the_bad_instance():
         read(b'{"instances": [7]}')
     with pytest.raises(InvalidInput, match=r"instances\.0\.pixel_array: List should have at least 1"):
         read(b'{"instances": [[]]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0\.colour_pixel_array: .*1 \(gray\), 3 \(RGB\)"):
+        read(b'{"instances": [[[[0, 255], [128, 64]]]]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0\.colour_pixel_array: .*pixel \[0\]\[1\] has 4"):
+        read(b'{"instances": [[[[0, 255, 0], [128, 64, 0, 255]]]]}')
     body = read(b'{"instances": [[[0, 255], [128, 64]], [[1, 2], [3, 4]]]}')
     with pytest.raises(InvalidInput, match="too many instances"):
-        body.images(8, max_instances=1)
-    (image,) = PredictRequest(instances=[[[0, 255], [128, 64]]]).images(8, max_instances=1)
-    assert image.shape == (8, 8) and 0 <= image.min() <= image.max() <= 1
+        body.images(max_instances=1)
+    gray, colour = Preprocess(size=8, channels=1), Preprocess(size=(5, 7), channels=3)
+    images = PredictRequest(instances=[[[0, 255], [128, 64]]]).images(max_instances=1)
+    (image,) = images.arrays(gray)
+    assert image.shape == (1, 8, 8) and 0 <= image.min() <= image.max() <= 1
+    assert images.arrays(gray) is images.arrays(gray)  # decoded once per preprocessing
+    assert images.arrays(colour)[0].shape == (3, 5, 7)
+    rgb = read(b'{"instances": [[[[255, 0, 0], [0, 0, 255]]]]}').images(max_instances=1)
+    assert rgb.arrays(colour)[0][:, 0, 0] == pytest.approx([1, 0, 0])
     with pytest.raises(InvalidInput, match=r"instances\[0\]: not a decodable image"):
-        read(b'{"instances": [{"b64": "QUJDRA=="}]}').images(8, max_instances=1)
+        read(b'{"instances": [{"b64": "QUJDRA=="}]}').images(max_instances=1).arrays(gray)
 
 
 def test_the_deployment_hash_survives_the_round_trip_to_the_replica():

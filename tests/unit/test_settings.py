@@ -48,6 +48,14 @@ def test_env_overrides_and_job_env(monkeypatch, tmp_path):
     assert get_settings().tracking_uri == s.tracking_uri
 
 
+def test_a_job_names_its_model_itself_unless_a_name_was_set(monkeypatch, tmp_path):
+    """Unset, the job's training names the model after the task or the dataset."""
+    monkeypatch.setenv("FLOWOPS_HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("FLOWOPS_MODEL_NAME", raising=False)
+    assert "FLOWOPS_MODEL_NAME" not in get_settings().job_env()
+    assert get_settings(model_name="cats").job_env()["FLOWOPS_MODEL_NAME"] == "cats"
+
+
 def test_config_file_and_precedence(monkeypatch, tmp_path):
     cfg = tmp_path / "flowops.yaml"
     cfg.write_text("serve_port: 18000\nmodel_name: from-file\n")

@@ -46,7 +46,7 @@ def drift(
     """Check a window of live inputs for drift against the model's training data."""
     from flowops import drift as drift_mod
     from flowops import jobs
-    from flowops.drift_monitor import DriftMonitorConfig
+    from flowops.drift_monitor import DriftMonitorConfig, run_drift_check
 
     cfg = settings()
     config = drift_mod.make_config(alpha=alpha, correction=correction, class_test=class_test,
@@ -80,8 +80,8 @@ def drift(
         report = drift_mod.latest_report(cfg)
     else:
         with err_console.status(f"checking {window.name} for drift…"):
-            report = drift_mod.run_drift_check(cfg, window, model_uri=model, data_version=data_version,
-                                               config=config, trigger=not no_trigger).to_dict()
+            report = run_drift_check(cfg, window, model_uri=model, data_version=data_version,
+                                     config=config, trigger=not no_trigger).to_dict()
     if as_json:
         # The report, plus which job made it when it ran as one.
         print_json({**jobs.outcome(cfg, job), **report} if job else report)

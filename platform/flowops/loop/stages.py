@@ -151,7 +151,7 @@ def stage_train(settings: Settings, config: LoopConfig, rid: str) -> RolloutReco
         "data_version": record.data_version, "epochs": config.epochs, "workers": config.workers,
         "cpus_per_worker": config.cpus_per_worker, "run_name": run_name,
         "init_from": ModelRef.of(settings.model_name, base).uri if base else None,
-        **config.train_overrides})
+        "model_name": settings.model_name, **config.train_overrides})
     events.emit(settings, "training_started", rollout=rid, data_version=record.data_version,
                 base_version=base)
     _run_pipeline(settings, "retrain", jobs.Step("train", "train", train_config),

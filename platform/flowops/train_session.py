@@ -301,6 +301,9 @@ def seed_everything(seed: int) -> None:
         torch.backends.cudnn.benchmark = True
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Same kernels, same weights, without the debugging aid that fills every new tensor
+        # with NaN: ~450 fills per step cost ResNet training ~5% (tests/benchmarks/task_bench.py).
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def train_loop(config: dict[str, Any]) -> None:

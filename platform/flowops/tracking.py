@@ -16,6 +16,14 @@ from pathlib import Path
 
 from flowops.settings import Settings
 
+# Against a tracking server, MLflow's client prints run and model links to stdout and draws a
+# progress bar for every artifact download: stdout of a `--json` command is one JSON object.
+QUIET_MLFLOW_CLIENT = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_PRINT_MODEL_URLS_ON_CREATION": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
 
 def _quiet_mlflow_logs() -> None:
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
@@ -30,6 +38,7 @@ def configure_mlflow(settings: Settings):
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow_logs()
+    os.environ.update(QUIET_MLFLOW_CLIENT)
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)

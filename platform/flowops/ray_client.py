@@ -166,6 +166,7 @@ class RayHead:
     dashboard_port: int
     client_port: int
     metrics_port: int
+    node_ip: str = "127.0.0.1"  # the address it listens on and advertises to other nodes
     num_cpus: int | None = None
     num_gpus: int | None = None
     env: dict[str, str] | None = None  # extra environment (e.g. CUDA_VISIBLE_DEVICES, FLOWOPS_*)
@@ -174,9 +175,9 @@ class RayHead:
         ray_bin = str(Path(sys.executable).parent / "ray")
         cmd = [
             ray_bin, "start", "--head",
-            "--node-ip-address=127.0.0.1",
+            f"--node-ip-address={self.node_ip}",
             f"--port={self.ray_port}",
-            "--dashboard-host=127.0.0.1",
+            f"--dashboard-host={self.node_ip}",
             f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={self.client_port}",
             f"--metrics-export-port={self.metrics_port}",
@@ -212,7 +213,7 @@ class RayHead:
                 ("Ray GCS", self.ray_port), ("dashboard/job API", self.dashboard_port),
                 ("Ray Client", self.client_port), ("metrics", self.metrics_port),
             )
-            if port_in_use(port)
+            if port_in_use(port, self.node_ip)
         ]
         if busy:
             raise Conflict(

@@ -8,10 +8,12 @@ path, so the values can be handed to Ray jobs that run in another working direct
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -134,6 +136,10 @@ class Settings(BaseSettings):
     serve_port: int = Field(8000, description="Ray Serve HTTP port.")
     metrics_port: int = Field(8090, description="Ray's Prometheus metrics export port.")
     mlflow_ui_port: int = Field(5000, description="Port of `flowops ui` (the MLflow UI).")
+    node_ip: str = Field(
+        "127.0.0.1", description="Address the embedded head listens on and advertises (its node "
+        "IP, job API, Ray Client); a machine address lets Ray nodes on other hosts join."
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs the embedded head offers Ray.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs the embedded head offers Ray.")
     serve_fast_path: bool = Field(
@@ -164,6 +170,14 @@ class Settings(BaseSettings):
         if not 1024 <= value <= 65535:
             raise ValueError(f"port {value} is outside 1024-65535")
         return value
+
+    @field_validator("node_ip")
+    @classmethod
+    def _valid_ip(cls, value: str) -> str:
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address") from None
 
     # Derived locations -------------------------------------------------------------------------
 
@@ -220,20 +234,28 @@ class Settings(BaseSettings):
         return self.home / "pipelines"
 
     @property
+    def head_host(self) -> str:
+        """Where the head's services are reached: the host of FLOWOPS_RAY_ADDRESS when set (a
+        driver on another node), else the embedded head's own address."""
+        if self.ray_address:
+            return urlsplit(self.ray_address).hostname or self.node_ip
+        return self.node_ip
+
+    @property
     def job_api(self) -> str:
-        return self.ray_address or f"http://127.0.0.1:{self.dashboard_port}"
+        return self.ray_address or f"http://{self.head_host}:{self.dashboard_port}"
 
     @property
     def gcs_address(self) -> str:
-        return f"127.0.0.1:{self.ray_port}"
+        return f"{self.head_host}:{self.ray_port}"
 
     @property
     def client_address(self) -> str:
-        return f"ray://127.0.0.1:{self.client_port}"
+        return f"ray://{self.head_host}:{self.client_port}"
 
     @property
     def serve_url(self) -> str:
-        return f"http://127.0.0.1:{self.serve_port}"
+        return f"http://{self.head_host}:{self.serve_port}"
 
     def ray_auth_env(self) -> dict[str, str]:
         """What Ray's clients need to send the token: an explicit RAY_AUTH_TOKEN wins, else our file."""

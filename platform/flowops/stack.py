@@ -110,10 +110,13 @@ def _ray_state_alive(settings: Settings, state: dict[str, Any]) -> bool:
 def _start_serve(settings: Settings) -> None:
     """Start Serve's controller and HTTP proxy on the configured port (detached, so it persists)."""
     apply_ray_auth_env(settings)
+    # Serve's HTTP options hold for the proxy of every node: a head on a machine address lets each
+    # node's proxy listen on all of that node's addresses.
+    host = "127.0.0.1" if settings.node_ip == "127.0.0.1" else "0.0.0.0"
     code = (
         "from ray import serve; from flowops.ray_client import connect;"
         "from flowops.settings import get_settings; connect(get_settings());"
-        f"serve.start(http_options={{'host': '127.0.0.1', 'port': {settings.serve_port}}})"
+        f"serve.start(http_options={{'host': '{host}', 'port': {settings.serve_port}}})"
     )
     env = {**os.environ, **settings.job_env(), **settings.ray_auth_env()}
     out = subprocess.run(
@@ -173,12 +176,13 @@ def up(settings: Settings, with_serve: bool = True, prometheus_url: str | None =
                 dashboard_port=settings.dashboard_port,
                 client_port=settings.client_port,
                 metrics_port=settings.metrics_port,
+                node_ip=settings.node_ip,
                 num_cpus=settings.num_cpus,
                 num_gpus=settings.num_gpus,
                 env={**settings.job_env(), **_serve_env(settings),
                      **({"RAY_PROMETHEUS_HOST": prometheus_url} if prometheus_url else {})},
             )
-            if port_in_use(settings.serve_port):
+            if port_in_use(settings.serve_port, settings.node_ip):
                 raise Conflict(
                     f"Serve HTTP port {settings.serve_port} already in use by another process; "
                     "choose another with --serve-port or FLOWOPS_SERVE_PORT"

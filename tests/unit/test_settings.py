@@ -48,6 +48,20 @@ def test_env_overrides_and_job_env(monkeypatch, tmp_path):
     assert get_settings().tracking_uri == s.tracking_uri
 
 
+def test_head_addresses_follow_the_node_ip_and_a_remote_ray_address(monkeypatch):
+    """A head on a machine address is reached there; a driver on another node (FLOWOPS_RAY_ADDRESS
+    set) reaches every head service on that address's host, never its own loopback."""
+    monkeypatch.setenv("FLOWOPS_NODE_IP", "10.213.0.1")
+    head = get_settings()
+    assert (head.job_api, head.gcs_address, head.client_address, head.serve_url) == (
+        "http://10.213.0.1:8265", "10.213.0.1:6380", "ray://10.213.0.1:10001", "http://10.213.0.1:8000")
+    monkeypatch.delenv("FLOWOPS_NODE_IP")
+    monkeypatch.setenv("FLOWOPS_RAY_ADDRESS", "http://10.213.0.1:8265")
+    driver = get_settings()
+    assert driver.node_ip == "127.0.0.1"
+    assert (driver.gcs_address, driver.serve_url) == ("10.213.0.1:6380", "http://10.213.0.1:8000")
+
+
 def test_config_file_and_precedence(monkeypatch, tmp_path):
     cfg = tmp_path / "flowops.yaml"
     cfg.write_text("serve_port: 18000\nmodel_name: from-file\n")
@@ -64,6 +78,7 @@ def test_config_file_and_precedence(monkeypatch, tmp_path):
         ({"FLOWOPS_DASHBOARD_PORT": "80"}, "dashboard_port"),
         ({"FLOWOPS_SERVE_PORT": "eighty"}, "serve_port"),
         ({"FLOWOPS_CONFIG": "/nonexistent/flowops.yaml"}, "does not exist"),
+        ({"FLOWOPS_NODE_IP": "head.local"}, "node_ip: 'head.local' is not an IPv4 address"),
     ],
 )
 def test_bad_settings_are_one_clear_error(monkeypatch, env, message):

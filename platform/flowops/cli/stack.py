@@ -24,6 +24,10 @@ def up(
     client_port: int = typer.Option(None, help="Ray Client port (default 10001)."),
     serve_port: int = typer.Option(None, help="Serve HTTP port (default 8000)."),
     metrics_port: int = typer.Option(None, help="Ray metrics export port (default 8090)."),
+    node_ip: str = typer.Option(
+        None, "--node-ip", help="Address the head listens on and advertises (default 127.0.0.1); "
+        "a machine address lets Ray nodes on other hosts join."
+    ),
     with_prometheus: bool = typer.Option(
         False, "--with-prometheus", help="Also start a Prometheus on loopback (needs `prometheus`)."
     ),
@@ -33,6 +37,7 @@ def up(
     cfg = settings(
         num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, ray_port=ray_port,
         client_port=client_port, serve_port=serve_port, metrics_port=metrics_port,
+        node_ip=node_ip,
     )
     with err_console.status("starting the FlowOps stack…"):
         if with_prometheus:

@@ -37,8 +37,8 @@ host's `env` plus `env`, and returns a `subprocess.CompletedProcess` (text; with
 failure raises with the output). The test process itself stays in the root namespaces and cannot
 reach the hosts' addresses: talk to the hosts through commands run inside them. On the worker host,
 pin Ray work with `resources={"worker_host": 1}`; the head node is the one whose
-`NodeManagerAddress` is `head.addr`. A server for the next tests (an S3 endpoint, say) is started
-on the head with `subprocess.Popen([*head.prefix, ...])`; it ends with the host at the latest.
+`NodeManagerAddress` is `head.addr`. A server the tests need (an S3 endpoint, say) is started on
+a host with `head.popen(cmd, log_path)`; it ends with the host at the latest.
 
 It needs root (namespaces, mounts). Without root or the tools it skips with one line; in CI (`CI`
 set) it fails instead, so CI never silently drops the multi-host tests. Everything is torn down at
@@ -177,6 +177,14 @@ class Host:
         """Run Python code on this host; return its stdout."""
         return self.run([sys.executable, "-c", code], env, **kwargs).stdout
 
+    def popen(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a long-running `cmd` (a server) on this host, its output appended to `log`."""
+        with open(log, "ab") as out:
+            return subprocess.Popen(
+                [*self.prefix, *cmd], env={**_clean_env(), **self.env, **(env or {})},
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+
 
 @dataclass
 class TwoHosts:
@@ -230,7 +238,7 @@ class TwoHosts:
         token = token_dir / "auth_token"
         token.write_text(self.token)
         token.chmod(0o600)
-        log = self.base / "worker-ray-start.log"
+        log = self.base / "worker-ray-start.log"  # Ray's daemons keep it: a file, never a pipe
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start",
             f"--address={self.gcs_address}", f"--node-ip-address={self.worker.addr}",
@@ -239,13 +247,9 @@ class TwoHosts:
             # short: Ray's unix socket paths are limited to 107 bytes
             f"--temp-dir={self.base / 'wray'}", "--disable-usage-stats",
         ]
-        with open(log, "ab") as out:  # Ray's daemons keep their output: a file, never a pipe
-            code = subprocess.run(
-                [*self.worker.prefix, *cmd], stdout=out, stderr=subprocess.STDOUT,
-                env={**_clean_env(), **self.worker.env, "GRPC_ENABLE_FORK_SUPPORT": "false"},
-                timeout=300,
-            ).returncode
-        if code != 0:
+        # as for flowops' own heads: no gRPC fork handlers (ray-project/ray#63202)
+        proc = self.worker.popen(cmd, log, env={"GRPC_ENABLE_FORK_SUPPORT": "false"})
+        if proc.wait(timeout=300) != 0:
             raise RuntimeError(f"ray start on the worker host failed:\n"
                                f"{log.read_text(errors='replace')[-3000:]}")
 
@@ -326,6 +330,7 @@ def sweep_stale() -> None:
     for path in Path("/tmp").glob("fo[0-9]*-*"):
         match = re.fullmatch(r"fo(\d+)-\w{8}", path.name)
         if match and path.is_dir() and not psutil.pid_exists(int(match[1])):
+            shutil.rmtree(Settings(home=path / "head" / "home").ray_temp_dir, ignore_errors=True)
             shutil.rmtree(path, ignore_errors=True)
 
 

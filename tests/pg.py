@@ -13,7 +13,6 @@ import contextlib
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -50,6 +49,7 @@ class Postgres:
     port: int
     datadir: Path
     sockdir: Path
+    prefix: Sequence[str] = ()  # runs a command on the server's host (pids are that host's)
 
     @property
     def url(self) -> str:
@@ -61,14 +61,14 @@ class Postgres:
         pidfile = self.datadir / "postmaster.pid"
         if not pidfile.exists():
             return
+        as_pg = [*self.prefix, "runuser", "-u", "postgres", "--"]
         pg_ctl = str(postgres_bin_dir() / "pg_ctl")
-        done = subprocess.run(
-            ["runuser", "-u", "postgres", "--", pg_ctl, "-D", str(self.datadir), "-m", "fast",
-             "-w", "-t", "30", "stop"], capture_output=True, text=True,
-        )
+        done = subprocess.run([*as_pg, pg_ctl, "-D", str(self.datadir), "-m", "fast", "-w", "-t",
+                               "30", "stop"], capture_output=True, text=True)
         if done.returncode != 0 and pidfile.exists():
-            with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
-                os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+            with contextlib.suppress(ValueError, IndexError, FileNotFoundError):
+                pid = int(pidfile.read_text().split()[0])
+                subprocess.run([*as_pg, "kill", "-9", str(pid)], capture_output=True)
                 time.sleep(0.5)
 
 
@@ -104,7 +104,7 @@ def start_postgres(
         with open(datadir / "pg_hba.conf", "a") as hba:
             hba.write(f"host all all {trust_cidr} trust\n")
     port = port or (5432 if prefix else _free_port(host))  # another host has its own ports
-    pg = Postgres(host=host, port=port, datadir=datadir, sockdir=sockdir)
+    pg = Postgres(host=host, port=port, datadir=datadir, sockdir=sockdir, prefix=prefix)
     started = subprocess.run(
         [*prefix, *as_pg, str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(root / "log"),
          "-w", "-t", "60", "-o", f"-h {host} -p {port} -k {sockdir} -c fsync=off", "start"],

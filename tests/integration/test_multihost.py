@@ -79,15 +79,19 @@ def test_a_driver_on_the_worker_host_joins_with_the_copied_token(two_hosts):
     assert report["node_ids"][report["driver_node"]] == worker.addr
     assert set(report["seen"]) == {head.addr, worker.addr}
     assert report["seen"][worker.addr]["head_home"] in (None, [])
-    # The token is what lets it in: the head's job API refuses the worker host without it.
-    codes = worker.python(textwrap.dedent(f"""
+    # The token is what lets it in: the head's job API refuses the worker host without it. The
+    # head's Serve HTTP answers there too, at the address the worker's settings derive.
+    out = worker.python(textwrap.dedent(f"""
         import httpx
+        from flowops.settings import get_settings
+        from flowops.stack import serve_healthy
         url = "{two_hosts.job_api}/api/version"
         token = open("{worker.home}/ray/auth_token").read().strip()
         with_token = httpx.get(url, headers={{"Authorization": "Bearer " + token}})
-        print(httpx.get(url).status_code, with_token.status_code)
+        print(httpx.get(url).status_code, with_token.status_code, get_settings().serve_url,
+              serve_healthy(get_settings()))
     """))
-    assert codes.split() == ["401", "200"]
+    assert out.split() == ["401", "200", f"http://{head.addr}:8000", "True"]
 
 
 def test_postgres_on_the_head_is_reachable_from_the_worker_host(two_hosts, head_postgres):

@@ -5,7 +5,7 @@
         "max_checks": 10, "drift": {"alpha": 0.01, "correction": "bh"}}'
 
 The config is `flowops.drift_monitor.DriftMonitorConfig` as JSON (or `--config @file.json`).
-Each check writes <home>/drift/latest.json (exported as flowops_drift_* gauges), logs a report to
+Each check keeps its report in the state database (exported as flowops_drift_* gauges), logs it to
 MLflow (experiment drift-monitor) and, when the window drifted, appends a `drift_detected` event to
 the loop's event log (unless `"trigger": false`). Prints one JSON line per report.
 """

@@ -37,10 +37,10 @@ def _free_port(used: set[int]) -> int:
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the real `flowops` command line in a subprocess."""
+            input: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the real `flowops` command line in a subprocess (from the repository, or `cwd`)."""
     proc = subprocess.run(
-        [*FLOWOPS, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        [*FLOWOPS, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
         env={**os.environ, **(env or {})}, input=input,
     )
     if check and proc.returncode != 0:
@@ -65,7 +65,7 @@ def pytest_configure(config):
         "FLOWOPS_CLIENT_PORT": str(_free_port(used)),
         "FLOWOPS_SERVE_PORT": str(_free_port(used)),
         "FLOWOPS_METRICS_PORT": str(_free_port(used)),
-        "FLOWOPS_MLFLOW_UI_PORT": str(_free_port(used)),
+        "FLOWOPS_MLFLOW_PORT": str(_free_port(used)),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(home / "ray" / "auth_token"),
     })
@@ -112,3 +112,38 @@ def dataset(stack) -> str:
 
     run_cli("data", "init", check=True)
     return data.latest_version(stack)
+
+
+# The state database on both backends ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server for the session (tests/pg.py). Skipped with one line when
+    PostgreSQL is not installed, unless CI is set: then missing it is a failure."""
+    from tests.pg import pg_bin, start_postgres
+
+    if pg_bin() is None:
+        message = ("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin): "
+                   "`make tools` installs Debian's postgresql")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_backend(request, tmp_path, monkeypatch):
+    """A fresh home whose state database is SQLite in the home or a new PostgreSQL database
+    (FLOWOPS_STATE_URL set for this process and its children); returns its Settings."""
+    from flowops.settings import get_settings
+
+    monkeypatch.setenv("FLOWOPS_HOME", str(tmp_path))
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        monkeypatch.setenv("FLOWOPS_STATE_URL", server.create_database())
+    else:
+        monkeypatch.delenv("FLOWOPS_STATE_URL", raising=False)
+    return get_settings()

@@ -5,7 +5,8 @@ namespaces joined by a veth pair give two hosts with their own addresses and por
 host also gets its own mount namespace in which the head's files (its FLOWOPS_HOME, its Ray temp
 folder) are covered by empty tmpfs mounts, as a pod on another node would see them.
 
-    head host   <ns>-head    10.213.0.1  `flowops up` (the real one), FLOWOPS_HOME = head.home
+    head host   <ns>-head    10.213.0.1  `flowops up` (the real one: Ray head, Serve, MLflow server)
+                                         with FLOWOPS_RAY_HOST = its address, FLOWOPS_HOME = head.home
     worker host <ns>-worker  10.213.0.2  `ray start --address=<head>:6380 --resources={"worker_host": 1}`
                                          own empty FLOWOPS_HOME (worker.home), the token copied in
 
@@ -29,8 +30,9 @@ that use them last, so the two hosts live only while they are needed):
         head.home, worker.home   # each host's FLOWOPS_HOME (readable from the test process)
         head.prefix              # `nsenter ...`: prepend it to run any command on that host
 
-    def test_y(head_postgres):   # PostgreSQL listening on head.addr:5432, trust for the test range
-        head_postgres.url        # postgresql://postgres@10.213.0.1:5432/postgres
+    def test_y(two_hosts, head_postgres):   # PostgreSQL on head.addr:5432, the test range trusted
+        url = head_postgres.database_url("flowops")  # postgresql+psycopg://postgres@10.213.0.1:5432/flowops
+        two_hosts.head.run([...], env={"FLOWOPS_STATE_URL": url})
 
 `Host.run(cmd, env)` runs `cmd` inside the host (its network, processes, files, hostname) with the
 host's `env` plus `env`, and returns a `subprocess.CompletedProcess` (text; with `check` on, a
@@ -77,7 +79,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLOWOPS = [sys.executable, "-m", "flowops.cli.main"]
 SUBNETS = ("10.213.0.0/24", "192.168.213.0/24", "10.214.0.0/24", "172.31.213.0/24")
 PORTS = {"RAY_PORT": 6380, "DASHBOARD_PORT": 8265, "CLIENT_PORT": 10001, "SERVE_PORT": 8000,
-         "METRICS_PORT": 8090, "MLFLOW_UI_PORT": 5000}  # each host has its own ports: defaults fit
+         "METRICS_PORT": 8090, "MLFLOW_PORT": 5000}  # each host has its own ports: defaults fit
 HEAD_CPUS, WORKER_CPUS = 2, 2
 
 
@@ -350,7 +352,7 @@ def build_two_hosts() -> TwoHosts:
     common = {**ports, "RAY_AUTH_MODE": "token"}
     head = Host(
         "head", f"{tag}-head", str(hosts[0]), head_home,
-        {**common, "FLOWOPS_HOME": str(head_home), "FLOWOPS_NODE_IP": str(hosts[0]),
+        {**common, "FLOWOPS_HOME": str(head_home), "FLOWOPS_RAY_HOST": str(hosts[0]),
          "RAY_AUTH_TOKEN_PATH": str(head_home / "ray" / "auth_token")},
     )
     worker = Host(
@@ -393,13 +395,25 @@ def two_hosts(request):
 
 @pytest.fixture(scope="session")
 def head_postgres(two_hosts):
-    """PostgreSQL on the head host (head.addr:5432), clients from the test range trusted."""
-    from tests.pg import PostgresUnavailable, start_postgres
+    """PostgreSQL on the head host (head.addr:5432; clients from the test range trusted) with an
+    empty database `flowops`: `head_postgres.database_url("flowops")` is a FLOWOPS_STATE_URL.
+    (Its `create_database` connects from the test process, which cannot reach the head host:
+    create more from a host, as done here.)"""
+    from tests.pg import pg_bin, start_postgres
 
+    if pg_bin() is None:
+        raise _unavailable(HarnessUnavailable("PostgreSQL is not installed (Debian: postgresql)"))
+    head = two_hosts.head
+    pg = start_postgres(two_hosts.base / "head", host=head.addr, port=5432, prefix=head.prefix,
+                        allow=[two_hosts.subnet])
     try:
-        pg = start_postgres(two_hosts.base / "head" / "pg", host=two_hosts.head.addr, port=5432,
-                            prefix=two_hosts.head.prefix, trust_cidr=two_hosts.subnet)
-    except PostgresUnavailable as exc:
-        raise _unavailable(exc) from None
-    yield pg
-    pg.stop()
+        head.python(f"import psycopg; psycopg.connect({pg_dsn(pg.url)!r}, autocommit=True)"
+                    ".execute('CREATE DATABASE flowops')")
+        yield pg
+    finally:
+        pg.stop()
+
+
+def pg_dsn(url: str) -> str:
+    """The libpq form (psql, psycopg.connect) of an SQLAlchemy `postgresql+psycopg://` URL."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)

@@ -1,40 +1,38 @@
-"""A throw-away PostgreSQL server for tests: Debian's PostgreSQL run as the `postgres` user.
+"""A throw-away PostgreSQL server for tests: Debian's binaries, a temp folder, trust auth.
 
-`start_postgres(tmpdir, host=..., port=...)` makes a fresh cluster (initdb) under `tmpdir`, starts
-it listening on `host:port` (and a unix socket in `tmpdir`), and returns a `Postgres` whose `url`
-a client uses and whose `stop()` stops it. `prefix=` runs it inside another host (the multi-host
-harness passes `head.prefix` to put it on the head host); `trust_cidr=` lets clients from that
-range in without a password (a test network only).
+`start_postgres()` runs `initdb` and `pg_ctl start` (as the `postgres` user when running as root:
+PostgreSQL refuses to run as root), listening on `host:port` and on a unix socket in its own
+folder, and returns a handle with the admin `.url`, `.create_database(name)` and `.stop()`.
+`prefix` runs the server's commands under another command, e.g. `["ip", "netns", "exec", "head"]`
+to start it inside a network namespace; `allow` adds client networks (CIDRs) trusted besides
+localhost.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import shutil
 import socket
 import subprocess
-import time
+import tempfile
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class PostgresUnavailable(RuntimeError):
-    """PostgreSQL cannot run here (not installed, no `postgres` user, not root)."""
+SUPERUSER = "postgres"
 
 
-def postgres_bin_dir() -> Path:
-    """Debian keeps the server tools out of PATH, in /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
-                      key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
-    if not versions:
-        raise PostgresUnavailable("PostgreSQL is not installed (Debian package `postgresql`)")
-    return Path(versions[-1]).parent
+def pg_bin() -> Path | None:
+    """The newest installed PostgreSQL's bin folder (Debian: /usr/lib/postgresql/N/bin), or None."""
+    versions = {Path(p).parents[1].name: Path(p).parent
+                for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")}
+    numbered = sorted((int(v), path) for v, path in versions.items() if v.isdigit())
+    if numbered:
+        return numbered[-1][1]
+    on_path = shutil.which("initdb")
+    return Path(on_path).parent if on_path else None
 
 
 def _free_port(host: str) -> int:
@@ -44,74 +42,83 @@ def _free_port(host: str) -> int:
 
 
 @dataclass
-class Postgres:
+class PostgresServer:
     host: str
     port: int
-    datadir: Path
-    sockdir: Path
-    prefix: Sequence[str] = ()  # runs a command on the server's host (pids are that host's)
+    folder: Path
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        """libpq URL of the `postgres` database as the `postgres` superuser (no password)."""
-        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+        """The admin URL (superuser `postgres`, database `postgres`)."""
+        return self.database_url("postgres")
+
+    def database_url(self, name: str) -> str:
+        return f"postgresql+psycopg://{SUPERUSER}@{self.host}:{self.port}/{name}"
+
+    def create_database(self, name: str | None = None) -> str:
+        """A new empty database; returns its URL."""
+        name = name or f"t_{uuid.uuid4().hex[:12]}"
+        self._admin(f'CREATE DATABASE "{name}"')
+        return self.database_url(name)
+
+    def drop_database(self, name: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(host=self.host, port=self.port, user=SUPERUSER, dbname="postgres",
+                             autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql)
 
     def stop(self) -> None:
-        """Stop the server (fast shutdown); kill the postmaster if pg_ctl cannot."""
-        pidfile = self.datadir / "postmaster.pid"
-        if not pidfile.exists():
-            return
-        as_pg = [*self.prefix, "runuser", "-u", "postgres", "--"]
-        pg_ctl = str(postgres_bin_dir() / "pg_ctl")
-        done = subprocess.run([*as_pg, pg_ctl, "-D", str(self.datadir), "-m", "fast", "-w", "-t",
-                               "30", "stop"], capture_output=True, text=True)
-        if done.returncode != 0 and pidfile.exists():
-            with contextlib.suppress(ValueError, IndexError, FileNotFoundError):
-                pid = int(pidfile.read_text().split()[0])
-                subprocess.run([*as_pg, "kill", "-9", str(pid)], capture_output=True)
-                time.sleep(0.5)
+        """Stop the server at once and delete its folder."""
+        _run(self.prefix, [str(self.folder / "bin" / "pg_ctl"), "-D", str(self.folder / "data"),
+                           "-m", "immediate", "stop"], check=False)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start_postgres(
-    tmpdir: Path | str,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    *,
-    prefix: Sequence[str] = (),
-    trust_cidr: str | None = None,
-) -> Postgres:
-    """Create a cluster under `tmpdir` and start it on `host:port`; the caller must `stop()` it."""
-    if os.geteuid() != 0:
-        raise PostgresUnavailable("starting PostgreSQL as the `postgres` user needs root")
+def _as_postgres(command: list[str]) -> list[str]:
+    return ["runuser", "-u", SUPERUSER, "--", *command] if os.geteuid() == 0 else command
+
+
+def _run(prefix: Sequence[str], command: list[str], check: bool = True) -> None:
+    proc = subprocess.run([*prefix, *_as_postgres(command)], capture_output=True, text=True,
+                          timeout=120)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:2])} failed ({proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+
+
+def start_postgres(base: Path | str | None = None, host: str = "127.0.0.1", port: int | None = None,
+                   *, prefix: Sequence[str] = (), allow: Sequence[str] = ()) -> PostgresServer:
+    """Start a fresh server in a new folder under `base` (default: the temp folder; the
+    `postgres` user must be able to enter it when running as root)."""
+    bindir = pg_bin()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="flowops-pg-", dir=base))
+    os.chmod(folder, 0o755)
+    (folder / "bin").symlink_to(bindir)
+    data, sockets = folder / "data", folder / "sockets"
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(sockets, SUPERUSER)
+        shutil.chown(folder, SUPERUSER)
+    port = port or _free_port(host)
+    server = PostgresServer(host, port, folder, list(prefix))
     try:
-        import pwd
-
-        pg_user = pwd.getpwnam("postgres")
-    except KeyError:
-        raise PostgresUnavailable("no `postgres` user (Debian package `postgresql`)") from None
-    bindir = postgres_bin_dir()
-    root = Path(tmpdir)
-    datadir, sockdir = root / "data", root / "sock"
-    for path in (root, sockdir):
-        path.mkdir(parents=True, exist_ok=True)
-        os.chown(path, pg_user.pw_uid, pg_user.pw_gid)
-    as_pg = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_pg, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust",
-         "--no-sync", "-E", "UTF8", "--locale=C"], check=True, capture_output=True, text=True,
-    )
-    if trust_cidr:
-        with open(datadir / "pg_hba.conf", "a") as hba:
-            hba.write(f"host all all {trust_cidr} trust\n")
-    port = port or (5432 if prefix else _free_port(host))  # another host has its own ports
-    pg = Postgres(host=host, port=port, datadir=datadir, sockdir=sockdir, prefix=prefix)
-    started = subprocess.run(
-        [*prefix, *as_pg, str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(root / "log"),
-         "-w", "-t", "60", "-o", f"-h {host} -p {port} -k {sockdir} -c fsync=off", "start"],
-        capture_output=True, text=True,
-    )
-    if started.returncode != 0:
-        pg.stop()
-        log = (root / "log").read_text(errors="replace") if (root / "log").exists() else ""
-        raise RuntimeError(f"PostgreSQL did not start on {host}:{port}: {started.stderr}\n{log}")
-    return pg
+        _run(prefix, [str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust",
+                      "-E", "UTF8", "--locale=C", "--no-sync"])
+        with open(data / "pg_hba.conf", "a") as fh:
+            for network in allow:
+                fh.write(f"host all all {network} trust\n")
+        options = (f"-c listen_addresses={host} -p {port} -k {sockets} -c max_connections=200 "
+                   "-c shared_buffers=32MB")
+        _run(prefix, [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"),
+                      "-w", "-t", "60", "-o", options, "start"])
+    except BaseException:
+        server.stop()
+        raise
+    return server

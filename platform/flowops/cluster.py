@@ -1,5 +1,5 @@
-"""The KubeRay layer: render `cluster/` overlays, generate the platform RayCluster, validate, create
-RayJobs, apply objects.
+"""The KubeRay layer: render `cluster/` overlays, generate the platform RayCluster, validate, make
+RayJobs (from options or from the suspended templates), apply objects.
 
 `cluster/` is a kustomize tree (base + overlays dev, gpu, prod), rendered by `kubectl kustomize` (or
 `kustomize build`): FlowOps does not reimplement kustomize. `cluster/base/ray-cluster.platform.yaml` is
@@ -7,12 +7,15 @@ generated from the typed builders (`platform_cluster`) by `flowops cluster gener
 when the committed file is stale, as for the PrometheusRule. `submit_train_k8s` is what
 `flowops train --target k8s` calls: a RayJob running
 `python -m flowops.workloads.train --config '<JSON>'` on its own short-lived RayCluster, built by
-the builders the tests validate against KubeRay's CRD schemas.
+the builders the tests validate against KubeRay's CRD schemas. Objects are applied with kubectl's
+server-side apply (`apply_command`), so applying twice is harmless.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,7 +28,7 @@ import yaml
 
 from flowops import manifests, resources
 from flowops.durable import atomic_write_text
-from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError, InvalidInput, NotFound, validated_json
+from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, NotFound, validated_json
 from flowops.settings import Settings
 
 OVERLAYS = ("dev", "gpu", "prod")
@@ -175,7 +178,12 @@ PLATFORM_COMMENTS = {
     _HEAD_C + "ports/serve": "Ray Serve HTTP (the classifier)",
     _HEAD_C + "ports/metrics": "Prometheus metrics",
     _HEAD_C + "envFrom/0": "FLOWOPS_* settings (config-map.platform.yaml)",
-    _HEAD_C + "env/AWS_ACCESS_KEY_ID": "S3 credentials for DVC and MLflow artifacts",
+    _HEAD_C + "env/FLOWOPS_STATE_URL": "the state database (labels, loop, events, ledger totals): the "
+                                       "Secret flowops-state",
+    _HEAD_C + "env/FLOWOPS_ADMIN_KEY": "the classifier app's admin key: the controller steers routing "
+                                       "with it",
+    _HEAD_C + "env/FLOWOPS_API_KEY": "prediction key, when the app requires one (optional key)",
+    _HEAD_C + "env/AWS_ACCESS_KEY_ID": "S3 credentials for DVC",
     _HEAD_C + "env/GRPC_ENABLE_FORK_SUPPORT": "Ray Client forks+execs a server per IDE connection; gRPC's "
                                               "fork handlers can abort\nthat child "
                                               "(ray-project/ray#63202). A fork followed by exec needs none.",
@@ -190,6 +198,11 @@ PLATFORM_COMMENTS = {
     _CPU + "replicas": "start with one",
     _CPU + "minReplicas": "keep one warm: the classifier's replicas live here",
     _CPU + "maxReplicas": "autoscaler ceiling",
+    _CPU + "rayStartParams/metrics-export-port": "the port the PodMonitor scrapes (declared below)",
+    _CPU + "template/spec/containers/ray-worker/ports/metrics": "Prometheus metrics (PodMonitor "
+                                                                "flowops-ray-workers)",
+    _CPU + "template/spec/containers/ray-worker/env/FLOWOPS_STATE_URL": "same Secrets as the head: "
+                                                                        "Serve replicas and jobs run here",
     _CPU + "template/metadata": "the component label NetworkPolicy and monitoring select on",
     _CPU + "template/spec/serviceAccountName": "no Kubernetes API token",
     _CPU + "template/spec/containers/ray-worker/resources/requests": "Ray advertises the limits as the "
@@ -245,7 +258,8 @@ def train_job(settings: Settings, config_json: str, name: str | None = None) -> 
         name=name or f"flowops-train-{time.strftime('%Y%m%d-%H%M%S')}",
         entrypoint=shlex.join(["python", "-m", "flowops.workloads.train", "--config",
                                config.model_dump_json(exclude_unset=True)]),
-        env_vars={"PYTHONUNBUFFERED": "1", "FLOWOPS_MODEL_NAME": settings.model_name},
+        env_vars={"PYTHONUNBUFFERED": "1", **({"FLOWOPS_MODEL_NAME": settings.model_name}
+                                              if "model_name" in settings.model_fields_set else {})},
         cluster=manifests.RayClusterInput(
             image=k8s.image,
             worker_service_account="flowops-ray",
@@ -259,78 +273,93 @@ def train_job(settings: Settings, config_json: str, name: str | None = None) -> 
 
 
 def submit_train_k8s(settings: Settings, config_json: str, apply: bool) -> str:
-    """Render (and with `apply`, create through the Kubernetes API) a training RayJob; returns YAML
-    or, when applied, a line naming what was created."""
+    """Render (and with `apply`, server-side apply through kubectl) a training RayJob; returns YAML
+    or, when applied, what kubectl says it did."""
     obj = train_job(settings, config_json)
     if not apply:
         return manifests.dump([obj])
-    created = apply_objects([obj])
-    return f"created {created[0]} (kubectl -n {obj['metadata']['namespace']} get rayjob " \
-           f"{obj['metadata']['name']})"
+    applied = apply_objects([obj])
+    return f"{applied[0]} (kubectl -n {obj['metadata']['namespace']} get rayjob {obj['metadata']['name']})"
 
 
-# Applying through the Kubernetes API -------------------------------------------------------------
+# RayJob templates (cluster/base/ray-job.*.yaml) --------------------------------------------------
 
 
-def _kube_client():
-    try:
-        from kubernetes import client, config
-    except ImportError:
-        raise NotFound(
-            "the Kubernetes client is not installed: pip install 'flowops[k8s]' (or omit --apply to "
-            "print the YAML and `kubectl apply -f -` it)"
-        ) from None
-    try:
-        config.load_kube_config()
-    except Exception:  # noqa: BLE001 - no kubeconfig: try in-cluster credentials
-        try:
-            config.load_incluster_config()
-        except Exception as exc:  # noqa: BLE001
-            raise ClusterUnavailable(f"no Kubernetes credentials (kubeconfig or in-cluster): {exc}") from None
-    return client
+def job_templates(settings: Settings, overlay: str) -> dict[str, dict[str, Any]]:
+    """The overlay's RayJobs by name. The base ships them suspended (`spec.suspend: true`), so that
+    `kubectl apply -k` installs them as templates and runs nothing."""
+    return {o["metadata"]["name"]: o for o in render(settings, overlay) if o["kind"] == "RayJob"}
+
+
+def job_from_template(settings: Settings, template: str, overlay: str = "dev",
+                      name: str | None = None) -> dict[str, Any]:
+    """A runnable RayJob made from a template: its own name (a RayJob runs once, so each run is a
+    new object; default `<template>-<UTC time>`), not suspended, everything else as the overlay
+    renders it."""
+    templates = job_templates(settings, overlay)
+    if template not in templates:
+        raise NotFound(f"no RayJob template {template!r} in overlay {overlay}; templates: "
+                       f"{', '.join(sorted(templates)) or 'none'}")
+    name = name or f"{template}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    if not re.fullmatch(manifests.NAME_PATTERN, name):
+        raise InvalidInput(f"RayJob name {name!r}: lower-case letters, digits and '-', at most 63")
+    job = copy.deepcopy(templates[template])
+    job["metadata"]["name"] = name
+    job["spec"].pop("suspend", None)
+    problem = manifests.ManifestValidator(settings.cluster.crd_dir).check(job)
+    if problem:
+        raise InvalidInput(problem)
+    return job
+
+
+def run_job_template(settings: Settings, template: str, overlay: str = "dev", name: str | None = None,
+                     apply: bool = False) -> str:
+    """`flowops cluster run-job`: the RayJob's YAML, or, with `apply`, what kubectl did with it."""
+    job = job_from_template(settings, template, overlay, name)
+    return apply_objects([job])[0] if apply else manifests.dump([job])
+
+
+# Applying through kubectl ------------------------------------------------------------------------
+
+FIELD_MANAGER = "flowops"
+
+
+def apply_command() -> list[str]:
+    """Server-side apply from stdin: creates what is missing, updates what FlowOps applied before
+    (idempotent: the same objects twice change nothing), and refuses, naming the field, to take over
+    a field another manager set (a `kubectl edit`, an operator) instead of silently overwriting it."""
+    return [_kubectl(), "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-"]
+
+
+def _kubectl() -> str:
+    path = shutil.which("kubectl")
+    if not path:
+        raise ClusterUnavailable("--apply needs kubectl on PATH (with a kubeconfig or in-cluster "
+                                 "credentials); without --apply the YAML is printed")
+    return path
+
+
+def _run_kubectl(command: list[str], stdin: str | None = None) -> str:
+    out = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        lines = [ln.strip() for ln in out.stderr.splitlines() if ln.strip()] or ["unknown error"]
+        error = next((ln for ln in lines if ln.lower().startswith("error")), lines[-1])
+        what = " ".join(command[1:3])
+        if "conflict" in error.lower():
+            raise Conflict(f"kubectl {what}: {error} (another field manager owns it; see "
+                           "docs/kubernetes.md)")
+        if "(NotFound)" in error:
+            raise NotFound(f"kubectl {what}: {error}")
+        raise ClusterUnavailable(f"kubectl {what} failed: {error}")
+    return out.stdout
 
 
 def apply_objects(objects: list[dict[str, Any]]) -> list[str]:
-    """Create each object (server-side); custom resources through the CustomObjects API."""
-    client = _kube_client()
-    from kubernetes import utils
-    from kubernetes.client.rest import ApiException
-
-    api = client.ApiClient()
-    custom = client.CustomObjectsApi(api)
-    created = []
-    for obj in objects:
-        group, _, version = obj["apiVersion"].rpartition("/")
-        kind, meta = obj["kind"], obj["metadata"]
-        try:
-            if group == "ray.io":
-                custom.create_namespaced_custom_object(
-                    group, version, meta["namespace"], kind.lower() + "s", obj
-                )
-            else:
-                utils.create_from_dict(api, obj)
-        except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict(f"{kind} {meta['name']} already exists") from None
-            raise FlowOpsError(f"creating {kind} {meta['name']} failed: {exc.status} {exc.reason}") from None
-        except utils.FailToCreateError as exc:
-            first = exc.api_exceptions[0]
-            if first.status == 409:
-                raise Conflict(f"{kind} {meta['name']} already exists") from None
-            raise FlowOpsError(
-                f"creating {kind} {meta['name']} failed: {first.status} {first.reason}"
-            ) from None
-        created.append(f"{kind}/{meta['name']}")
-    return created
+    """Server-side apply the objects (`apply_command`); one line per object, as kubectl reports it
+    (`rayjob.ray.io/x serverside-applied`)."""
+    return _run_kubectl(apply_command(), manifests.dump(objects)).splitlines()
 
 
 def delete_namespace(name: str) -> None:
-    client = _kube_client()
-    from kubernetes.client.rest import ApiException
-
-    try:
-        client.CoreV1Api().delete_namespace(name)
-    except ApiException as exc:
-        if exc.status == 404:
-            raise NotFound(f"namespace {name} does not exist") from None
-        raise FlowOpsError(f"deleting namespace {name} failed: {exc.status} {exc.reason}") from None
+    """Delete a namespace and everything in it (returns while Kubernetes finishes in the background)."""
+    _run_kubectl([_kubectl(), "delete", "namespace", name, "--wait=false"])

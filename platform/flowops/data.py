@@ -2,11 +2,13 @@
 
 Layout of a data version (the DVC-tracked folder `data/`):
 
-    images/<split>/<class>/<id>.png   labeled images (train, holdout)
-    images/unlabeled/<id>.png         the unlabeled pool (the path does not reveal the class)
-    manifest.csv                      id, path, label, split, source, label_source
-    answers.csv                       true labels of the unlabeled pool, kept aside (simulated labelers)
-    meta.json                         classes, image size
+    images/<split>/<class>/<id>.<ext>  labeled images (train, holdout), the original files' bytes
+    images/unlabeled/<id>.<ext>        the unlabeled pool (the path does not reveal the class)
+    manifest.csv                       id, path, label, split, source, label_source
+    answers.csv                        hidden true labels of the unlabeled pool (simulated labelers)
+    meta.json                          name, classes, channels, image_size (a default model input
+                                       side), median height/width, rejected (see data_import)
+    errors.csv                         (image folders) files skipped at import: path, reason
 
 Every change is a new data version: a git tag `vN` on a commit of `data.dvc` plus `VERSION.json`
 (counts per pool and class), pushed to the DVC remote. Workloads read a version through DVC's API
@@ -40,8 +42,9 @@ from flowops.settings import Settings
 
 MANIFEST_COLUMNS = ["id", "path", "label", "split", "source", "label_source"]
 SPLITS = ("train", "unlabeled", "holdout")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 DATA_DIR = "data"
+ERRORS_FILE = "errors.csv"
+DEFAULT_NAME = "digits"  # versions written before datasets had names hold the digits
 
 
 @dataclass
@@ -56,6 +59,8 @@ class VersionInfo:
     counts: dict[str, int] = field(default_factory=dict)  # per split
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> n
     classes: list[str] = field(default_factory=list)
+    name: str = DEFAULT_NAME  # the dataset's name (meta.json): models default to <name>-classifier
+    rejected: int = 0  # files skipped when the dataset was imported (listed in errors.csv)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,7 +194,18 @@ class DataVersion:
 
     @property
     def image_size(self) -> int:
+        """A default model input side (the images themselves keep their own sizes)."""
         return int(self.meta["image_size"])
+
+    @property
+    def channels(self) -> int:
+        """3 when any image is colour, else 1."""
+        return int(self.meta.get("channels", 1))
+
+    @property
+    def name(self) -> str:
+        """The dataset's name: a model trained on it registers as `<name>-classifier` by default."""
+        return str(self.meta.get("name", DEFAULT_NAME))
 
     @cached_property
     def root(self) -> Path:
@@ -326,6 +342,7 @@ def cut_version(
         info = VersionInfo(
             id=new_id, created=time.time(), message=message, parent=parent,
             counts=counts, class_counts=class_counts, classes=list(meta["classes"]),
+            name=str(meta.get("name", DEFAULT_NAME)), rejected=int(meta.get("rejected", 0)),
         )
         if current.exists():
             os.rename(current, backup)
@@ -351,140 +368,78 @@ def cut_version(
         return info
 
 
-# The default dataset and users' image folders ---------------------------------------------------
-
-
-def _digits_images(
-    unlabeled_fraction: float, holdout_fraction: float, seed: int
-) -> tuple[list[dict], dict]:
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype("uint8")
-    labels = [str(t) for t in digits.target]
-    idx = list(range(len(labels)))
-    rest, holdout = train_test_split(
-        idx, test_size=holdout_fraction, random_state=seed, stratify=labels
-    )
-    train, unlabeled = train_test_split(
-        rest, test_size=unlabeled_fraction, random_state=seed, stratify=[labels[i] for i in rest]
-    )
-    split_of = {i: "holdout" for i in holdout} | {i: "train" for i in train}
-    split_of |= {i: "unlabeled" for i in unlabeled}
-    items = []
-    for i in idx:
-        buf = io.BytesIO()
-        Image.fromarray(pixels[i], mode="L").save(buf, format="PNG")
-        items.append({"id": f"d{i:05d}", "label": labels[i], "split": split_of[i],
-                      "bytes": buf.getvalue(), "suffix": ".png", "source": "sklearn-digits"})
-    meta = {"classes": [str(c) for c in range(10)], "image_size": 8, "channels": 1,
-            "source": "sklearn-digits"}
-    return items, meta
-
-
-def _folder_images(
-    root: Path, unlabeled_fraction: float, holdout_fraction: float, seed: int, image_size: int
-) -> tuple[list[dict], dict]:
-    from PIL import Image, UnidentifiedImageError
-    from sklearn.model_selection import train_test_split
-
-    if not root.is_dir():
-        raise InvalidInput(f"--from {root}: not a folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise InvalidInput(
-            f"--from {root}: expected an image-folder layout (one sub-folder per class, at least 2), "
-            f"found {len(class_dirs)} sub-folder(s)"
-        )
-    files, bad = [], []
-    for class_dir in class_dirs:
-        for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-                continue
-            try:
-                with Image.open(path) as img:
-                    img.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError):
-                bad.append(str(path.relative_to(root)))
-                continue
-            files.append((path, class_dir.name))
-    if bad:
-        raise InvalidInput(
-            f"--from {root}: {len(bad)} file(s) are not readable images, e.g. {', '.join(bad[:3])}"
-        )
-    per_class = Counter(label for _, label in files)
-    too_small = [c for c in (d.name for d in class_dirs) if per_class.get(c, 0) < 5]
-    if too_small:
-        raise InvalidInput(
-            f"--from {root}: every class needs at least 5 images ({', '.join(IMAGE_SUFFIXES)}); "
-            f"too few in: {', '.join(too_small)}"
-        )
-    labels = [label for _, label in files]
-    idx = list(range(len(files)))
-    rest, holdout = train_test_split(idx, test_size=holdout_fraction, random_state=seed,
-                                     stratify=labels)
-    train, unlabeled = train_test_split(rest, test_size=unlabeled_fraction, random_state=seed,
-                                        stratify=[labels[i] for i in rest])
-    split_of = {i: "holdout" for i in holdout} | {i: "train" for i in train}
-    split_of |= {i: "unlabeled" for i in unlabeled}
-    items = [
-        {"id": f"u{i:06d}", "label": label, "split": split_of[i], "bytes": path.read_bytes(),
-         "suffix": path.suffix.lower(), "source": "folder"}
-        for i, (path, label) in enumerate(files)
-    ]
-    meta = {"classes": [d.name for d in class_dirs], "image_size": image_size, "channels": 1,
-            "source": str(root)}
-    return items, meta
+# New datasets: the default digits or a user's image folder (read by data_import) ---------------
 
 
 def init_dataset(
     settings: Settings,
     from_dir: Path | None = None,
     *,
-    unlabeled_fraction: float = 0.75,
+    unlabeled_dir: Path | None = None,
+    name: str | None = None,
+    unlabeled_fraction: float | None = None,
     holdout_fraction: float = 0.2,
-    image_size: int = 28,
+    image_size: int | None = None,
     seed: int = 0,
 ) -> VersionInfo:
-    """Write the default dataset (or a user's image folder) as a new data version."""
-    if not 0 < holdout_fraction < 0.9 or not 0 < unlabeled_fraction < 0.95:
-        raise InvalidInput(
-            "fractions must be in (0, 0.9) for --holdout-fraction and (0, 0.95) for "
-            "--unlabeled-fraction"
-        )
-    if not 4 <= image_size <= 512:
+    """Write the default dataset (or a user's image folder) as a new data version.
+
+    `unlabeled_fraction` hides that share of the labeled training images' labels (kept in
+    answers.csv for simulated labelers); default 0.75 for digits (the demo labels them), 0 for a
+    folder, whose unlabeled pool comes from `unlabeled_dir`. Files of a folder that do not decode
+    are skipped and listed in the version's errors.csv (`VersionInfo.rejected` counts them).
+    """
+    from flowops import data_import
+
+    if unlabeled_fraction is None:
+        unlabeled_fraction = 0.75 if from_dir is None else 0.0
+    if not 0 < holdout_fraction < 0.9:
+        raise InvalidInput(f"--holdout-fraction {holdout_fraction} is outside (0, 0.9)")
+    if not 0 <= unlabeled_fraction < 0.95:
+        raise InvalidInput(f"--unlabeled-fraction {unlabeled_fraction} is outside [0, 0.95)")
+    if image_size is not None and not 4 <= image_size <= 512:
         raise InvalidInput(f"--image-size {image_size} is outside 4-512")
     if from_dir is None:
-        items, meta = _digits_images(unlabeled_fraction, holdout_fraction, seed)
+        if unlabeled_dir is not None or name is not None:
+            raise InvalidInput("--unlabeled and --name need --from (the digits default is 'digits')")
+        dataset = data_import.digits(unlabeled_fraction, holdout_fraction, seed)
+        if image_size is not None:
+            dataset.meta["image_size"] = image_size
     else:
-        items, meta = _folder_images(
-            Path(from_dir).expanduser().resolve(), unlabeled_fraction, holdout_fraction, seed,
-            image_size,
+        dataset = data_import.image_folder(
+            Path(from_dir).expanduser().resolve(),
+            unlabeled_dir=Path(unlabeled_dir).expanduser().resolve() if unlabeled_dir else None,
+            name=name, unlabeled_fraction=unlabeled_fraction, holdout_fraction=holdout_fraction,
+            seed=seed, image_size=image_size,
         )
 
     def write(staging: Path) -> None:
         for old in staging.iterdir():  # a fresh dataset replaces the previous content entirely
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         rows, answers = [], []
-        for item in items:
-            if item["split"] == "unlabeled":
-                rel = f"images/unlabeled/{item['id']}{item['suffix']}"
-                answers.append({"id": item["id"], "label": item["label"]})
+        for item in dataset.items:
+            if item.split == "unlabeled":
+                rel = f"images/unlabeled/{item.id}{item.suffix}"
                 label, label_source = "", ""
+                if item.hidden:
+                    answers.append({"id": item.id, "label": item.label})
             else:
-                rel = f"images/{item['split']}/{item['label']}/{item['id']}{item['suffix']}"
-                label, label_source = item["label"], "original"
+                rel = f"images/{item.split}/{item.label}/{item.id}{item.suffix}"
+                label, label_source = item.label, "original"
             dest = staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(item["bytes"])
-            rows.append({"id": item["id"], "path": rel, "label": label, "split": item["split"],
-                         "source": item["source"], "label_source": label_source})
+            if item.path is not None:
+                shutil.copyfile(item.path, dest)  # the original bytes, never re-encoded
+            else:
+                dest.write_bytes(item.data or b"")
+            rows.append({"id": item.id, "path": rel, "label": label, "split": item.split,
+                         "source": item.source, "label_source": label_source})
         write_manifest(staging / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
         pd.DataFrame(answers, columns=["id", "label"]).to_csv(staging / "answers.csv", index=False)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        if from_dir is not None:
+            pd.DataFrame(dataset.rejected, columns=["path", "reason"]).to_csv(
+                staging / ERRORS_FILE, index=False)
+        (staging / "meta.json").write_text(json.dumps(dataset.meta, indent=2))
 
     source = "scikit-learn digits" if from_dir is None else f"image folder {from_dir}"
     return cut_version(settings, f"dataset from {source}", write, base=None)

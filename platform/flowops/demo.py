@@ -9,7 +9,7 @@ and checks its own story (`check_story`): v2 promoted on shown evidence, the bad
 every user request answered 2xx; `make demo` exits non-zero otherwise.
 
 `TrafficGenerator` (also used by the loop's tests and benchmark) sends holdout images to the
-serving app on 127.0.0.1 at a bounded rate and reports the true label of some as feedback.
+serving app (its Serve URL) at a bounded rate and reports the true label of some as feedback.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ class DemoConfig(BaseModel):
 
 
 class TrafficGenerator:
-    """Bounded synthetic users on 127.0.0.1: each predicts a holdout image, then (sometimes) sends
+    """Bounded synthetic users of the Serve URL: each predicts a holdout image, then (sometimes) sends
     its true label as feedback. `users` threads share the rate, so the rate holds while a request
     waits. Counts every request and every failed one: any answer but 200, or no answer at all."""
 
     def __init__(self, settings: Settings, rate_per_s: float = 25.0, feedback_share: float = 0.5,
                  seed: int = 0, max_requests: int = 200_000, users: int = 4):
-        self.url = f"http://127.0.0.1:{settings.serve_port}"
+        self.url = settings.serve_url
         self.rate_per_s = min(rate_per_s, 200.0)
         self.feedback_share = feedback_share
         self.max_requests = max_requests
@@ -299,8 +299,7 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
         say("   " + line)
     say("")
     say(f"Ray dashboard : {settings.job_api}/#/jobs")
-    say(f"MLflow UI     : run `flowops ui`, then http://127.0.0.1:{settings.mlflow_ui_port} "
-        "(experiments train, rollouts)")
+    say(f"MLflow UI     : {settings.tracking_uri} (experiments train, rollouts)")
     say(f"API docs      : {settings.serve_url}/docs")
     return {"timeline": rows, "traffic": summary, "good": good.status, "bad": bad_record.status}
 

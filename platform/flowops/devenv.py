@@ -153,8 +153,10 @@ def k8s_objects(settings: Settings, request: DevenvRequest) -> list[dict[str, An
         autoscaling=True,
         idle_timeout_s=cfg.idle_timeout_s,
         auth_secret=None,  # KubeRay generates a Secret named after the cluster (key auth_token)
-        env_config_map=None,
+        env_config_map=None,  # a dev environment is standalone: none of the platform's settings or Secrets
         s3_secret=None,
+        state_secret=None,
+        keys_secret=None,
         worker_service_account="ray",
         workers=[manifests.WorkerGroup(
             name="gpu", cpus=request.cpus, memory=f"{request.memory_mi}Mi", gpus=request.gpus,

@@ -3,9 +3,10 @@
 The **reference** is built from a data version's training images and the model being served:
 
 - image statistics per image (mean intensity, spread, fraction of ink pixels, centre of mass,
-  edge energy);
-- the model's penultimate-layer features (`model.embed(x)`), reduced to their top principal
-  components fitted on the reference (fewer tests, more power than 64 raw ReLU units);
+  edge energy, and the mean of each colour channel for colour models), computed on the pixels the
+  model sees (its own preprocessing: channels, size; normalisation undone);
+- the model's features (its task's `features`: `model.embed(x)` by default), reduced to their top
+  principal components fitted on the reference (fewer tests, more power than 64 raw ReLU units);
 - the distribution of the model's predicted classes on the reference images.
 
 A **window** of live inputs (an array of images, e.g. one minute of traffic) is compared with it:
@@ -15,10 +16,12 @@ classes. The window has drifted when any corrected feature test or the class tes
 the defaults the false-alarm rate is at most `alpha + class_alpha` = 2% per window.
 
 Live inputs: every serving replica keeps a uniform sample (reservoir) of the images it classified
-and writes it every `input_window_s` seconds (default 60) to `<home>/drift/windows/` as
-`<unix time>-<replica>.npy` (N, S, S) in [0, 1]. Any other window file works too: `.npy` with shape
-(N, S, S) or (N, S*S), values in [0, 1] or 0-255, or `.parquet` with a column `pixels` (flattened
-S*S values) or `image` (PNG/JPEG bytes).
+(decoded by the stable model's preprocessing) and writes it every `input_window_s` seconds
+(default 60) to `<home>/drift/windows/` as `<unix time>-<replica>.npy`: (N, C, H, W) pixel values
+in [0, 1] at the model's input size. Any other window file works too: `.npy` of images at the
+model's input size, (N, H, W) grayscale, (N, C, H, W) or (N, H, W, C), or flattened (N, C*H*W),
+values in [0, 1] or 0-255; or `.parquet` with a column `pixels` (one image per row, nested or
+flattened like the .npy) or `image` (image file bytes, decoded by the model's preprocessing).
 """
 
 from __future__ import annotations
@@ -28,19 +31,22 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops import events
-from flowops.durable import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, wait_until
+from flowops.durable import atomic_write_bytes
 from flowops.errors import InvalidInput, NotFound, validated
-from flowops.refs import ModelRef
+from flowops.image_model import Preprocess, UndecodableImage
 from flowops.settings import Settings
+
+if TYPE_CHECKING:
+    from flowops.model import LoadedModel
 
 IMAGE_STATS = ["mean_intensity", "std_intensity", "ink_fraction", "center_x", "center_y",
                "edge_energy"]
+CHANNEL_STATS = ["mean_red", "mean_green", "mean_blue"]  # colour models only
 EXPERIMENT = "drift-monitor"
 
 
@@ -71,53 +77,80 @@ def make_config(**values: Any) -> DriftConfig:
 # Features -------------------------------------------------------------------------------------------
 
 
-def as_images(array: Any, image_size: int | None = None) -> np.ndarray:
-    """(N, S, S) float32 in [0, 1] from (N, S, S) or (N, S*S) arrays in [0, 1] or 0-255."""
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def as_images(array: Any, preprocess: Preprocess | None = None) -> np.ndarray:
+    """(N, C, H, W) float32 pixel values in [0, 1] from a window array: (N, H, W) grayscale,
+    (N, C, H, W) or (N, H, W, C) with 1 or 3 channels, or (with `preprocess`) flattened
+    (N, C*H*W); values in [0, 1] or 0-255. With `preprocess`, the images must be the model's input
+    (its channels and size)."""
     arr = np.asarray(array, dtype=np.float32)
-    if arr.ndim == 2 and image_size and arr.shape[1] == image_size * image_size:
-        arr = arr.reshape(-1, image_size, image_size)
-    if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
-        raise InvalidInput(
-            f"a window must be an array of square images (N, S, S) or (N, S*S); got shape {list(arr.shape)}"
-        )
-    if image_size and arr.shape[1] != image_size:
-        raise InvalidInput(f"window images are {arr.shape[1]}x{arr.shape[2]}, the model expects "
-                           f"{image_size}x{image_size}")
+    want = preprocess.shape if preprocess is not None else None
+    if want and arr.ndim == 2 and arr.shape[1] == int(np.prod(want)):
+        arr = arr.reshape(-1, *want)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and (arr.shape[1:] == (*want[1:], want[0]) if want
+                            else arr.shape[1] not in (1, 3) and arr.shape[3] in (1, 3)):
+        arr = arr.transpose(0, 3, 1, 2)  # (N, H, W, C)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise InvalidInput("a window must be an array of images (N, H, W), (N, C, H, W) or "
+                           f"(N, H, W, C) with 1 or 3 channels; got shape {list(arr.shape)}")
+    if want and arr.shape[1:] != want:
+        raise InvalidInput(f"window images are {_shape(arr.shape[1:])}, the model expects "
+                           f"{_shape(want)} (channels x height x width)")
     if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
         raise InvalidInput("window pixel values must be finite, in [0, 1] or 0-255")
-    return arr / 255.0 if arr.max() > 1.0 else arr
+    return np.ascontiguousarray(arr / 255.0 if arr.max() > 1.0 else arr)
+
+
+def raw_pixels(inputs: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+    """Model inputs (N, C, H, W) -> the pixel values in [0, 1] they were made from (the
+    preprocessing's normalisation undone)."""
+    mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(preprocess.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.clip(np.asarray(inputs, dtype=np.float32) * std + mean, 0.0, 1.0)
+
+
+def stat_names(channels: int) -> list[str]:
+    return IMAGE_STATS + (CHANNEL_STATS if channels == 3 else [])
 
 
 def image_statistics(images: np.ndarray, ink_threshold: float = 0.5) -> np.ndarray:
-    """(N, len(IMAGE_STATS)) per-image statistics of (N, S, S) images in [0, 1]."""
-    n, size, _ = images.shape
-    flat = images.reshape(n, -1)
-    mass = images.sum(axis=(1, 2)) + 1e-6
-    coords = (np.arange(size, dtype=np.float32) + 0.5) / size
-    center_x = (images.sum(axis=1) * coords).sum(axis=1) / mass
-    center_y = (images.sum(axis=2) * coords).sum(axis=1) / mass
-    grad = (np.abs(np.diff(images, axis=1)).mean(axis=(1, 2))
-            + np.abs(np.diff(images, axis=2)).mean(axis=(1, 2)))
-    return np.stack([
-        flat.mean(axis=1), flat.std(axis=1), (flat > ink_threshold).mean(axis=1),
-        center_x, center_y, grad,
-    ], axis=1).astype(np.float64)
+    """(N, len(stat_names(C))) per-image statistics of (N, C, H, W) images in [0, 1]: those of
+    the intensity (the mean over channels), and each channel's mean for colour images."""
+    intensity = images.mean(axis=1)
+    n, height, width = intensity.shape
+    flat = intensity.reshape(n, -1)
+    mass = intensity.sum(axis=(1, 2)) + 1e-6
+    center_x = (intensity.sum(axis=1) * ((np.arange(width) + 0.5) / width)).sum(axis=1) / mass
+    center_y = (intensity.sum(axis=2) * ((np.arange(height) + 0.5) / height)).sum(axis=1) / mass
+    grad = (np.abs(np.diff(intensity, axis=1)).mean(axis=(1, 2)) if height > 1 else 0.0) + (
+        np.abs(np.diff(intensity, axis=2)).mean(axis=(1, 2)) if width > 1 else 0.0)
+    columns = [flat.mean(axis=1), flat.std(axis=1), (flat > ink_threshold).mean(axis=1),
+               center_x, center_y, np.broadcast_to(grad, (n,))]
+    if images.shape[1] == 3:
+        columns += list(images.mean(axis=(2, 3)).T)
+    return np.stack(columns, axis=1).astype(np.float64)
 
 
-def model_outputs(model, images: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features and predicted class indices of a torch ImageClassifier."""
+def model_outputs(model: LoadedModel, inputs: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Features (the task's `features`, flattened) and predicted class indices of model inputs
+    (N, C, H, W)."""
     import torch
 
     from flowops.model import to_batch
 
-    model.eval()
+    net = model.model.eval()
+    device = next(net.parameters()).device
     feats, preds = [], []
     with torch.no_grad():
-        for start in range(0, len(images), batch):
-            x = to_batch(images[start:start + batch])
-            emb = model.embed(x)
-            feats.append(emb.numpy())
-            preds.append(model.head[-1](emb).argmax(dim=1).numpy())
+        for start in range(0, len(inputs), batch):
+            x = to_batch(inputs[start:start + batch]).to(device)
+            feats.append(model.task.features(net, x).float().reshape(len(x), -1).cpu().numpy())
+            preds.append(net(x).argmax(dim=1).cpu().numpy())
     return np.concatenate(feats).astype(np.float64), np.concatenate(preds)
 
 
@@ -134,19 +167,21 @@ class Reference:
     pca_components: np.ndarray  # (k, D)
     class_probs: np.ndarray  # (C,) predicted-class (or label) distribution, smoothed
     classes: list[str]
-    image_size: int
+    preprocess: Preprocess  # the model's: what a window's images must match
     data_version: str = ""
     model_version: str = ""
 
     def feature_names(self) -> list[str]:
-        return IMAGE_STATS + [f"embedding_pc{i + 1}" for i in range(self.embedding.shape[1])]
+        return (stat_names(self.preprocess.channels)
+                + [f"embedding_pc{i + 1}" for i in range(self.embedding.shape[1])])
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, stats=self.stats, embedding=self.embedding, pca_mean=self.pca_mean,
                  pca_components=self.pca_components, class_probs=self.class_probs,
-                 meta=np.array(json.dumps({"classes": self.classes, "image_size": self.image_size,
+                 meta=np.array(json.dumps({"classes": self.classes,
+                                           "preprocess": self.preprocess.to_dict(),
                                            "data_version": self.data_version,
                                            "model_version": self.model_version})))
         atomic_write_bytes(path, buf.getvalue())
@@ -155,6 +190,7 @@ class Reference:
     def load(cls, path: Path) -> Reference:
         with np.load(path) as npz:
             meta = json.loads(str(npz["meta"]))
+            meta["preprocess"] = Preprocess.from_dict(meta["preprocess"])
             return cls(stats=npz["stats"], embedding=npz["embedding"], pca_mean=npz["pca_mean"],
                        pca_components=npz["pca_components"], class_probs=npz["class_probs"], **meta)
 
@@ -163,25 +199,31 @@ def build_reference(
     images: np.ndarray,
     classes: list[str],
     *,
-    model=None,
+    model: LoadedModel | None = None,
+    preprocess: Preprocess | None = None,
     labels: np.ndarray | None = None,
     config: DriftConfig | None = None,
     data_version: str = "",
     model_version: str = "",
 ) -> Reference:
-    """A reference from training images; with a model, also its features and predicted classes."""
+    """A reference from training images (pixel values, see `as_images`); with a model, also its
+    features and predicted classes. The preprocessing is the model's (else `preprocess`, else the
+    images' own shape, unnormalised)."""
     config = config or DriftConfig()
-    images = as_images(images)
+    preprocess = model.preprocess if model is not None else preprocess
+    images = as_images(images, preprocess)
+    if preprocess is None:
+        preprocess = Preprocess(size=images.shape[2:], channels=images.shape[1])
     stats = image_statistics(images, config.ink_threshold)
     n_classes = len(classes)
     if model is not None and config.embedding_components > 0:
-        feats, preds = model_outputs(model, images)
+        feats, preds = model_outputs(model, preprocess.normalise(images))
         mean = feats.mean(axis=0)
         _, _, vt = np.linalg.svd(feats - mean, full_matrices=False)
         components = vt[: config.embedding_components]
         embedding = (feats - mean) @ components.T
     else:
-        preds = model_outputs(model, images)[1] if model is not None else None
+        preds = model_outputs(model, preprocess.normalise(images))[1] if model is not None else None
         mean, components, embedding = np.zeros(0), np.zeros((0, 0)), np.zeros((len(images), 0))
     source = preds if preds is not None else labels
     if source is None:
@@ -189,7 +231,7 @@ def build_reference(
     counts = np.bincount(np.asarray(source, dtype=int), minlength=n_classes)[:n_classes]
     return Reference(stats=stats, embedding=embedding, pca_mean=mean, pca_components=components,
                      class_probs=_smoothed(counts), classes=list(classes),
-                     image_size=int(images.shape[1]), data_version=data_version,
+                     preprocess=preprocess, data_version=data_version,
                      model_version=model_version)
 
 
@@ -258,23 +300,23 @@ def check_window(
     images: np.ndarray,
     predicted: np.ndarray | None = None,
     *,
-    model=None,
+    model: LoadedModel | None = None,
     config: DriftConfig | None = None,
 ) -> DriftReport:
     """Compare a window of live images (and their predicted class indices) with the reference.
 
-    With `model`, the window's penultimate features are tested too and, when `predicted` is not
-    given, the model's predictions are used for the class test.
+    With `model` (the reference's), the window's features are tested too and, when `predicted` is
+    not given, the model's predictions are used for the class test.
     """
     from scipy import stats as st
 
     config = config or DriftConfig()
-    images = as_images(images, reference.image_size)
+    images = as_images(images, reference.preprocess)
     if len(images) < config.min_window:
         raise InvalidInput(f"a drift window needs at least {config.min_window} images; got {len(images)}")
     ref_cols, live_cols = reference.stats, image_statistics(images, config.ink_threshold)
     if model is not None:
-        feats, preds = model_outputs(model, images)
+        feats, preds = model_outputs(model, reference.preprocess.normalise(images))
         if predicted is None:
             predicted = preds
         if reference.embedding.shape[1]:
@@ -330,15 +372,19 @@ def windows_dir(settings: Settings) -> Path:
 
 class InputWindow:
     """A uniform sample of at most `capacity` images out of all images added (reservoir sampling),
-    so a window of heavy traffic stays small and is still representative."""
+    so a window of heavy traffic stays small and is still representative. The images are model
+    inputs (C, H, W) of one preprocessing; a new one (another stable model) starts a new window."""
 
     def __init__(self, capacity: int, seed: int | None = None) -> None:
         self.capacity = capacity
         self.images: list[np.ndarray] = []
         self.seen = 0
+        self.preprocess: Preprocess | None = None
         self._rng = np.random.default_rng(seed)
 
-    def add(self, images: list[np.ndarray]) -> None:
+    def add(self, images: list[np.ndarray], preprocess: Preprocess) -> None:
+        if preprocess != self.preprocess:
+            self.images, self.seen, self.preprocess = [], 0, preprocess
         for image in images:
             self.seen += 1
             if len(self.images) < self.capacity:
@@ -349,9 +395,9 @@ class InputWindow:
                     self.images[j] = image
 
     def take(self) -> np.ndarray | None:
-        """The sample as (N, S, S) float32 (None when empty); starts a new window."""
+        """The sample as (N, C, H, W) pixel values in [0, 1] (None when empty); starts a new window."""
         images, self.images, self.seen = self.images, [], 0
-        return np.stack(images).astype(np.float32) if images else None
+        return raw_pixels(np.stack(images), self.preprocess) if images else None
 
 
 def write_window(settings: Settings, images: np.ndarray, tag: str, keep: int = 500) -> Path:
@@ -376,21 +422,32 @@ def newest_window(settings: Settings) -> Path:
     return files[-1]
 
 
-def latest_report_path(settings: Settings) -> Path:
-    """The last report run_drift_check wrote (read by the exporter as flowops_drift_* gauges)."""
-    return drift_dir(settings) / "latest.json"
+def save_report(settings: Settings, record: dict[str, Any]) -> None:
+    """Keep a checked window's report in the state database (the exporter turns the latest one
+    into flowops_drift_* gauges; the history decides whether a drift persisted)."""
+    from flowops import statedb
+
+    with statedb.transaction(settings) as conn:
+        conn.execute(statedb.drift_reports.insert().values(
+            ts=float(record.get("ts") or time.time()), model=str(record.get("model", "")),
+            drifted=bool(record.get("drifted")), report=record))
 
 
 def latest_report(settings: Settings) -> dict[str, Any]:
     """The last drift report written by run_drift_check (NotFound if none)."""
-    path = latest_report_path(settings)
-    if not path.exists():
-        raise NotFound(f"no drift report yet in {path.parent}; run `flowops monitor drift --window ...`")
-    return json.loads(path.read_text())
+    from flowops import statedb
+
+    table = statedb.drift_reports
+    with statedb.reading(settings) as conn:
+        row = conn.execute(table.select().order_by(table.c.id.desc()).limit(1)).first()
+    if row is None:
+        raise NotFound("no drift report yet; run `flowops monitor drift --window ...`")
+    return row.report
 
 
-def load_window(path: Path, image_size: int) -> np.ndarray:
-    """A window file (.npy, or .parquet with `pixels` or `image` bytes) as (N, S, S) in [0, 1]."""
+def load_window(path: Path, preprocess: Preprocess) -> np.ndarray:
+    """A window file (.npy, or .parquet with `pixels` or `image` bytes) as (N, C, H, W) pixel
+    values in [0, 1] at the model's input (`preprocess`)."""
     path = Path(path)
     if not path.exists():
         raise InvalidInput(f"window file {path} does not exist")
@@ -399,185 +456,33 @@ def load_window(path: Path, image_size: int) -> np.ndarray:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise InvalidInput(f"{path} is not a readable .npy array: {exc}") from None
-        return as_images(array, image_size)
+        return as_images(array, preprocess)
     if path.suffix == ".parquet":
         import pandas as pd
-
-        from flowops.model import decode_image
 
         try:
             frame = pd.read_parquet(path)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises many types
             raise InvalidInput(f"{path} is not a readable parquet file: {exc}") from None
         if "pixels" in frame.columns:
-            return as_images(np.stack([np.asarray(v, dtype=np.float32) for v in frame["pixels"]]),
-                             image_size)
+            try:
+                cells = np.stack([_nested(v) for v in frame["pixels"]])
+            except ValueError:
+                raise InvalidInput(f"{path}: the `pixels` rows must be images of one shape") from None
+            return as_images(cells, preprocess)
         if "image" in frame.columns:
-            return np.stack([decode_image(bytes(b), image_size) for b in frame["image"]])
+            try:
+                inputs = np.stack([preprocess.decode(bytes(b)) for b in frame["image"]])
+            except UndecodableImage as exc:
+                raise InvalidInput(f"{path}: {exc}") from None
+            return raw_pixels(inputs, preprocess)
         raise InvalidInput(f"{path} needs a column `pixels` (flattened values) or `image` (bytes); "
                            f"it has {list(frame.columns)}")
     raise InvalidInput(f"window file {path} must be .npy or .parquet")
 
 
-def reference_images(version) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The training images of an opened data version (N, S, S), their label indices, the classes."""
-    from flowops.evaluate import version_split
-
-    if version.rows("train", labeled=True).empty:
-        raise InvalidInput(f"data version {version.tag} has no training images to build a reference from")
-    train = version_split(version, "train")
-    return train.x, train.y, version.classes
-
-
-def load_reference(settings: Settings, model_uri: str, data_version: str | None = None,
-                   config: DriftConfig | None = None):
-    """(reference, loaded model): the reference is cached per (data version, model version)."""
-    from flowops import data
-    from flowops.model import load_model
-
-    config = config or DriftConfig()
-    loaded = load_model(settings, model_uri)
-    if data_version is None:
-        data_version = _training_data_version(settings, loaded.name, loaded.version)
-    data_version = data.resolve_version(settings, data_version)
-    path = (drift_dir(settings) / "reference" /
-            f"{data_version}-{loaded.name}-{loaded.version}-pc{config.embedding_components}.npz")
-    if path.exists():
-        return Reference.load(path), loaded
-    images, labels, classes = reference_images(data.open_version(settings, data_version))
-    ref = build_reference(images, classes, model=loaded.model, labels=labels, config=config,
-                          data_version=data_version, model_version=loaded.version)
-    ref.save(path)
-    return ref, loaded
-
-
-def _training_data_version(settings: Settings, name: str, version: str) -> str | None:
-    """The data version a model version was trained on (its run's `data_version` param/tag), if known."""
-    from flowops.tracking import configure_mlflow
-
-    client = configure_mlflow(settings)
-    try:
-        mv = client.get_model_version(name, version)
-        found = mv.tags.get("data_version")
-        if not found and mv.run_id:
-            run = client.get_run(mv.run_id)
-            found = run.data.params.get("data_version") or run.data.tags.get("data_version")
-        return found or None
-    except Exception:  # noqa: BLE001 - unknown lineage: fall back to the latest version
-        return None
-
-
-def run_drift_check(
-    settings: Settings,
-    window: Path,
-    *,
-    model_uri: str | None = None,
-    data_version: str | None = None,
-    config: DriftConfig | None = None,
-    trigger: bool = True,
-    log_to_mlflow: bool = True,
-    mlflow_step: int | None = None,
-) -> DriftReport:
-    """Check one window file against the served model's training data.
-
-    Writes the report to <home>/drift/latest.json (the exporter turns it into gauges) and
-    history.jsonl, logs it to MLflow (experiment drift-monitor: into the active run as step
-    `mlflow_step` when one is open, as the watch does, else in a run of its own), and when the
-    last `config.persist` windows of the model all drifted and `trigger` is set, appends a
-    `drift_detected` event to the loop's event log.
-    """
-    config = config or DriftConfig()
-    model_uri = model_uri or ModelRef.production(settings.model_name).uri
-    reference, loaded = load_reference(settings, model_uri, data_version, config)
-    images = load_window(Path(window), reference.image_size)
-    report = check_window(reference, images, model=loaded.model, config=config)
-    record = report.to_dict() | {"window": str(window), "model_uri": model_uri, "model": loaded.name}
-    drift_dir(settings).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(latest_report_path(settings), json.dumps(record, indent=2))
-    append_jsonl(drift_dir(settings) / "history.jsonl", record)
-    if log_to_mlflow:
-        _log_report(settings, report, record, mlflow_step)
-    if report.drifted and trigger and persisted(settings, loaded.name, config.persist):
-        _emit_drift_event(settings, report, loaded.name, config.persist)
-    return report
-
-
-def persisted(settings: Settings, model_name: str, windows: int) -> bool:
-    """Whether the last `windows` checked windows of the model all drifted (drift history)."""
-    mine = [r for r in read_jsonl(drift_dir(settings) / "history.jsonl")
-            if r.get("model", model_name) == model_name]
-    return len(mine) >= windows and all(r.get("drifted") for r in mine[-windows:])
-
-
-def _log_report(settings: Settings, report: DriftReport, record: dict[str, Any],
-                step: int | None) -> None:
-    import mlflow
-
-    from flowops.tracking import start_run
-
-    metrics = {"drift_score": report.score, "drifted": float(report.drifted),
-               "min_p_adjusted": report.min_p_adjusted,
-               "drifted_features": float(len(report.drifted_features))}
-    if report.class_p is not None:
-        metrics |= {"class_p": report.class_p, "class_psi": report.class_psi}
-    metrics |= {f"ks_{f['name']}": f["statistic"] for f in report.features}
-    if step is not None and mlflow.active_run() is not None:  # a window of a monitoring session
-        mlflow.log_metrics(metrics, step=step)
-        mlflow.log_dict(record, f"windows/{step:05d}.json")
-        return
-    with start_run(settings, EXPERIMENT, run_name=f"drift-v{report.model_version}-{int(report.ts)}"):
-        mlflow.log_params({"model_version": report.model_version, "data_version": report.data_version,
-                           "window": record["window"], "n": report.n, "correction": report.correction})
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags({"drifted": str(report.drifted).lower(), "stage": "drift-monitor"})
-        mlflow.log_dict(record, "drift_report.json")
-
-
-def _emit_drift_event(settings: Settings, report: DriftReport, model_name: str, windows: int) -> None:
-    """Tell the loop: a `drift_detected` event in <home>/loop/events.jsonl (the loop's event log)."""
-    fields = {"model": model_name, "score": report.score, "data_version": report.data_version,
-              "drifted_features": report.drifted_features, "class_drifted": report.class_drifted,
-              "windows": windows}
-    events.emit(settings, "drift_detected", version=report.model_version, **fields)
-
-
-def watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks: int | None = None,
-          stop_after_s: float | None = None, **kwargs: Any) -> list[DriftReport]:
-    """Periodically check the newest unchecked window file in `window_dir` (the scheduled monitor).
-
-    Stops after `max_checks` reports or `stop_after_s` seconds, whichever comes first (never, if
-    neither is given). The session is one MLflow run, each window a step of it.
-    """
-    import mlflow
-
-    from flowops.tracking import start_run
-
-    with start_run(settings, EXPERIMENT, run_name=f"drift-watch-{int(time.time())}"):
-        mlflow.set_tags({"stage": "drift-monitor", "window_dir": str(window_dir)})
-        return _watch(settings, window_dir, interval_s=interval_s, max_checks=max_checks,
-                      stop_after_s=stop_after_s, **kwargs)
-
-
-def _watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks: int | None,
-           stop_after_s: float | None, **kwargs: Any) -> list[DriftReport]:
-    seen: set[str] = set()
-    reports: list[DriftReport] = []
-    deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
-
-    def newest_unseen() -> Path | None:
-        """The newest window not seen yet; the older unseen ones are skipped (marked seen)."""
-        pending = sorted((p for p in Path(window_dir).glob("*") if p.suffix in (".npy", ".parquet")
-                          and p.name not in seen), key=lambda p: p.stat().st_mtime)
-        seen.update(p.name for p in pending)
-        return pending[-1] if pending else None
-
-    while max_checks is None or len(reports) < max_checks:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            break
-        try:
-            window = wait_until(newest_unseen, left, interval_s=interval_s, what="a new window")
-        except TimeoutError:
-            break
-        reports.append(run_drift_check(settings, window, mlflow_step=len(reports), **kwargs))
-    return reports
+def _nested(value: Any) -> np.ndarray:
+    """A parquet cell (a flat list, or lists of lists as pyarrow reads them) as an array."""
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return np.stack([_nested(v) for v in value])
+    return np.asarray(value, dtype=np.float32)

@@ -15,11 +15,12 @@ import pandas as pd
 
 from flowops.data import DataVersion
 from flowops.errors import InvalidInput
+from flowops.image_model import Preprocess, UndecodableImage
 
 
 @dataclass
 class Split:
-    """Images (N, S, S) float32 in [0, 1] and integer labels (indices into `classes`)."""
+    """Preprocessed images (N, C, H, W) float32 and integer labels (indices into `classes`)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -29,42 +30,46 @@ class Split:
         return len(self.y)
 
 
-def load_images(root: Path, paths: list[str], image_size: int) -> np.ndarray:
+def load_images(root: Path, paths: list[str], preprocess: Preprocess) -> np.ndarray:
     """Decode image files (relative to a materialized data version) the way serving does."""
-    from flowops.model import decode_image
-
     if not paths:
-        return np.zeros((0, image_size, image_size), dtype=np.float32)
-    return np.stack([decode_image((root / p).read_bytes(), image_size) for p in paths])
+        return np.zeros((0, *preprocess.shape), dtype=np.float32)
+    out = np.empty((len(paths), *preprocess.shape), dtype=np.float32)
+    for i, rel in enumerate(paths):
+        try:
+            out[i] = preprocess.decode((root / rel).read_bytes())
+        except UndecodableImage as exc:
+            raise InvalidInput(f"image {rel} of the data version: {exc}") from None
+    return out
 
 
-def split_from_rows(root: Path, rows: pd.DataFrame, classes: list[str], image_size: int) -> Split:
+def split_from_rows(root: Path, rows: pd.DataFrame, classes: list[str], preprocess: Preprocess) -> Split:
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(rows["label"]) - set(index))
     if unknown:
         raise InvalidInput(f"labels {unknown} are not among the data version's classes {classes}")
     return Split(
-        x=load_images(root, list(rows["path"]), image_size),
+        x=load_images(root, list(rows["path"]), preprocess),
         y=np.array([index[label] for label in rows["label"]], dtype=np.int64),
         ids=list(rows["id"]),
     )
 
 
-def version_split(version: DataVersion, split: str) -> Split:
+def version_split(version: DataVersion, split: str, preprocess: Preprocess) -> Split:
     """The labeled images of one split of a data version (e.g. `train` for a drift reference)."""
     rows = version.rows(split, labeled=True)
-    return split_from_rows(version.root, rows, version.classes, version.image_size)
+    return split_from_rows(version.root, rows, version.classes, preprocess)
 
 
-def holdout_split(version: DataVersion) -> Split:
+def holdout_split(version: DataVersion, preprocess: Preprocess) -> Split:
     """The holdout images of a data version: what every model of that version is measured on."""
     if version.rows("holdout").empty:
         raise InvalidInput(f"data version {version.tag} has no holdout images to evaluate on")
-    return version_split(version, "holdout")
+    return version_split(version, "holdout", preprocess)
 
 
 def predict(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Predicted class indices for images (N, S, S)."""
+    """Predicted class indices for preprocessed images (N, C, H, W)."""
     import torch
 
     model.eval()
@@ -72,7 +77,7 @@ def predict(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     out = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).unsqueeze(1)
+            batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))
             out.append(model(batch.to(device)).argmax(dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 

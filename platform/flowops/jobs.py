@@ -6,7 +6,8 @@ A workload's config is the same pydantic model on both sides: the client sends
 Submits through Ray's `JobSubmissionClient` with the runtime environment a workload needs (the
 project as working directory, the platform's settings as environment variables), readable
 submission ids and metadata; follows, waits for, stops and lists jobs; and runs **pipelines**
-(ordered jobs, each started when the previous one succeeded), recorded durably in the home folder.
+(ordered jobs, each started when the previous one succeeded), recorded durably in the state
+database (`flowops.statedb`).
 
 Pipelines are resumable: a step's submission id is derived from the pipeline id, so a runner that
 restarts (a controller killed mid-pipeline) adopts the job it had already submitted instead of
@@ -31,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from flowops.durable import atomic_write_text, wait_until
+from flowops.durable import wait_until
 from flowops.entrypoint import RESULT_PREFIX
 from flowops.errors import ClusterUnavailable, Conflict, InvalidInput, JobFailed, NotFound
 from flowops.settings import Settings
@@ -108,12 +109,16 @@ def client(settings: Settings):
         raise ClusterUnavailable(f"cannot reach the Ray job API at {settings.job_api}: {exc}") from None
 
 
-def runtime_env(settings: Settings, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The project as working directory when running from a checkout, and the platform settings."""
+def runtime_env(settings: Settings, extra_env: dict[str, str] | None = None,
+                py_modules: list[str] | None = None) -> dict[str, Any]:
+    """The project as working directory when running from a checkout, the platform settings, and
+    the packages of an engineer's task (`py_modules`: Ray uploads them for every node)."""
     from flowops.tracking import project_commit
 
     env = {**settings.job_env(), "FLOWOPS_GIT_COMMIT": project_commit(), **(extra_env or {})}
     renv: dict[str, Any] = {"env_vars": env}
+    if py_modules:
+        renv["py_modules"] = list(py_modules)
     if (PROJECT_ROOT / "jobs").is_dir() and (PROJECT_ROOT / "pyproject.toml").exists():
         renv["working_dir"] = str(PROJECT_ROOT)
         renv["excludes"] = WORKING_DIR_EXCLUDES
@@ -158,6 +163,7 @@ def submit(
     entrypoint_num_cpus: float = 0,
     entrypoint_num_gpus: float = 0,
     extra_env: dict[str, str] | None = None,
+    py_modules: list[str] | None = None,
 ) -> str:
     """Submit `python -m flowops.workloads.<workload> --config <JSON>` as a Ray job; returns its id.
 
@@ -174,7 +180,7 @@ def submit(
             job_client.submit_job(
                 entrypoint=command,
                 submission_id=sid,
-                runtime_env=runtime_env(settings, extra_env),
+                runtime_env=runtime_env(settings, extra_env, py_modules),
                 metadata=meta,
                 entrypoint_num_cpus=entrypoint_num_cpus,
                 entrypoint_num_gpus=entrypoint_num_gpus,
@@ -377,28 +383,34 @@ class PipelineRun:
         return cls(steps=steps, **raw)
 
 
-def _pipeline_path(settings: Settings, pipeline_id: str) -> Path:
-    return settings.pipelines_dir / f"{pipeline_id}.json"
-
-
 def save_pipeline(settings: Settings, run_: PipelineRun) -> None:
-    settings.pipelines_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(_pipeline_path(settings, run_.id), json.dumps(run_.to_dict(), indent=2))
+    """Record a pipeline run in the state database (replacing its previous record)."""
+    from flowops import statedb
+
+    with statedb.transaction(settings) as conn:
+        stmt = statedb.insert(conn, statedb.pipelines).values(
+            id=run_.id, created=run_.created, record=run_.to_dict())
+        conn.execute(stmt.on_conflict_do_update(index_elements=["id"],
+                                                set_={"record": stmt.excluded.record}))
 
 
 def load_pipeline(settings: Settings, pipeline_id: str) -> PipelineRun | None:
-    path = _pipeline_path(settings, pipeline_id)
-    if not path.exists():
-        return None
-    return PipelineRun.from_dict(json.loads(path.read_text()))
+    from flowops import statedb
+
+    table = statedb.pipelines
+    with statedb.reading(settings) as conn:
+        row = conn.execute(table.select().where(table.c.id == pipeline_id)).first()
+    return None if row is None else PipelineRun.from_dict(dict(row.record))
 
 
 def list_pipelines(settings: Settings) -> list[PipelineRun]:
-    if not settings.pipelines_dir.is_dir():
-        return []
-    runs = [PipelineRun.from_dict(json.loads(p.read_text()))
-            for p in settings.pipelines_dir.glob("*.json")]
-    return sorted(runs, key=lambda r: r.created)
+    """Every recorded pipeline run, oldest first."""
+    from flowops import statedb
+
+    table = statedb.pipelines
+    with statedb.reading(settings) as conn:
+        rows = conn.execute(table.select().order_by(table.c.created, table.c.id)).all()
+    return [PipelineRun.from_dict(dict(r.record)) for r in rows]
 
 
 def run_pipeline(

@@ -2,36 +2,23 @@
 
 Labels arrive from the Label Studio webhook, `flowops labels add` (a CSV checked row by row by
 `add_labels_from_file`), and simulated labelers (`flowops.queue.simulate_labels`); all go
-through `record_labels`. The inbox is a SQLite database in the home folder, written in WAL mode
-with full fsync, so an acknowledged label survives a crash; it is idempotent per task id (the
-latest label for a task wins). `snapshot_labels` (the retraining loop) marks the labels a data
-version consumed.
+through `record_labels`. The inbox is the `labels` table of the state database
+(`flowops.statedb`), so a label posted to any replica on any node lands in the one inbox the
+controller polls. `record_labels` returns only after its transaction committed (SQLite: WAL with
+full fsync; PostgreSQL: a synchronous commit), so an acknowledged label survives a crash; it is
+idempotent per task id (the latest label for a task wins). `snapshot_labels` (the retraining
+loop) marks the labels a data version consumed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowops.errors import InvalidInput
 from flowops.settings import Settings
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS labels (
-    task_id     TEXT PRIMARY KEY,
-    image_id    TEXT NOT NULL,
-    label       TEXT NOT NULL,
-    source      TEXT NOT NULL,
-    annotator   TEXT NOT NULL DEFAULT '',
-    received_at REAL NOT NULL,
-    used_in     TEXT            -- data version that consumed this label; NULL while new
-);
-CREATE INDEX IF NOT EXISTS labels_unused ON labels(used_in, received_at);
-"""
 
 
 @dataclass(frozen=True)
@@ -43,83 +30,73 @@ class Label:
     annotator: str = ""
 
 
-def inbox_path(settings: Settings) -> Path:
-    return settings.home / "labels" / "inbox.sqlite"
-
-
-@contextlib.contextmanager
-def connect(settings: Settings) -> Iterator[sqlite3.Connection]:
-    path = inbox_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
-        yield conn
-    finally:
-        conn.close()
-
-
 def record_labels(settings: Settings, labels: Iterable[Label]) -> int:
     """Store labels durably (one transaction); a newer label for a task id replaces the older.
 
     A label re-recorded after it was used in a data version becomes new again (a correction).
     """
+    from flowops import statedb
+
     rows = []
+    now = time.time()
     for item in labels:
         if not item.task_id or not item.image_id or item.label in (None, ""):
             raise InvalidInput(
                 f"a label needs task_id, image_id and label; got {item!r}"
             )
-        rows.append((str(item.task_id), str(item.image_id), str(item.label), item.source,
-                     item.annotator, time.time()))
+        rows.append({"task_id": str(item.task_id), "image_id": str(item.image_id),
+                     "label": str(item.label), "source": item.source,
+                     "annotator": item.annotator, "received_at": now, "used_in": None})
     if not rows:
         return 0
-    with connect(settings) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            """INSERT INTO labels(task_id, image_id, label, source, annotator, received_at, used_in)
-               VALUES (?, ?, ?, ?, ?, ?, NULL)
-               ON CONFLICT(task_id) DO UPDATE SET image_id=excluded.image_id,
-                 label=excluded.label, source=excluded.source, annotator=excluded.annotator,
-                 received_at=excluded.received_at, used_in=NULL""",
-            rows,
-        )
-        conn.execute("COMMIT")
+    with statedb.transaction(settings) as conn:
+        stmt = statedb.insert(conn, statedb.labels)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=["task_id"],
+            set_={c: stmt.excluded[c] for c in
+                  ("image_id", "label", "source", "annotator", "received_at", "used_in")}),
+            rows)
     return len(rows)
 
 
 def new_labels(settings: Settings) -> list[dict]:
     """Labels not yet consumed by a data version, oldest first."""
-    with connect(settings) as conn:
-        conn.row_factory = sqlite3.Row
-        cur = conn.execute(
-            "SELECT * FROM labels WHERE used_in IS NULL ORDER BY received_at, task_id"
-        )
-        return [dict(r) for r in cur.fetchall()]
+    from flowops import statedb
+
+    table = statedb.labels
+    with statedb.reading(settings) as conn:
+        rows = conn.execute(table.select().where(table.c.used_in.is_(None))
+                            .order_by(table.c.received_at, table.c.task_id))
+        return [dict(r._mapping) for r in rows]
 
 
 def counts(settings: Settings) -> dict[str, float | int | None]:
     """Inbox size: total, new (unused), and the age in seconds of the oldest new label."""
-    with connect(settings) as conn:
-        total = conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
-        new, oldest = conn.execute(
-            "SELECT COUNT(*), MIN(received_at) FROM labels WHERE used_in IS NULL"
-        ).fetchone()
+    import sqlalchemy as sa
+
+    from flowops import statedb
+
+    table = statedb.labels
+    with statedb.reading(settings) as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+        new, oldest = conn.execute(sa.select(sa.func.count(), sa.func.min(table.c.received_at))
+                                   .where(table.c.used_in.is_(None))).one()
     return {"total": total, "new": new,
             "oldest_new_age_s": None if oldest is None else time.time() - oldest}
 
 
 def mark_used(settings: Settings, task_ids: Iterable[str], version: str) -> int:
+    """Mark labels as consumed by data version `version`; only those still new (one UPDATE, so a
+    label is consumed by one version even when two snapshots race)."""
+    from flowops import statedb
+
     ids = list(task_ids)
-    with connect(settings) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "UPDATE labels SET used_in=? WHERE task_id=? AND used_in IS NULL",
-            [(version, t) for t in ids],
-        )
-        conn.execute("COMMIT")
+    table = statedb.labels
+    with statedb.transaction(settings) as conn:
+        for start in range(0, len(ids), 1000):  # bounded IN lists
+            conn.execute(table.update()
+                         .where(table.c.task_id.in_(ids[start:start + 1000]), table.c.used_in.is_(None))
+                         .values(used_in=version))
     return len(ids)
 
 

@@ -23,15 +23,18 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import httpx
 import numpy as np
 
-from flowops.errors import FlowOpsError, InvalidInput
+from flowops.errors import InvalidInput
 from flowops.labels import Label, record_labels
 from flowops.settings import Settings
+
+if TYPE_CHECKING:
+    from flowops.image_model import Preprocess
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
@@ -253,16 +256,17 @@ async def _authorization(client: httpx.AsyncClient, origin: str, token: str) -> 
     return f"Bearer {access}"
 
 
-def decode(data: bytes, image_size: int) -> np.ndarray:
-    from flowops.model import decode_image
+def decode(data: bytes, preprocess: Preprocess) -> np.ndarray:
+    """A task's image file -> the (C, H, W) input of the model whose `preprocess` is given."""
+    from flowops.image_model import UndecodableImage
 
     if len(data) > MAX_IMAGE_BYTES:
         raise InvalidInput(f"image is over {MAX_IMAGE_BYTES} bytes")
     try:
-        return decode_image(data, image_size)
-    except FlowOpsError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - decompression bombs and the like
+        return preprocess.decode(data)
+    except UndecodableImage as exc:
+        raise InvalidInput(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - whatever else a decoder raises is a bad image
         raise InvalidInput(f"not a decodable image ({type(exc).__name__})") from None
 
 

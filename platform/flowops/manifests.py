@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 RAY_VERSION = "2.60.0"
 AUTH_SECRET = "flowops-ray-auth"  # Secret holding the Ray token under key `auth_token`
+STATE_SECRET = "flowops-state"  # Secret: `url` (FLOWOPS_STATE_URL), `mlflow-url` (MLflow's backend store)
+KEYS_SECRET = "flowops-keys"  # Secret: `admin-key` (FLOWOPS_ADMIN_KEY), `api-key` (FLOWOPS_API_KEY, optional)
 K8S_VERSION = "1.32.0"  # Kubernetes schema version core objects are validated against
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"  # what Kubernetes accepts as an object's name here
 COMPONENT = "app.kubernetes.io/component"  # pod label: ray-head or ray-worker (NetworkPolicy, monitoring)
 
 Obj = dict[str, Any]
@@ -168,6 +171,10 @@ class RayClusterInput(_Strict):
     auth_secret: str | None = AUTH_SECRET  # None: KubeRay generates a Secret named after the cluster
     env_config_map: str | None = "flowops-platform"
     s3_secret: str | None = "flowops-s3"
+    # The platform's shared state (FLOWOPS_STATE_URL) and the classifier app's keys: every pod reads
+    # them from Secrets, so no pod depends on what another pod wrote to its own disk.
+    state_secret: str | None = STATE_SECRET
+    keys_secret: str | None = KEYS_SECRET
     worker_service_account: str | None = None
     head_service_account: str | None = None
     mounts: list[Mount] = Field(default_factory=list)
@@ -182,9 +189,20 @@ HEAD_PORTS = [
     {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"},
     {"containerPort": 8080, "name": "metrics"},
 ]
+# Declared on every worker too: the PodMonitor scrapes the named port `metrics`, which a pod
+# only has when its container lists it.
+WORKER_PORTS = [{"containerPort": 8080, "name": "metrics"}]
 # The autoscaler sidecar's own budget: small, and explicit so that a ResourceQuota admits it.
 AUTOSCALER_RESOURCES = {"requests": {"cpu": "200m", "memory": "256Mi"},
                         "limits": {"cpu": "500m", "memory": "512Mi"}}
+
+
+def secret_env(var: str, secret: str, key: str, optional: bool = False) -> Obj:
+    """An environment variable read from a Secret's key (a missing optional key leaves it unset)."""
+    ref: Obj = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": var, "valueFrom": {"secretKeyRef": ref}}
 
 
 def _container(name: str, spec: RayClusterInput, cpus: int, memory: str, gpus: int = 0,
@@ -194,12 +212,17 @@ def _container(name: str, spec: RayClusterInput, cpus: int, memory: str, gpus: i
         container["ports"] = copy.deepcopy(ports)
     if spec.env_config_map:
         container["envFrom"] = [{"configMapRef": {"name": spec.env_config_map}}]
+    env = []
+    if spec.state_secret:
+        env.append(secret_env("FLOWOPS_STATE_URL", spec.state_secret, "url"))
+    if spec.keys_secret:
+        env.append(secret_env("FLOWOPS_ADMIN_KEY", spec.keys_secret, "admin-key"))
+        env.append(secret_env("FLOWOPS_API_KEY", spec.keys_secret, "api-key", optional=True))
     if spec.s3_secret:
-        container["env"] = [
-            {"name": var, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
-            for var, key in (("AWS_ACCESS_KEY_ID", "access-key-id"),
-                             ("AWS_SECRET_ACCESS_KEY", "secret-access-key"))
-        ]
+        env.append(secret_env("AWS_ACCESS_KEY_ID", spec.s3_secret, "access-key-id"))
+        env.append(secret_env("AWS_SECRET_ACCESS_KEY", spec.s3_secret, "secret-access-key"))
+    if env:
+        container["env"] = env
     limits: dict[str, str] = {"cpu": str(cpus), "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
@@ -266,9 +289,10 @@ def ray_cluster_spec(spec: RayClusterInput) -> Obj:
         }
         if group.idle_timeout_s is not None:
             entry["idleTimeoutSeconds"] = group.idle_timeout_s
-        entry["rayStartParams"] = {}
+        entry["rayStartParams"] = {"metrics-export-port": "8080"}
         entry["template"] = _pod_template(
-            "ray-worker", _container("ray-worker", spec, group.cpus, group.memory, gpus=group.gpus), spec,
+            "ray-worker", _container("ray-worker", spec, group.cpus, group.memory, gpus=group.gpus,
+                                     ports=WORKER_PORTS), spec,
             spec.worker_service_account, group.node_selector, gpu=group.gpus > 0,
         )
         out["workerGroupSpecs"].append(entry)
@@ -292,7 +316,7 @@ def ray_cluster(name: str, namespace: str | None, spec: RayClusterInput,
 class RayJobInput(_Strict):
     """A RayJob: the entrypoint (a `jobs/` module) and how long its cluster lives."""
 
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    name: str = Field(pattern=NAME_PATTERN)
     entrypoint: str
     env_vars: dict[str, str] = Field(default_factory=lambda: {"PYTHONUNBUFFERED": "1"})
     ttl_seconds_after_finished: int = Field(600, ge=0)

@@ -1,102 +1,45 @@
-"""The image classifier, its preprocessing, and how a model version is stored in and loaded from
-the MLflow registry. Training, batch pseudo-labeling and online serving all go through here, so
-an image is preprocessed the same way everywhere.
+"""How a model version is stored in and loaded from the MLflow registry, and how a batch is scored.
 
-Images are grayscale, resized to the data version's `image_size` (8 for the digits dataset), with
-pixel values 0-255 scaled to [0, 1].
+A registered version is a self-contained MLflow pyfunc model: the network exported with
+`torch.export` (`program.pt2`), its weights (`weights.pt`), a spec (classes, preprocessing, task)
+and `flowops/image_model.py` as the loader module, so it loads with `mlflow.pyfunc.load_model`
+where FlowOps is not installed. FlowOps itself rebuilds the task's network from the weights, so
+training, fine-tuning, drift features (`embed`) and serving use the engineer's own module.
 """
 
 from __future__ import annotations
 
-import io
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from flowops.errors import InvalidInput, NotFound
+from flowops import image_model
+from flowops.errors import FlowOpsError, NotFound
 from flowops.refs import ModelRef
 from flowops.settings import Settings
+from flowops.task import Preprocess, Task, TaskSpec, load_task, package_dir
 
 MODEL_ARTIFACT = "model"
-
-
-class ImageClassifier(nn.Module):
-    """A small CNN: two conv blocks (the feature extractor) and a two-layer head."""
-
-    def __init__(self, classes: list[str], image_size: int, width: int = 32):
-        super().__init__()
-        self.classes = list(classes)
-        self.image_size = int(image_size)
-        self.width = int(width)
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        )
-        self.head = nn.Sequential(
-            nn.Linear(8 * width, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, len(self.classes))
-        )
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer features (used by drift detection)."""
-        return self.head[:-1](self.features(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-# Preprocessing -------------------------------------------------------------------------------------
-
-
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Image file bytes (PNG, JPEG, ...) -> float32 array (S, S) in [0, 1]. InvalidInput if broken."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            gray = img.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInput(f"not a decodable image: {exc}") from None
-    if gray.size != (image_size, image_size):
-        gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(gray, dtype=np.float32) / 255.0
-
-
-def pixels_to_array(pixels: Any, image_size: int) -> np.ndarray:
-    """A 2-D array of grayscale values 0-255 (height x width) -> float32 (S, S) in [0, 1]."""
-    try:
-        arr = np.asarray(pixels, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise InvalidInput("pixel array must be a 2-D list of numbers (height x width)") from None
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise InvalidInput(f"pixel array must be 2-D (height x width), got shape {list(arr.shape)}")
-    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
-        raise InvalidInput("pixel values must be finite numbers between 0 and 255")
-    if arr.shape != (image_size, image_size):
-        from PIL import Image
-
-        img = Image.fromarray(arr.astype(np.uint8), mode="L").resize(
-            (image_size, image_size), Image.Resampling.BILINEAR
-        )
-        arr = np.asarray(img, dtype=np.float32)
-    return arr / 255.0
+LOADER_MODULE = "flowops_image_model"  # the name image_model.py has inside a model version
 
 
 def to_batch(arrays: list[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """(N, S, S) float arrays -> (N, 1, S, S) tensor."""
-    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).unsqueeze(1)
+    """(N, C, H, W) float arrays -> a tensor."""
+    if isinstance(arrays, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(arrays, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays), dtype=np.float32))
 
 
 @torch.no_grad()
-def predict_proba(model: ImageClassifier, batch: torch.Tensor) -> np.ndarray:
+def predict_proba(model, batch: torch.Tensor) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
-    return torch.softmax(model(batch.to(device)), dim=1).cpu().numpy()
+    return torch.softmax(model(batch.to(device)).float(), dim=1).cpu().numpy()
 
 
 # Registry ------------------------------------------------------------------------------------------
@@ -104,18 +47,18 @@ def predict_proba(model: ImageClassifier, batch: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class LoadedModel:
-    model: ImageClassifier
+    """A registered version ready for inference: the task's network with its weights."""
+
+    model: torch.nn.Module
+    task: Task
+    classes: list[str]
     name: str
     version: str
     uri: str
 
     @property
-    def classes(self) -> list[str]:
-        return self.model.classes
-
-    @property
-    def image_size(self) -> int:
-        return self.model.image_size
+    def preprocess(self) -> Preprocess:
+        return self.task.preprocess
 
 
 def resolve_model_version(settings: Settings, ref: ModelRef | str) -> tuple[str, str]:
@@ -154,52 +97,125 @@ def describe_registered(settings: Settings, name: str) -> str:
 
 
 def load_model(settings: Settings, ref: ModelRef | str, device: str = "cpu") -> LoadedModel:
-    """Load a registered model version (by number or alias) for inference."""
-    import mlflow.pytorch
+    """Load a registered version (by number or alias): its task's network with its weights."""
+    import mlflow
+
+    from flowops.tracking import configure_mlflow
 
     name, version = resolve_model_version(settings, ref)
-    model = mlflow.pytorch.load_model(ModelRef.of(name, version).uri, map_location=device)
-    model.eval()
-    return LoadedModel(model=model, name=name, version=version, uri=str(ref))
+    configure_mlflow(settings)
+    with tempfile.TemporaryDirectory(prefix="flowops-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{ModelRef.of(name, version).uri}", dst_path=tmp))
+        data = local / pyfunc_data_path(local)
+        if not (data / image_model.SPEC_FILE).exists():
+            raise FlowOpsError(f"model {name}/{version} was not registered by this FlowOps "
+                               f"(no {image_model.SPEC_FILE}); retrain it")
+        spec = json.loads((data / image_model.SPEC_FILE).read_text())
+        weights = torch.load(data / image_model.WEIGHTS_FILE, map_location=device, weights_only=True)
+        code = keep_task_code(settings, local / "code", f"{name}-{version}")
+    task = load_task(TaskSpec.model_validate(spec["task"]), code_dir=code)
+    model = task.build_model(list(spec["classes"]))
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    return LoadedModel(model=model, task=task, classes=list(spec["classes"]), name=name,
+                       version=version, uri=str(ref))
+
+
+def keep_task_code(settings: Settings, code: Path, key: str) -> Path | None:
+    """Copy the task package a version carries (if any) to this node's cache, for import."""
+    packages = [p for p in code.iterdir() if p.is_dir()] if code.is_dir() else []
+    if not packages:
+        return None
+    target = settings.cache_dir / "task-code" / key
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent))
+        for package in packages:
+            shutil.copytree(package, tmp / package.name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process kept it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def pyfunc_data_path(folder: Path) -> str:
+    """The data folder of a pyfunc model (relative), as its MLmodel file records it."""
+    from mlflow.models import Model
+
+    return Model.load(str(folder)).flavors.get("python_function", {}).get("data", "data")
+
+
+def export_network(model: torch.nn.Module, preprocess: Preprocess) -> torch.export.ExportedProgram:
+    """The network as a torch.export program with a dynamic batch size (loads with torch alone)."""
+    example = torch.zeros((2, *preprocess.shape), dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def save_version_files(folder: Path, model: torch.nn.Module, task: Task, classes: list[str]) -> None:
+    """What a registered version carries: spec, weights, exported network."""
+    spec = {"classes": list(classes), "preprocess": task.preprocess.to_dict(),
+            "task": (task.spec or TaskSpec()).model_dump(mode="json")}
+    (folder / image_model.SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    torch.save(model.state_dict(), folder / image_model.WEIGHTS_FILE)
+    torch.export.save(export_network(model, task.preprocess), str(folder / image_model.PROGRAM_FILE))
 
 
 def log_model_version(
     settings: Settings,
-    model: ImageClassifier,
+    model: torch.nn.Module,
+    task: Task,
+    classes: list[str],
     *,
-    registered_name: str | None = None,
+    registered_name: str,
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Log `model` in the active MLflow run (signature + input example) and register it.
+    """Log `model` as a self-contained pyfunc model in the active MLflow run and register it.
 
     Returns the new version number. The version starts as an *experiment* (tag stage=experiment).
     """
     import mlflow
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
 
     from flowops.tracking import configure_mlflow
 
-    name = registered_name or settings.model_name
     client = configure_mlflow(settings)
-    example = np.zeros((1, 1, model.image_size, model.image_size), dtype=np.float32)
-    cpu_model = model.to("cpu").eval()
-    with torch.no_grad():
-        output = cpu_model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        cpu_model,
-        name=MODEL_ARTIFACT,
-        signature=infer_signature(example, output),
-        input_example=example,
-        registered_model_name=name,
-        metadata={"classes": model.classes, "image_size": model.image_size},
-        # pickle keeps the nn.Module (classes, embed()) that serving and drift detection use;
-        # MLflow's default, a torch.export program, drops both. flowops must be importable.
-        serialization_format="pickle",
-        # Explicit requirements: inferring them re-loads the model in a subprocess (slow).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "flowops"],
-    )
+    model = model.to("cpu").eval()
+    outputs = [ColSpec("string", "label"), ColSpec("double", "score"),
+               *(ColSpec("float", f"p_{c}") for c in classes)]
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema(outputs))
+    with tempfile.TemporaryDirectory(prefix="flowops-version-") as tmp:
+        data, code = Path(tmp, "data"), Path(tmp, "code")
+        data.mkdir()
+        code.mkdir()
+        save_version_files(data, model, task, classes)
+        shutil.copyfile(image_model.__file__, code / f"{LOADER_MODULE}.py")
+        shipped = [str(code / f"{LOADER_MODULE}.py")]
+        package = package_dir(task)
+        if package is not None:  # the engineer's task package: FlowOps rebuilds the network from it
+            shutil.copytree(package, code / package.name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shipped.append(str(code / package.name))
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            loader_module=LOADER_MODULE,
+            data_path=str(data),
+            code_paths=shipped,
+            signature=signature,
+            registered_model_name=registered_name,
+            metadata={"classes": list(classes), "task": str(task.spec or TaskSpec()),
+                      "preprocess": task.preprocess.to_dict()},
+            # Explicit requirements: inferring them re-loads the model in a subprocess (slow).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pillow", "numpy", "pandas"],
+        )
     version = str(info.registered_model_version)
-    for key, value in {"stage": "experiment", **(tags or {})}.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    spec = task.spec or TaskSpec()
+    for key, value in {"stage": "experiment", "task": spec.path,
+                       "task_options": json.dumps(spec.options, sort_keys=True), **(tags or {})}.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
     return version

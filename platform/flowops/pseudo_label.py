@@ -1,8 +1,10 @@
 """Batch pseudo-labeling: run a registered model over a pool of a data version with Ray Data.
 
     manifest rows of the pool (id, path)          streamed in blocks of --batch-size rows
-      -> map_batches(load_images)                 Ray tasks: read + decode + size rule
-      -> map_batches(Predictor, ActorPoolStrategy) stateful model actors (GPUs if asked)
+      -> map_batches(load_images)                 Ray tasks: read + decode (the model's own
+                                                  preprocessing) + size rule
+      -> map_batches(Predictor, ActorPoolStrategy) stateful model actors, each loading the
+                                                  version (GPUs if asked)
       -> driver streams the result into predictions.parquet (+ errors.csv for bad files)
 
 Only the (id, path) list is held in memory; images are read inside the pipeline, so pools larger
@@ -33,6 +35,7 @@ from flowops import data, ray_client
 from flowops.data import DataVersion
 from flowops.durable import atomic_write_bytes, atomic_write_text
 from flowops.errors import InvalidInput, NotFound
+from flowops.image_model import Preprocess
 from flowops.refs import ModelRef
 from flowops.settings import Settings
 
@@ -43,6 +46,7 @@ PREDICTIONS_FILE = "predictions.parquet"
 ERRORS_FILE = "predictions_errors.csv"
 PSEUDO_LABELS_FILE = "pseudo_labels.csv"
 PSEUDO_COLUMNS = ["id", "label", "score", "model_version"]
+EXIF_ORIENTATION = 0x0112
 POOLS = ("unlabeled", "train", "holdout", "all")
 
 
@@ -109,17 +113,17 @@ def pool_rows(manifest: pd.DataFrame, pool: str) -> pd.DataFrame:
 # The Ray Data pipeline ----------------------------------------------------------------------------
 
 
-def load_images(batch: dict[str, np.ndarray], root: str, image_size: int, size_rule: str) -> dict:
-    """Read and decode a batch of files; a bad file gets a zero image and an error message."""
+def load_images(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess, size_rule: str) -> dict:
+    """Read and decode a batch of files with the model's own preprocessing into (N, C, H, W);
+    a bad file gets a zero image and an error message (an error row, never a failed job)."""
     import io
 
     from PIL import Image
 
-    from flowops.model import decode_image
-
     n = len(batch["id"])
-    pixels = np.zeros((n, image_size, image_size), dtype=np.float32)
+    pixels = np.zeros((n, *preprocess.shape), dtype=np.float32)
     errors = []
+    height, width = preprocess.size
     for i, rel in enumerate(batch["path"]):
         try:
             raw = Path(root, rel).read_bytes()
@@ -129,11 +133,13 @@ def load_images(batch: dict[str, np.ndarray], root: str, image_size: int, size_r
         try:
             if size_rule == "exact":
                 with Image.open(io.BytesIO(raw)) as img:
-                    if img.size != (image_size, image_size):
-                        w, h = img.size
-                        errors.append(f"wrong size {w}x{h}, expected {image_size}x{image_size}")
-                        continue
-            pixels[i] = decode_image(raw, image_size)
+                    w, h = img.size
+                    if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                        w, h = h, w  # shown rotated by a quarter turn
+                if (w, h) != (width, height):
+                    errors.append(f"wrong size {w}x{h}, expected {width}x{height}")
+                    continue
+            pixels[i] = preprocess.decode(raw)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes this file a bad file
             errors.append(str(exc).splitlines()[0][:200] or type(exc).__name__)
             continue
@@ -143,15 +149,18 @@ def load_images(batch: dict[str, np.ndarray], root: str, image_size: int, size_r
 
 
 class Predictor:
-    """A stateful model actor: holds the model once, scores decoded batches."""
+    """A stateful model actor: loads the registered version itself (its task code comes with it,
+    so a user's network class need not be importable where the job was submitted), then scores
+    decoded batches."""
 
-    def __init__(self, model, device: str = "cpu"):
+    def __init__(self, settings: Settings, model_uri: str, device: str = "cpu"):
         import torch
 
-        self.device = device
-        self.model = model.to(device).eval()
+        from flowops.model import load_model
+
         if device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.model = load_model(settings, model_uri, device).model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from flowops.model import predict_proba, to_batch
@@ -162,27 +171,28 @@ class Predictor:
 
 
 def score_batches(
-    rows: pd.DataFrame, root: Path, model, cfg: PseudoLabelConfig
+    settings: Settings, rows: pd.DataFrame, root: Path, model_uri: str, preprocess: Preprocess,
+    cfg: PseudoLabelConfig,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Stream scored batches (id, path, error, probabilities) of `rows` through Ray Data."""
+    """Stream scored batches (id, path, error, probabilities) of `rows` through Ray Data:
+    `preprocess` (the model's) decodes, actors holding `model_uri` (a numbered version) score."""
     import ray
 
     # Ray Data's progress stays on (RAY_DATA_DISABLE_PROGRESS_BARS=1 turns it off): bars in a
     # terminal, a line every 10 s into a job's log (RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL); the
     # submitting command's `--json` sends that log to stderr.
     ray.data.DataContext.get_current().print_on_execution_start = False
-    size = model.image_size
     chunks = [rows.iloc[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     ds = ray.data.from_pandas(chunks or [rows])
     ds = ds.map_batches(
         load_images, batch_size=cfg.batch_size, batch_format="numpy",
-        fn_kwargs={"root": str(root), "image_size": size, "size_rule": cfg.size_rule},
+        fn_kwargs={"root": str(root), "preprocess": preprocess, "size_rule": cfg.size_rule},
         num_cpus=cfg.cpus_per_actor,
     )
     device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
     ds = ds.map_batches(
         Predictor, batch_size=cfg.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model": model, "device": device},
+        fn_constructor_kwargs={"settings": settings, "model_uri": model_uri, "device": device},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
     )
@@ -391,7 +401,8 @@ def run_pseudo_label(
             next_report[0] = done + max(len(rows) // 5, 1)
 
     tally = write_predictions(
-        score_batches(rows, root, loaded.model, cfg), loaded.classes, version, tag, out_dir,
+        score_batches(settings, rows, root, ModelRef.of(name, version).uri, loaded.preprocess, cfg),
+        loaded.classes, version, tag, out_dir,
         on_batch=progress,
     )
     duration = time.perf_counter() - started

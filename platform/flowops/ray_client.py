@@ -166,18 +166,18 @@ class RayHead:
     dashboard_port: int
     client_port: int
     metrics_port: int
-    node_ip: str = "127.0.0.1"  # the address it listens on and advertises to other nodes
     num_cpus: int | None = None
     num_gpus: int | None = None
     env: dict[str, str] | None = None  # extra environment (e.g. CUDA_VISIBLE_DEVICES, FLOWOPS_*)
+    host: str = "127.0.0.1"  # the node's address: its GCS, dashboard and job API listen there
 
     def command(self) -> list[str]:
         ray_bin = str(Path(sys.executable).parent / "ray")
         cmd = [
             ray_bin, "start", "--head",
-            f"--node-ip-address={self.node_ip}",
+            f"--node-ip-address={self.host}",
             f"--port={self.ray_port}",
-            f"--dashboard-host={self.node_ip}",
+            f"--dashboard-host={self.host}",
             f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={self.client_port}",
             f"--metrics-export-port={self.metrics_port}",
@@ -213,7 +213,7 @@ class RayHead:
                 ("Ray GCS", self.ray_port), ("dashboard/job API", self.dashboard_port),
                 ("Ray Client", self.client_port), ("metrics", self.metrics_port),
             )
-            if port_in_use(port, self.node_ip)
+            if port_in_use(port, self.host)
         ]
         if busy:
             raise Conflict(
@@ -233,7 +233,10 @@ class RayHead:
         # followed by exec needs no handlers: gRPC's own advice is to turn them off.
         env["GRPC_ENABLE_FORK_SUPPORT"] = "false"
         env.pop("RAY_AUTH_TOKEN", None)
-        env.pop("RAY_ADDRESS", None)
+        # Ray's helpers that look their cluster up by address (Ray Train's placement-group cleaner
+        # uses the state API) otherwise scan for GCS processes, and fail when another Ray cluster
+        # runs on this machine: every process of this head gets its own cluster's address.
+        env["RAY_ADDRESS"] = f"127.0.0.1:{self.ray_port}"
         # Jobs run `python -m flowops.workloads.<name>`: `python` must be this interpreter.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

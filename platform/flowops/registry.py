@@ -101,8 +101,9 @@ def validate_version(
     if not data_version:
         raise InvalidInput(f"version {name}/{number} has no data_version tag: not trained by flowops")
     opened = data.open_version(settings, data_version)
-    holdout, classes = holdout_split(opened), opened.classes
+    classes = opened.classes
     candidate = load_model(settings, ModelRef.of(name, number).uri)
+    holdout = holdout_split(opened, candidate.preprocess)
     accuracy = evaluate_model(candidate.model, holdout, classes)["accuracy"]
     report: dict[str, Any] = {
         "version": number, "data_version": data_version, "holdout_size": len(holdout),
@@ -121,7 +122,10 @@ def validate_version(
                 f"{data_version} has {classes}: not comparable"
             )
         else:
-            prod_acc = evaluate_model(current.model, holdout, classes)["accuracy"]
+            # the same holdout images, each model seeing them through its own preprocessing
+            prod_holdout = holdout if current.preprocess == candidate.preprocess else \
+                holdout_split(opened, current.preprocess)
+            prod_acc = evaluate_model(current.model, prod_holdout, classes)["accuracy"]
             report["production_accuracy"] = round(prod_acc, 4)
             if prod_acc - accuracy > tolerance:
                 report["reasons"].append(

@@ -8,7 +8,6 @@ path, so the values can be handed to Ray jobs that run in another working direct
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -76,6 +75,8 @@ class DevenvSettings(_Section):
 
 
 SECTIONS = ("gate", "monitor", "cluster", "devenv")
+# Interfaces that mean "listen everywhere": a server bound there is reached at the head's address.
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 # What HAProxy retries on another replica: nothing reached a replica, or the replica died without
 # a (valid) answer. Not 5xx answers: those are the app's own.
 HAPROXY_RETRY_ON = "conn-failure empty-response junk-response response-timeout"
@@ -120,9 +121,33 @@ class Settings(BaseSettings):
         None, description="Job API address of an existing cluster (http://host:8265). "
         "Default: the embedded cluster that `flowops up` starts."
     )
-    mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow tracking/registry URI. Default: SQLite in the home folder."
+    state_url: str | None = Field(
+        None, description="SQLAlchemy URL of the state database (labels, loop, events, pipelines, "
+        "drift reports, ledger totals): postgresql+psycopg://user:password@host/db for a cluster. "
+        "Default: SQLite in the home folder."
     )
+    ray_host: str | None = Field(
+        None, description="Address of the Ray head as drivers reach it (GCS, Ray Client, job API, "
+        "Serve); the embedded head listens on it. Default: the host of ray_address, else 127.0.0.1."
+    )
+    serve_url: str | None = Field(
+        None, description="HTTP address of the Serve application as drivers reach it (e.g. a "
+        "Kubernetes Service). Default: http://<ray_host>:<serve_port>."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI of an MLflow run elsewhere. Default: the "
+        "MLflow server that `flowops up` starts (http://<mlflow host>:<mlflow_port>)."
+    )
+    mlflow_backend_uri: str | None = Field(
+        None, description="Backend store of the MLflow server `flowops up` starts (an SQLAlchemy "
+        "URL, e.g. postgresql://...). Default: SQLite in the home folder."
+    )
+    mlflow_host: str | None = Field(
+        None, description="Interface the MLflow server listens on (0.0.0.0: every interface, for "
+        "a cluster). Default: ray_host."
+    )
+    mlflow_port: int = Field(5000, description="Port of the MLflow server (tracking API and UI).")
+    mlflow_workers: int = Field(1, ge=1, le=32, description="Worker processes of the MLflow server.")
     data_repo: str | None = Field(
         None, description="Git repository of the data workspace (path or URL). Default: home/workspace."
     )
@@ -135,11 +160,6 @@ class Settings(BaseSettings):
     client_port: int = Field(10001, description="Ray Client server port (ray://).")
     serve_port: int = Field(8000, description="Ray Serve HTTP port.")
     metrics_port: int = Field(8090, description="Ray's Prometheus metrics export port.")
-    mlflow_ui_port: int = Field(5000, description="Port of `flowops ui` (the MLflow UI).")
-    node_ip: str = Field(
-        "127.0.0.1", description="Address the embedded head listens on and advertises (its node "
-        "IP, job API, Ray Client); a machine address lets Ray nodes on other hosts join."
-    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs the embedded head offers Ray.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs the embedded head offers Ray.")
     serve_fast_path: bool = Field(
@@ -162,8 +182,19 @@ class Settings(BaseSettings):
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @field_validator("state_url")
+    @classmethod
+    def _absolute_sqlite_path(cls, value: str | None) -> str | None:
+        """A relative SQLite path would name another file in a Ray job's working directory."""
+        prefix = "sqlite:///"
+        if value and value.startswith(prefix) and not value.startswith(prefix + "/"):
+            path = value[len(prefix):]
+            if path and not path.startswith(":memory:"):
+                return prefix + str(Path(path).expanduser().resolve())
+        return value
+
     @field_validator(
-        "ray_port", "dashboard_port", "client_port", "serve_port", "metrics_port", "mlflow_ui_port"
+        "ray_port", "dashboard_port", "client_port", "serve_port", "metrics_port", "mlflow_port"
     )
     @classmethod
     def _valid_port(cls, value: int) -> int:
@@ -171,13 +202,40 @@ class Settings(BaseSettings):
             raise ValueError(f"port {value} is outside 1024-65535")
         return value
 
-    @field_validator("node_ip")
+    @field_validator("ray_host", "mlflow_host")
     @classmethod
-    def _valid_ip(cls, value: str) -> str:
-        try:
-            return str(ipaddress.IPv4Address(value))
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IPv4 address") from None
+    def _bare_host(cls, value: str | None) -> str | None:
+        if value is not None and not _is_bare_host(value):
+            raise ValueError(f"{value!r} is not a host name or IP address (no scheme, no port)")
+        return value
+
+    @field_validator("ray_host")
+    @classmethod
+    def _reachable_host(cls, value: str | None) -> str | None:
+        if value in WILDCARD_HOSTS:
+            raise ValueError(f"{value!r} listens everywhere but cannot be reached: give the "
+                             "head's address")
+        return value
+
+    @field_validator("serve_url", "mlflow_tracking_uri", "ray_address")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("serve_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and (urlsplit(value).scheme not in ("http", "https")
+                                  or not urlsplit(value).hostname):
+            raise ValueError(f"{value!r} is not an http(s)://host[:port] URL")
+        return value
+
+    @model_validator(mode="after")
+    def _derived_serve_url(self) -> Settings:
+        """The Serve address drivers use: given, or the head's Serve port."""
+        if self.serve_url is None:
+            self.serve_url = f"http://{_url_host(self.head_host)}:{self.serve_port}"
+        return self
 
     # Derived locations -------------------------------------------------------------------------
 
@@ -208,8 +266,38 @@ class Settings(BaseSettings):
         return self.mlflow_dir / "artifacts"
 
     @property
+    def head_host(self) -> str:
+        """The Ray head's address: ray_host, else the host of ray_address, else loopback."""
+        if self.ray_host:
+            return self.ray_host
+        if self.ray_address and (host := urlsplit(self.ray_address).hostname):
+            return host
+        return "127.0.0.1"
+
+    @property
+    def mlflow_listen_host(self) -> str:
+        return self.mlflow_host if self.mlflow_host is not None else self.head_host
+
+    @property
+    def manages_mlflow(self) -> bool:
+        """True when the platform's MLflow is the server `flowops up` starts (no URI was given)."""
+        return self.mlflow_tracking_uri is None
+
+    @property
+    def mlflow_backend(self) -> str:
+        """Backend store of the managed MLflow server."""
+        return self.mlflow_backend_uri or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
     def tracking_uri(self) -> str:
-        return self.mlflow_tracking_uri or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+        """What every process (CLI, job, Train worker, replica) tracks to: the given URI, else the
+        managed server over HTTP (reached at the head's address when it listens everywhere)."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        host = self.mlflow_listen_host
+        if host in WILDCARD_HOSTS:
+            host = self.head_host
+        return f"http://{_url_host(host)}:{self.mlflow_port}"
 
     @property
     def workspace(self) -> Path:
@@ -234,28 +322,16 @@ class Settings(BaseSettings):
         return self.home / "pipelines"
 
     @property
-    def head_host(self) -> str:
-        """Where the head's services are reached: the host of FLOWOPS_RAY_ADDRESS when set (a
-        driver on another node), else the embedded head's own address."""
-        if self.ray_address:
-            return urlsplit(self.ray_address).hostname or self.node_ip
-        return self.node_ip
-
-    @property
     def job_api(self) -> str:
-        return self.ray_address or f"http://{self.head_host}:{self.dashboard_port}"
+        return self.ray_address or f"http://{_url_host(self.head_host)}:{self.dashboard_port}"
 
     @property
     def gcs_address(self) -> str:
-        return f"{self.head_host}:{self.ray_port}"
+        return f"{_url_host(self.head_host)}:{self.ray_port}"
 
     @property
     def client_address(self) -> str:
-        return f"ray://{self.head_host}:{self.client_port}"
-
-    @property
-    def serve_url(self) -> str:
-        return f"http://{self.head_host}:{self.serve_port}"
+        return f"ray://{_url_host(self.head_host)}:{self.client_port}"
 
     def ray_auth_env(self) -> dict[str, str]:
         """What Ray's clients need to send the token: an explicit RAY_AUTH_TOKEN wins, else our file."""
@@ -292,11 +368,12 @@ class Settings(BaseSettings):
         """Environment variables that make a Ray job see the same platform as this process."""
         env = {
             "FLOWOPS_HOME": str(self.home),
-            "FLOWOPS_MODEL_NAME": self.model_name,
             "FLOWOPS_DATA_REPO": self.repo,
             "FLOWOPS_DVC_REMOTE": self.remote,
             "FLOWOPS_MLFLOW_TRACKING_URI": self.tracking_uri,
             "FLOWOPS_RAY_ADDRESS": self.job_api,
+            "FLOWOPS_RAY_HOST": self.head_host,
+            "FLOWOPS_SERVE_URL": str(self.serve_url),
             "FLOWOPS_SERVE_PORT": str(self.serve_port),
             "FLOWOPS_DASHBOARD_PORT": str(self.dashboard_port),
             "FLOWOPS_RAY_PORT": str(self.ray_port),
@@ -305,6 +382,10 @@ class Settings(BaseSettings):
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "PYTHONUNBUFFERED": "1",
         }
+        if "model_name" in self.model_fields_set:  # unset: a job names the model after its task/data
+            env["FLOWOPS_MODEL_NAME"] = self.model_name
+        if self.state_url:  # else the default, SQLite in FLOWOPS_HOME, follows from the home
+            env["FLOWOPS_STATE_URL"] = self.state_url
         for section in SECTIONS:
             values = getattr(self, section).model_dump(mode="json", exclude_defaults=True)
             for key, value in values.items():
@@ -317,6 +398,18 @@ class Settings(BaseSettings):
     def python_bin_dir(self) -> str:
         """The folder of the interpreter running FlowOps: Ray jobs' `python` must be this one."""
         return str(Path(sys.executable).parent)
+
+
+def _is_bare_host(value: str) -> bool:
+    """A host name or IP address alone (IPv6 without brackets)."""
+    return value in WILDCARD_HOSTS or (
+        not any(c in value for c in "/@ []") and (":" not in value or value.count(":") >= 2)
+    )
+
+
+def _url_host(host: str) -> str:
+    """`host` as written in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def get_settings(**overrides: Any) -> Settings:

@@ -1,8 +1,9 @@
-"""MLflow access shared by every stage: one place sets the URIs and the artifact location.
+"""MLflow access shared by every stage: one place sets the URIs.
 
-With a SQLite store, MLflow's default artifact root is `./mlruns` relative to the current folder,
-which for a Ray job is a throw-away working directory. Experiments are therefore always created
-with an artifact location under the FlowOps home.
+The platform's MLflow is a tracking server (`flowops up` starts it) that proxies artifacts: an
+experiment created without an artifact location gets the server's `mlflow-artifacts:/<id>`, so a
+Ray Train worker or a Serve replica on any node logs and loads models through the server, with no
+path of the head's disk in any run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from flowops.settings import Settings
 def _quiet_mlflow_logs() -> None:
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Loading a model version downloads its artifacts: no progress bars on a command's stderr.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def configure_mlflow(settings: Settings):
@@ -34,16 +37,13 @@ def configure_mlflow(settings: Settings):
 
 
 def ensure_experiment(settings: Settings, name: str) -> str:
-    """Return the id of experiment `name`, creating it with an artifact location in the home."""
+    """Return the id of experiment `name`, creating it (artifacts: the server's default location)."""
     client = configure_mlflow(settings)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if settings.mlflow_tracking_uri is None:  # embedded store: keep artifacts in the home folder
-        location = (settings.artifact_root / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name)
     except Exception:  # created concurrently by another process
         found = client.get_experiment_by_name(name)
         if found is None:

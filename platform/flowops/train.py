@@ -14,15 +14,13 @@ count) gives the same metrics and the same weights hash.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,7 +30,15 @@ from flowops.data import DataVersion
 from flowops.errors import FlowOpsError, InvalidInput, validated_json
 from flowops.evaluate import Split, split_from_rows
 from flowops.settings import Settings
-from flowops.train_session import create_session, follow_epochs, run_local, run_ray_train
+from flowops.task import DEFAULT_TASK, Task, TaskSpec, load_task, pack_package, package_dir
+from flowops.train_session import (
+    follow_epochs,
+    run_local,
+    run_ray_train,
+    train_loop,
+    unwrap_module,
+    weights_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,12 @@ class TrainConfig(BaseModel):
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(3e-3, gt=0, le=10)
-    width: int = Field(32, ge=4, le=512, description="Channels of the first conv block.")
+    task: str | None = Field(None, description="module:object of the task (default: the small CNN "
+                             "sized to the data version; a fine-tune: the base model's task).")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="Options of a task factory.")
+    width: int | None = Field(None, ge=4, le=512, description="Shorthand for the task option width.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 mixed precision on a GPU that supports it, else fp32.")
     workers: int = Field(1, ge=1, le=256, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0, le=512)
     gpus_per_worker: float = Field(0.0, ge=0, le=16)
@@ -90,7 +101,6 @@ class TrainResult:
 @dataclass
 class TrainingData:
     classes: list[str]
-    image_size: int
     train: Split
     val: Split
     n_pseudo: int = 0
@@ -99,10 +109,11 @@ class TrainingData:
 # Data ----------------------------------------------------------------------------------------------
 
 
-def load_training_data(version: DataVersion, *, include_pseudo: bool, val_fraction: float,
+def load_training_data(version: DataVersion, preprocess, *, include_pseudo: bool, val_fraction: float,
                        seed: int) -> TrainingData:
-    """The version's train split (minus a seeded validation slice), plus pseudo-labels if asked."""
-    root, classes, size = version.root, version.classes, version.image_size
+    """The version's train split (minus a seeded validation slice), plus pseudo-labels if asked,
+    preprocessed by the task."""
+    root, classes = version.root, version.classes
     train_rows = version.rows("train", labeled=True)
     if train_rows.empty:
         raise InvalidInput(f"data version {version.tag} has no labeled training images")
@@ -115,9 +126,9 @@ def load_training_data(version: DataVersion, *, include_pseudo: bool, val_fracti
         n_pseudo = len(pseudo)
         fit_rows = fit_rows._append(pseudo[["id", "path", "label"]], ignore_index=True)
     return TrainingData(
-        classes=classes, image_size=size,
-        train=split_from_rows(root, fit_rows, classes, size),
-        val=split_from_rows(root, val_rows, classes, size),
+        classes=classes,
+        train=split_from_rows(root, fit_rows, classes, preprocess),
+        val=split_from_rows(root, val_rows, classes, preprocess),
         n_pseudo=n_pseudo,
     )
 
@@ -142,104 +153,6 @@ def pseudo_rows(root: Path, manifest, classes: list[str]):
 
 
 # The training loop ---------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = False
-
-
-def weights_hash(model) -> str:
-    """sha256 over the state_dict tensors (names, dtypes, shapes, bytes) in name order."""
-    digest = hashlib.sha256()
-    state = unwrap(model).state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def unwrap(model):
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """The training loop: plain single-device PyTorch. The session is where distribution plugs in."""
-    import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from flowops.model import ImageClassifier
-
-    session = create_session(config)
-    seed = int(config["seed"])
-    seed_everything(seed + session.rank)  # same init everywhere (DDP broadcasts rank 0's anyway)
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    device = session.device()
-
-    model = ImageClassifier(config["classes"], config["image_size"], width=config["width"])
-    if config.get("init_state") is not None:
-        model.load_state_dict(config["init_state"])
-    x, y = config["x_train"], config["y_train"]
-    train_set = TensorDataset(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y))
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True, generator=generator)
-
-    start_epoch, resumed_at, state = 0, [], session.restore()
-    if state is not None:  # a restarted worker group: continue after the last checkpoint
-        model.load_state_dict(state["model"])
-        start_epoch = state["epoch"] + 1
-        resumed_at = [*state.get("resumed_at", []), start_epoch]
-
-    model = session.prepare_model(model.to(device))  # distributed: ray.train.torch.prepare_model
-    loader = session.prepare_data_loader(loader)  # distributed: ray.train.torch.prepare_data_loader
-    features = [p for n, p in unwrap(model).named_parameters() if n.startswith("features.")]
-    head = [p for n, p in unwrap(model).named_parameters() if not n.startswith("features.")]
-    optimizer = torch.optim.Adam([{"params": features}, {"params": head}], lr=config["lr"])
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    loss_fn = nn.CrossEntropyLoss()
-    x_val = torch.from_numpy(config["x_val"]).unsqueeze(1).to(device)
-    y_val = torch.from_numpy(config["y_val"]).to(device)
-
-    for epoch in range(start_epoch, config["epochs"]):
-        session.maybe_fail(epoch)
-        generator.manual_seed(seed + epoch)  # the same shuffle for an epoch, resumed or not
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        # Freezing = learning rate 0 for the feature extractor (DDP-safe: no requires_grad flips).
-        optimizer.param_groups[0]["lr"] = 0.0 if epoch < config["freeze_epochs"] else config["lr"]
-        started = time.perf_counter()
-        model.train()
-        total, seen = 0.0, 0
-        for xb, yb in loader:
-            xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad()
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(yb)
-            seen += len(yb)
-        model.eval()
-        with torch.no_grad():
-            val_acc = float((model(x_val).argmax(1) == y_val).float().mean()) if len(y_val) else 0.0
-        metrics = {
-            "epoch": epoch, "train_loss": total / max(seen, 1), "val_accuracy": val_acc,
-            "epoch_time_s": time.perf_counter() - started, "samples": seen, "resumed_at": resumed_at,
-            "reported_at": time.time(),
-        }
-        session.report(metrics, {
-            "epoch": epoch, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "resumed_at": metrics["resumed_at"], "weights_hash": weights_hash(model),
-        })
 
 
 # Input checks --------------------------------------------------------------------------------------
@@ -278,9 +191,34 @@ class TrainPlan:
     data_version: DataVersion
     data: TrainingData
     holdout: Split
+    task: Task
+    model_name: str
     init_state: dict | None
-    width: int
     base: str | None  # "name/version" of the base model
+
+
+def task_spec(config: TrainConfig, version: DataVersion, base_spec: TaskSpec | None) -> TaskSpec:
+    """The run's task: named on the command line, else the base model's, else the small CNN
+    sized to the data version (options given with --task-option/--width go on top)."""
+    options = dict(config.task_options)
+    if config.width is not None:
+        options["width"] = config.width
+    if config.task:
+        return TaskSpec(path=config.task, options=options)
+    if base_spec is not None:
+        return TaskSpec(path=base_spec.path, options={**base_spec.options, **options})
+    sized = {"channels": version.channels, "size": version.image_size}
+    return TaskSpec(path=DEFAULT_TASK, options={**sized, **options})
+
+
+def model_name_for(settings: Settings, config: TrainConfig, task: Task, version: DataVersion) -> str:
+    """--model-name, else FLOWOPS_MODEL_NAME (or flowops.yaml) when set, else the task's name,
+    else `<dataset name>-classifier`."""
+    if config.model_name:
+        return config.model_name
+    if "model_name" in settings.model_fields_set:
+        return settings.model_name
+    return task.name or f"{version.name}-classifier"
 
 
 def plan(settings: Settings, config: TrainConfig) -> TrainPlan:
@@ -291,28 +229,33 @@ def plan(settings: Settings, config: TrainConfig) -> TrainPlan:
     version = data.open_version(settings, config.data_version)
     if config.freeze_epochs > config.epochs:
         raise InvalidInput(f"--freeze-epochs {config.freeze_epochs} exceeds --epochs {config.epochs}")
-    init_state, width, base = None, config.width, None
+    init_state, base, loaded = None, None, None
     if config.init_from:
         from flowops.model import load_model
 
         loaded = load_model(settings, config.init_from)
-        if list(loaded.classes) != version.classes or loaded.image_size != version.image_size:
+        if list(loaded.classes) != version.classes:
             raise InvalidInput(
-                f"base model {loaded.name}/{loaded.version} has classes {loaded.classes} and image size "
-                f"{loaded.image_size}; data version {version.tag} has {version.classes} and "
-                f"{version.image_size}"
+                f"base model {loaded.name}/{loaded.version} has classes {loaded.classes}; data "
+                f"version {version.tag} has {version.classes}"
             )
-        init_state = {k: v.cpu() for k, v in loaded.model.state_dict().items()}
-        width = int(getattr(loaded.model, "width", width))
         base = f"{loaded.name}/{loaded.version}"
+    task = load_task(task_spec(config, version, loaded.task.spec if loaded else None))
+    if loaded is not None:
+        init_state = {k: v.cpu() for k, v in loaded.model.state_dict().items()}
+        fresh = task.build_model(version.classes).state_dict()
+        if fresh.keys() != init_state.keys() or any(fresh[k].shape != v.shape for k, v in init_state.items()):
+            raise InvalidInput(f"base model {base} was trained as task {loaded.task.spec}; its weights "
+                               f"do not fit task {task.spec}")
     if config.local and config.gpus_per_worker > 0:
         import torch
 
         if not torch.cuda.is_available():
             raise InvalidInput(f"--gpus-per-worker {config.gpus_per_worker:g} asked, but torch sees no GPU")
-    training = load_training_data(version, include_pseudo=config.include_pseudo,
+    training = load_training_data(version, task.preprocess, include_pseudo=config.include_pseudo,
                                   val_fraction=config.val_fraction, seed=config.seed)
-    return TrainPlan(config, version, training, holdout_split(version), init_state, width, base)
+    return TrainPlan(config, version, training, holdout_split(version, task.preprocess), task,
+                     model_name_for(settings, config, task, version), init_state, base)
 
 
 def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None, checkpoint_dir: Path) -> dict[str, Any]:
@@ -320,8 +263,9 @@ def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None, checkpoint_di
     c = p.config
     return {
         "mode": mode, "seed": c.seed, "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr,
-        "width": p.width, "freeze_epochs": c.freeze_epochs, "classes": p.data.classes,
-        "image_size": p.data.image_size, "init_state": p.init_state,
+        "freeze_epochs": c.freeze_epochs, "classes": p.data.classes, "precision": c.precision,
+        "task": p.task.spec.model_dump(mode="json"), "task_code": pack_package(p.task),
+        "init_state": p.init_state,
         "x_train": p.data.train.x, "y_train": p.data.train.y,
         "x_val": p.data.val.x, "y_val": p.data.val.y,
         "threads": max(1, int(c.cpus_per_worker)), "fault_marker": c.fault_marker,
@@ -345,7 +289,11 @@ def run_tags(p: TrainPlan, mode: str) -> dict[str, str]:
         "seed": str(p.config.seed),
         "include_pseudo": str(p.config.include_pseudo).lower(),
         "mode": mode,
-        "flowops.train_config": p.config.model_dump_json(),
+        # the resolved task pinned, so `models reproduce` rebuilds exactly this network
+        "flowops.train_config": p.config.model_copy(update={
+            "task": p.task.spec.path, "task_options": p.task.spec.options, "width": None,
+        }).model_dump_json(),
+        "flowops.task": str(p.task.spec),
     }
 
 
@@ -357,7 +305,7 @@ def finish_run(settings: Settings, p: TrainPlan, model, *, tags: dict[str, str],
     from flowops.evaluate import confusion_figure, evaluate_model
     from flowops.model import log_model_version
 
-    model = unwrap(model).to("cpu").eval()
+    model = unwrap_module(model).to("cpu").eval()
     digest = weights_hash(model)
     scores = evaluate_model(model, p.holdout, p.data.classes)
     metrics = {"holdout_accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
@@ -371,7 +319,8 @@ def finish_run(settings: Settings, p: TrainPlan, model, *, tags: dict[str, str],
     mlflow.set_tag("weights_hash", digest)
     version = None
     if register:
-        version = log_model_version(settings, model, registered_name=model_name, tags={
+        version = log_model_version(settings, model, p.task, p.data.classes,
+                                    registered_name=model_name, tags={
             "data_version": p.data_version.tag, "base_model_version": p.base or "none",
             "weights_hash": digest, "holdout_accuracy": f"{scores['accuracy']:.4f}",
             "macro_f1": f"{scores['macro_f1']:.4f}", "run_id": mlflow.active_run().info.run_id,
@@ -387,7 +336,6 @@ def train(settings: Settings, config: TrainConfig,
     gets each epoch's metrics (epoch, epochs, train_loss, val_accuracy) as it ends: progress."""
     import mlflow
 
-    from flowops.model import ImageClassifier
     from flowops.tracking import configure_mlflow, start_run
 
     p = plan(settings, config)
@@ -395,7 +343,7 @@ def train(settings: Settings, config: TrainConfig,
     if not config.local:
         ray_client.connect(settings, log_to_driver=True, runtime_env={"env_vars": settings.job_env()})
         check_resources(config, *ray_client.cluster_resources())
-    model_name = config.model_name or settings.model_name
+    model_name = p.model_name
     configure_mlflow(settings)
     run_name = config.run_name or f"train-{p.data_version.tag}-s{config.seed}"
     with start_run(settings, config.experiment, run_name) as run:
@@ -403,7 +351,7 @@ def train(settings: Settings, config: TrainConfig,
         tags = run_tags(p, mode)
         mlflow.set_tags(tags)
         params = config.model_dump(exclude={"fault_marker", "run_name"})
-        params.update(data_version=p.data_version.tag, width=p.width, mode=mode,
+        params.update(data_version=p.data_version.tag, task=str(p.task.spec), mode=mode,
                       train_samples=len(p.data.train), val_samples=len(p.data.val),
                       holdout_samples=len(p.holdout), pseudo_samples=p.data.n_pseudo)
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
@@ -425,7 +373,7 @@ def train(settings: Settings, config: TrainConfig,
         resumed = list(state.get("resumed_at", []))
         if resumed:
             mlflow.set_tag("resumed_from_checkpoint", ",".join(map(str, resumed)))
-        model = ImageClassifier(p.data.classes, p.data.image_size, width=p.width)
+        model = p.task.build_model(p.data.classes)
         model.load_state_dict(state["model"])
         metrics, digest, version = finish_run(settings, p, model, tags=tags,
                                               register=config.register_version, model_name=model_name)
@@ -461,4 +409,14 @@ def precheck(settings: Settings, config: TrainConfig) -> TrainConfig:
         resolve_model_version(settings, config.init_from)
     if config.freeze_epochs > config.epochs:
         raise InvalidInput(f"--freeze-epochs {config.freeze_epochs} exceeds --epochs {config.epochs}")
+    task_packages(config)  # a task that does not import or lacks what it needs: before any job starts
     return config
+
+
+def task_packages(config: TrainConfig) -> list[str]:
+    """The folder of the task's package when it is the engineer's (Ray ships it with the job)."""
+    if not config.task:
+        return []
+    options = {**config.task_options, **({"width": config.width} if config.width else {})}
+    folder = package_dir(load_task(TaskSpec(path=config.task, options=options)))
+    return [str(folder)] if folder else []

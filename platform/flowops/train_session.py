@@ -1,6 +1,7 @@
-"""Where the training loop runs: in this process, on Ray Train workers, or as a Ray Tune trial.
+"""The training loop and where it runs: in this process, on Ray Train workers, or as a Ray Tune trial.
 
-`flowops.train.train_loop` is plain single-device PyTorch; the session it gets is the only place
+`train_loop(config)` builds the task's network and hands a `TaskContext` to the task's own loop or
+to FlowOps's `fit`: plain single-device PyTorch. The session behind the context is the only place
 distribution plugs in: under Ray Train `ray.train.torch.prepare_model(model)`,
 `ray.train.torch.prepare_data_loader(loader)` and `ray.train.report(metrics, checkpoint=...)`
 every epoch (restored through `ray.train.get_checkpoint()` when a failed worker group restarts).
@@ -13,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from flowops.durable import append_jsonl
 from flowops.errors import JobFailed
@@ -50,6 +54,7 @@ class Session:
     """Where the loop runs: in this process ('local'), under Ray Train ('train') or Ray Tune ('tune')."""
 
     rank = 0
+    world_size = 1
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
@@ -99,7 +104,7 @@ class Session:
         now = int(time.time() * 1000)
         step = int(metrics["epoch"])
         values = [Metric(k, float(metrics[k]), now, step)
-                  for k in ("train_loss", "val_accuracy", "epoch_time_s")]
+                  for k in ("train_loss", "val_accuracy", "epoch_time_s", "images_per_s") if k in metrics]
         self._mlflow.log_batch(self._run_id, metrics=values)
 
     def restore(self) -> dict[str, Any] | None:
@@ -139,6 +144,7 @@ class TrainSession(Session):
 
         super().__init__(config)
         self.rank = ray.train.get_context().get_world_rank()
+        self.world_size = ray.train.get_context().get_world_size()
 
     def device(self):
         import ray.train.torch
@@ -283,3 +289,267 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
         raise JobFailed("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return load_checkpoint(folder)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():  # speed: the same-weights promise holds on CPU
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Same kernels, same weights, without the debugging aid that fills every new tensor
+        # with NaN: ~450 fills per step cost ResNet training ~5% (tests/benchmarks/task_bench.py).
+        torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """What runs on each worker (or in this process): build the task's model and hand a
+    `TaskContext` to the task's own loop, or to FlowOps's `fit`."""
+    import torch
+
+    from flowops.task import TaskSpec, load_task, unpack_package
+
+    session = create_session(config)
+    seed_everything(int(config["seed"]) + session.rank)  # DDP broadcasts rank 0's weights anyway
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    code = config.get("task_code")  # the engineer's task package, packed by the driver
+    task = load_task(TaskSpec.model_validate(config["task"]),
+                     code_dir=unpack_package(code) if code else None)
+    model = task.build_model(list(config["classes"]))
+    if config.get("init_state") is not None:
+        model.load_state_dict(config["init_state"])
+    ctx = TaskContext(session, task, model, config)
+    (task.train_loop or fit)(ctx)
+
+
+def fit(ctx: TaskContext) -> None:
+    """FlowOps's training loop, written as any task's loop is: plain single-device PyTorch plus
+    the context's calls. Adam; cross-entropy; the backbone frozen (learning rate 0, DDP-safe) for
+    the first `freeze_epochs`; mixed precision and channels-last on GPU."""
+    import torch
+    from torch import nn
+
+    model = ctx.prepare_model(ctx.model)
+    loader = ctx.data_loader()
+    head = ctx.task.head_prefix(unwrap_module(model))
+    named = list(unwrap_module(model).named_parameters())
+    in_head = [n == head or n.startswith(f"{head}.") for n, _ in named]
+    backbone = [p for (_, p), h in zip(named, in_head, strict=True) if not h]
+    head_params = [p for (_, p), h in zip(named, in_head, strict=True) if h]
+    groups = [g for g in ({"params": backbone}, {"params": head_params}) if g["params"]]
+    optimizer = torch.optim.Adam(groups, lr=ctx.lr)
+    start = ctx.restore(model, optimizer)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in ctx.epochs_from(start, loader):
+        if backbone and head_params:
+            optimizer.param_groups[0]["lr"] = 0.0 if epoch < ctx.freeze_epochs else ctx.lr
+        model.train()
+        total, seen = 0.0, 0
+        for xb, yb in loader:
+            xb, yb = ctx.to_device(xb, yb)
+            optimizer.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                loss = loss_fn(model(ctx.augment(xb)), yb)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(yb)
+            seen += len(yb)
+        ctx.report(epoch, model, optimizer, train_loss=total / max(seen, 1), samples=seen)
+
+
+class TaskContext:
+    """What a training loop gets: the model, the data, and the few calls distribution plugs into.
+
+    An engineer's single-device loop becomes a FlowOps task loop by taking `ctx` and calling
+    `ctx.prepare_model(model)`, `ctx.data_loader()` (or `ctx.prepare_data_loader(own_loader)`),
+    `start = ctx.restore(model, optimizer)`, `for epoch in ctx.epochs_from(start, loader):` and
+    `ctx.report(epoch, model, optimizer, train_loss=...)` once per epoch. Under Ray Train these
+    wrap the model in DDP, shard the loader, and checkpoint so a restarted worker group resumes.
+    """
+
+    def __init__(self, session: Session, task, model, config: dict[str, Any]):
+        import torch
+        from torch.utils.data import TensorDataset
+
+        self.session, self.task, self.model, self.config = session, task, model, config
+        self.classes: list[str] = list(config["classes"])
+        self.epochs: int = int(config["epochs"])
+        self.batch_size: int = int(config["batch_size"])
+        self.lr: float = float(config["lr"])
+        self.seed: int = int(config["seed"])
+        self.freeze_epochs: int = int(config.get("freeze_epochs", 0))
+        self.rank = session.rank
+        self.device = session.device()
+        tensors = {k: torch.from_numpy(config[k]) for k in ("x_train", "y_train", "x_val", "y_val")}
+        self.train_set = TensorDataset(tensors["x_train"], tensors["y_train"])
+        self.val_set = TensorDataset(tensors["x_val"], tensors["y_val"])
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.amp_dtype = amp_dtype(config.get("precision", "auto"), self.device)
+        self.channels_last = self.device.type == "cuda"
+        self.resumed_at: list[int] = []
+        self._started = time.perf_counter()
+        self._seen = 0
+
+    # Model and data ----------------------------------------------------------------------------
+
+    def prepare_model(self, model):
+        """Move to the device (channels-last on GPU) and, distributed, wrap in DDP."""
+        import torch
+
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return self.session.prepare_model(model)
+
+    def prepare_data_loader(self, loader):
+        """Distributed: each worker gets its shard (a DistributedSampler); else the loader as is."""
+        return self.session.prepare_data_loader(loader)
+
+    def data_loader(self, dataset=None, shuffle: bool = True):
+        """Batches of the training set (or `dataset`, a TensorDataset): this worker's shard when
+        distributed, a seeded shuffle (the same order for an epoch, resumed or not).
+
+        A batch is one indexed gather, not a stack of single samples, and on a GPU a training set
+        that fits in a fifth of the free memory is moved there once: the GPU is not left waiting
+        for the loader (measured in tests/benchmarks/train_gpu_bench.py)."""
+        import torch
+        from torch.utils.data import (
+            BatchSampler,
+            DataLoader,
+            DistributedSampler,
+            RandomSampler,
+            SequentialSampler,
+            TensorDataset,
+        )
+
+        dataset = dataset or self.train_set
+        if self.device.type == "cuda" and isinstance(dataset, TensorDataset):
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if sum(t.nbytes for t in dataset.tensors) < free / 5:
+                dataset = TensorDataset(*(t.to(self.device) for t in dataset.tensors))
+        if self.session.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=self.session.world_size,
+                                         rank=self.rank, shuffle=shuffle, seed=0)
+        elif shuffle:
+            sampler = RandomSampler(dataset, generator=self.generator)
+        else:
+            sampler = SequentialSampler(dataset)
+        on_cpu = dataset.tensors[0].device.type == "cpu" if isinstance(dataset, TensorDataset) else True
+        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, self.batch_size, False),
+                          generator=self.generator, pin_memory=self.device.type == "cuda" and on_cpu)
+
+    def to_device(self, xb, yb=None):
+        """A batch on the device (channels-last on GPU), augmented while the model trains."""
+        import torch
+
+        xb = xb.to(self.device, non_blocking=True)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb if yb is None else (xb, yb.to(self.device, non_blocking=True))
+
+    def augment(self, xb):
+        return self.task.augment(xb) if self.task.augment is not None else xb
+
+    def autocast(self):
+        """Mixed precision (bf16) where asked and supported; a no-op otherwise."""
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # Epochs, checkpoints, metrics --------------------------------------------------------------
+
+    def restore(self, model, optimizer=None) -> int:
+        """Load the last checkpoint of a restarted worker group; returns the epoch to start at."""
+        state = self.session.restore()
+        if state is None:
+            return 0
+        unwrap_module(model).load_state_dict(state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        self.resumed_at = [*state.get("resumed_at", []), state["epoch"] + 1]
+        return state["epoch"] + 1
+
+    def epochs_from(self, start: int, loader=None) -> Iterator[int]:
+        """The epochs to run; each one reseeds the shuffle and, distributed, the sampler."""
+        for epoch in range(start, self.epochs):
+            self.session.maybe_fail(epoch)
+            self.generator.manual_seed(self.seed + epoch)
+            sampler = getattr(loader, "sampler", None)
+            sampler = getattr(sampler, "sampler", sampler)  # inside a BatchSampler
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            self._started, self._seen = time.perf_counter(), 0
+            yield epoch
+
+    def count(self, n: int) -> None:
+        """Images trained on this epoch (for images/s); `report` takes `samples=` too."""
+        self._seen += int(n)
+
+    def evaluate(self, model) -> float:
+        """Accuracy on the validation slice (0 when it is empty)."""
+        import torch
+
+        if len(self.val_set) == 0:
+            return 0.0
+        model.eval()
+        correct = 0
+        with torch.no_grad(), self.autocast():
+            for start in range(0, len(self.val_set), 512):
+                xb, yb = self.val_set[start:start + 512]
+                xb, yb = self.to_device(xb, yb)
+                correct += int((model(xb).argmax(1) == yb).sum())
+        return correct / len(self.val_set)
+
+    def report(self, epoch: int, model, optimizer=None, *, train_loss: float, **extra) -> dict[str, Any]:
+        """End of an epoch: validation accuracy, metrics to MLflow, a checkpoint to resume from."""
+        elapsed = time.perf_counter() - self._started
+        samples = int(extra.pop("samples", self._seen))
+        metrics = {
+            "epoch": epoch, "train_loss": float(train_loss), "val_accuracy": self.evaluate(model),
+            "epoch_time_s": elapsed, "samples": samples, "images_per_s": samples / max(elapsed, 1e-9),
+            "resumed_at": self.resumed_at, "reported_at": time.time(), **extra,
+        }
+        module = unwrap_module(model)
+        self.session.report(metrics, {
+            "epoch": epoch, "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "resumed_at": self.resumed_at, "weights_hash": weights_hash(module),
+        })
+        return metrics
+
+
+def weights_hash(model) -> str:
+    """sha256 over the state_dict tensors (names, dtypes, shapes, bytes) in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = unwrap_module(model).state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def unwrap_module(model):
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def amp_dtype(precision: str, device):
+    """bf16 for `bf16`, or for `auto` on a GPU that supports it; None (fp32) otherwise."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None

@@ -1,6 +1,6 @@
 """Hyperparameter search: a small Ray Tune search (learning rate, width) over the training loop.
 
-Each trial runs `flowops.train.train_loop` in one process and reports every epoch to Tune; ASHA
+Each trial runs `flowops.train_session.train_loop` in one process and reports every epoch to Tune; ASHA
 stops weak trials early. Trials are MLflow child runs of one parent run; the best trial's final
 weights are evaluated on the holdout and registered as a new model version (in its child run).
 """
@@ -39,13 +39,14 @@ class TuneConfig(BaseModel):
 
 def _trial(config: dict[str, Any], base: dict[str, Any] | None = None) -> None:
     """One Tune trial: the training loop with this trial's learning rate and width."""
-    from flowops.train import train_loop
+    from flowops.train_session import train_loop
 
     assert base is not None
     name = f"trial-lr{config['lr']:g}-w{config['width']}"
     mlflow_info = {**base["mlflow"], "run_name": name,
                    "params": {"lr": config["lr"], "width": config["width"], "epochs": base["epochs"]}}
-    train_loop({**base, "lr": float(config["lr"]), "width": int(config["width"]), "mlflow": mlflow_info})
+    task = {**base["task"], "options": {**base["task"]["options"], "width": int(config["width"])}}
+    train_loop({**base, "lr": float(config["lr"]), "task": task, "mlflow": mlflow_info})
 
 
 def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from flowops.model import ImageClassifier
+    from flowops.task import TaskSpec, load_task
     from flowops.tracking import ensure_experiment, start_run
     from flowops.train import TrainConfig, check_resources, finish_run, loop_config, plan, run_tags
     from flowops.train_session import load_checkpoint
@@ -107,15 +108,17 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
         mlflow.log_metric("best_val_accuracy", best.metrics["val_accuracy"])
         with best.checkpoint.as_directory() as folder:
             state = load_checkpoint(folder)
-        p.width = int(best.config["width"])
-        model = ImageClassifier(p.data.classes, p.data.image_size, width=p.width)
+        spec = p.task.spec
+        best_width = int(best.config["width"])
+        p.task = load_task(TaskSpec(path=spec.path, options={**spec.options, "width": best_width}))
+        model = p.task.build_model(p.data.classes)
         model.load_state_dict(state["model"])
         child = best.metrics.get("mlflow_run_id")
         with mlflow.start_run(run_id=child, nested=True) if child else mlflow.start_run(nested=True):
             mlflow.set_tags({**tags, "best_trial": "true"})
             metrics, digest, version = finish_run(
                 settings, p, model, tags=tags, register=config.register_version,
-                model_name=config.model_name or settings.model_name,
+                model_name=p.model_name,
             )
         mlflow.set_tag("best_model_version", version or "none")
     return {

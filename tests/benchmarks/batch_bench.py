@@ -49,43 +49,53 @@ def make_images(root: Path, count: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "path"])
 
 
-def fit_model():
+def fit_model(settings):
+    """The digits task's small CNN fitted briefly, registered in the benchmark's own (sqlite)
+    MLflow, where the Ray Data actors load it from: (loaded model, its models:/ URI)."""
     import torch
     from sklearn.datasets import load_digits
 
-    from flowops.model import ImageClassifier
+    from flowops.model import load_model, log_model_version
+    from flowops.refs import ModelRef
+    from flowops.task import TaskSpec, load_task
+    from flowops.tracking import start_run
 
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(digits.target)
     torch.manual_seed(0)
-    net = ImageClassifier([str(c) for c in range(10)], 8)
+    task, classes = load_task(TaskSpec()), [str(c) for c in range(10)]
+    net = task.build_model(classes)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     for _ in range(40):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
-    return net.eval()
+    with start_run(settings, "batch-bench", run_name="fit"):
+        version = log_model_version(settings, net.eval(), task, classes, registered_name="bench")
+    uri = ModelRef.of("bench", version).uri
+    return load_model(settings, uri), uri
 
 
-def plain_batches(rows: pd.DataFrame, root: Path, model, batch_size: int):
-    """The baseline: one process reads, decodes and scores the files in batches."""
-    from flowops.model import decode_image, predict_proba, to_batch
+def plain_batches(rows: pd.DataFrame, root: Path, loaded, batch_size: int):
+    """The baseline: one process reads, decodes (the model's preprocessing) and scores the files
+    in batches."""
+    from flowops.model import predict_proba, to_batch
 
-    size = model.image_size
+    pre = loaded.preprocess
     for start in range(0, len(rows), batch_size):
         chunk = rows.iloc[start : start + batch_size]
         arrays, errors = [], []
         for rel in chunk["path"]:
             try:
-                arrays.append(decode_image((root / rel).read_bytes(), size))
+                arrays.append(pre.decode((root / rel).read_bytes()))
                 errors.append("")
             except Exception as exc:  # noqa: BLE001
-                arrays.append(np.zeros((size, size), np.float32))
+                arrays.append(np.zeros(pre.shape, np.float32))
                 errors.append(str(exc))
         yield {"id": chunk["id"].to_numpy(object), "path": chunk["path"].to_numpy(object),
                "error": np.asarray(errors, dtype=object),
-               "probabilities": predict_proba(model, to_batch(arrays))}
+               "probabilities": predict_proba(loaded.model, to_batch(arrays))}
 
 
 def timed(fn) -> tuple[float, int]:
@@ -107,6 +117,7 @@ def main() -> None:
 
     from flowops import pseudo_label as pl
     from flowops.ray_client import RayHead, free_port, kill_session
+    from flowops.settings import get_settings
 
     work = Path(tempfile.mkdtemp(prefix="fo-batch-bench-", dir="/tmp"))
     sid = None
@@ -115,7 +126,8 @@ def main() -> None:
         rows = make_images(work / "data", args.images)
         write_s = time.perf_counter() - t0
         print(f"wrote {len(rows)} PNG files in {write_s:.1f}s", flush=True)
-        model = fit_model()
+        settings = get_settings(home=work / "home")
+        loaded, model_uri = fit_model(settings)
 
         token = work / "ray" / "auth_token"
         token.parent.mkdir(parents=True)
@@ -135,19 +147,19 @@ def main() -> None:
 
         ray.init(address=f"127.0.0.1:{ports[0]}", log_to_driver=False)
 
-        classes = model.classes
+        classes = loaded.classes
         root = work / "data"
 
         def run_plain() -> int:
-            tally = pl.write_predictions(plain_batches(rows, root, model, args.batch_size),
+            tally = pl.write_predictions(plain_batches(rows, root, loaded, args.batch_size),
                                          classes, "bench", "bench", work / "out-plain")
             return tally.scored
 
         def run_ray(actors: int) -> int:
             cfg = pl.PseudoLabelConfig(batch_size=args.batch_size, actors=actors,
                                        cpus_per_actor=min(1.0, args.cpus / actors))
-            tally = pl.write_predictions(pl.score_batches(rows, root, model, cfg), classes,
-                                         "bench", "bench", work / f"out-ray{actors}")
+            batches = pl.score_batches(settings, rows, root, model_uri, loaded.preprocess, cfg)
+            tally = pl.write_predictions(batches, classes, "bench", "bench", work / f"out-ray{actors}")
             return tally.scored
 
         variants = {"plain": run_plain, "ray_data_1_actor": lambda: run_ray(1),

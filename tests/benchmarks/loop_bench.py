@@ -44,7 +44,7 @@ def main() -> None:
 
     home = Path(args.home or tempfile.mkdtemp(prefix="fo-loop-bench-", dir="/tmp"))
     names = ["RAY_PORT", "DASHBOARD_PORT", "CLIENT_PORT", "SERVE_PORT", "METRICS_PORT",
-             "MLFLOW_UI_PORT"]
+             "MLFLOW_PORT"]
     os.environ["FLOWOPS_HOME"] = str(home)
     for name, port in zip(names, _free_ports(len(names)), strict=True):
         os.environ.setdefault(f"FLOWOPS_{name}", str(port))

@@ -138,18 +138,18 @@ def _bare_deployment(model_uri: str, home: str | None, tracking_uri: str | None,
             torch.set_num_threads(1)
             settings = get_settings(home=home, mlflow_tracking_uri=tracking_uri)
             loaded = await asyncio.to_thread(load_model, settings, model_uri)
-            self.model, self.version = loaded.model, loaded.version
+            self.model, self.version = loaded, loaded.version
             self.http = HttpPolicy(None, None, require_api_key=False, max_body_bytes=BODY_LIMIT)
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
         async def _infer(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
             from flowops.model import predict_proba, to_batch
 
-            return list(predict_proba(self.model, to_batch(arrays)))
+            return list(predict_proba(self.model.model, to_batch(arrays)))
 
         @bare_api.post("/predict")
         async def predict(self, body: PredictRequest = Depends(json_body(PredictRequest))):
-            arrays = body.images(self.model.image_size, MAX_INSTANCES)
+            arrays = body.images(MAX_INSTANCES).arrays(self.model.preprocess)
             probs = await asyncio.gather(*(self._infer(a) for a in arrays))
             return JSONResponse({"predictions": _predictions(self.model, self.version, probs)},
                                 headers={"X-Model-Version": self.version})
@@ -179,7 +179,7 @@ def _plain_server(port: int) -> None:
 
     torch.set_num_threads(1)
     loaded = load_model(get_settings(), ModelRef.production(get_settings().model_name).uri)
-    model, version = loaded.model, loaded.version
+    version = loaded.version
     app = FastAPI()
     app.add_exception_handler(FlowOpsError, flowops_error)
     policy = HttpPolicy(None, None, require_api_key=False, max_body_bytes=BODY_LIMIT)
@@ -187,8 +187,9 @@ def _plain_server(port: int) -> None:
 
     @app.post("/predict")
     async def predict(body: PredictRequest = Depends(json_body(PredictRequest))):
-        probs = predict_proba(model, to_batch(body.images(model.image_size, MAX_INSTANCES)))
-        return JSONResponse({"predictions": _predictions(model, version, probs)},
+        arrays = body.images(MAX_INSTANCES).arrays(loaded.preprocess)
+        probs = predict_proba(loaded.model, to_batch(arrays))
+        return JSONResponse({"predictions": _predictions(loaded, version, probs)},
                             headers={"X-Model-Version": version})
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)

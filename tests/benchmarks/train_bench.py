@@ -47,7 +47,7 @@ def _own_cluster() -> Path:
     os.environ.update({
         "FLOWOPS_HOME": str(home),
         **{f"FLOWOPS_{k}_PORT": str(_free_port(used))
-           for k in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS", "MLFLOW_UI")},
+           for k in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS", "MLFLOW")},
     })
     os.environ.pop("FLOWOPS_RAY_ADDRESS", None)
     return home
@@ -107,8 +107,8 @@ def run(settings, args) -> dict:
     import torch
 
     from flowops import ray_client
-    from flowops.train import TrainConfig, loop_config, plan, train_loop
-    from flowops.train_session import run_local
+    from flowops.train import TrainConfig, loop_config, plan
+    from flowops.train_session import run_local, train_loop
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, cpus_per_worker=1,
                          register_version=False)
@@ -121,7 +121,7 @@ def run(settings, args) -> dict:
                     "load_avg_at_start": os.getloadavg()[0]},
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "repeat_data": args.repeat_data,
                    "train_samples": len(p.data.train), "threads_per_worker": 1,
-                   "data_version": p.data_version.tag, "model": "ImageClassifier(width=32)"},
+                   "data_version": p.data_version.tag, "model": "small CNN task (width=32)"},
         "runs": {},
     }
 

@@ -1,8 +1,8 @@
 """Serving test support (imported explicitly): registered model versions and the deployed app.
 
 There is no training stage to lean on here, so versions are fitted in-process on scikit-learn's
-digits (8x8, pixels scaled to 0-255) for a few epochs and registered through the real MLflow
-registry with `flowops.model.log_model_version`.
+digits (8x8, pixels scaled to 0-255) for a few epochs with the built-in small CNN task and
+registered through the real MLflow registry with `flowops.model.log_model_version`.
 """
 
 from __future__ import annotations
@@ -33,15 +33,22 @@ def png_b64(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def fit_classifier(epochs: int = 2, seed: int = 0, width: int = 8):
-    """A small ImageClassifier fitted on the digits (untrained when epochs=0)."""
-    import torch
+def digits_task(width: int = 8, **options):
+    """The built-in small CNN on 8x8 grayscale digits, loaded by name (so its options are recorded
+    with the version and serving rebuilds the same network)."""
+    from flowops.task import TaskSpec, load_task
 
-    from flowops.model import ImageClassifier
+    return load_task(TaskSpec(options={"width": width, **options}))
+
+
+def fit_classifier(epochs: int = 2, seed: int = 0, width: int = 8):
+    """(task, network): the small CNN fitted on the digits (untrained when epochs=0)."""
+    import torch
 
     torch.set_num_threads(1)  # a shared 2-core machine: extra threads only spin
     torch.manual_seed(seed)
-    model = ImageClassifier(DIGITS, 8, width=width)
+    task = digits_task(width)
+    model = task.build_model(DIGITS)
     if epochs:
         from sklearn.datasets import load_digits
 
@@ -57,23 +64,41 @@ def fit_classifier(epochs: int = 2, seed: int = 0, width: int = 8):
                 torch.nn.functional.cross_entropy(model(x[b]), y[b]).backward()
                 opt.step()
     model.eval()
-    return model
+    return task, model
 
 
-def register_version(settings, model, alias: str | None = None) -> str:
-    """Log and register `model` in the real registry; optionally point an alias at it."""
+def register_version(settings, fitted, alias: str | None = None) -> str:
+    """Log and register a (task, network) pair in the real registry; optionally point an alias
+    at it."""
     from flowops.model import log_model_version
     from flowops.tracking import configure_mlflow, start_run
 
+    task, model = fitted
     with start_run(settings, "serving-tests", run_name="serving-test-model"):
-        version = log_model_version(settings, model)
+        version = log_model_version(settings, model, task, DIGITS, registered_name=settings.model_name)
     if alias:
         configure_mlflow(settings).set_registered_model_alias(settings.model_name, alias, version)
     return version
 
 
 def broken_classifier():
-    """A model whose head disagrees with its class list: every prediction fails (a bad canary)."""
-    model = fit_classifier(epochs=0, seed=5)
-    model.classes = DIGITS[:3]
-    return model
+    """A model whose every prediction fails (NaN weights: malformed probabilities; a bad canary)."""
+    import torch
+
+    task, model = fit_classifier(epochs=0, seed=5)
+    with torch.no_grad():
+        model.head[-1].bias.fill_(float("nan"))
+    return task, model
+
+
+def colour_classifier(seed: int = 2):
+    """(task, network): an untrained ResNet-style model on 12x12 RGB with ImageNet normalisation,
+    for the digits classes: another task than the digits models (a canary of another kind)."""
+    import torch
+
+    from flowops.task import TaskSpec, load_task
+
+    torch.manual_seed(seed)
+    task = load_task(TaskSpec(path="flowops.tasks:resnet",
+                              options={"size": 12, "width": 4, "depth": [1], "augment": False}))
+    return task, task.build_model(DIGITS).eval()

@@ -55,41 +55,31 @@ def test_every_dashboard_metric_is_exported(monitoring):
 
 def test_stateful_dashboard_metrics_are_exported(monitoring, tmp_path):
     """Drift, canary and failure metrics appear once their state exists: create it for real."""
-    import json
     import time
 
     from flowops import drift, observability
 
     settings = monitoring["settings"]
-    latest = drift.latest_report_path(settings)
-    saved = latest.read_text() if latest.exists() else None
-    latest.parent.mkdir(parents=True, exist_ok=True)
-    latest.write_text(
-        json.dumps(
-            {
-                "model_version": "probe",
-                "score": 0.2,
-                "drifted": False,
-                "min_p_adjusted": 0.5,
-                "class_psi": 0.01,
-                "class_p": 0.9,
-                "n": 100,
-                "ts": time.time(),
-                "features": [{"name": "mean_intensity", "statistic": 0.2}],
-            }
-        )
+    drift.save_report(  # a probe report of a model nobody serves: it triggers nothing
+        settings,
+        {
+            "model": "probe",
+            "model_version": "probe",
+            "score": 0.2,
+            "drifted": False,
+            "min_p_adjusted": 0.5,
+            "class_psi": 0.01,
+            "class_p": 0.9,
+            "n": 100,
+            "ts": time.time(),
+            "features": [{"name": "mean_intensity", "statistic": 0.2}],
+        },
     )
-    try:
-        names = {
-            line.split("{")[0].split(" ")[0]
-            for line in observability.render_metrics(settings).splitlines()
-            if line and line[0] != "#"
-        }
-    finally:
-        if saved is None:
-            latest.unlink()
-        else:
-            latest.write_text(saved)
+    names = {
+        line.split("{")[0].split(" ")[0]
+        for line in observability.render_metrics(settings).splitlines()
+        if line and line[0] != "#"
+    }
     used = {n for n in dashboard_metric_names() if n.startswith("flowops_drift_")}
     assert used and used <= names, used - names
     assert "flowops_loop_last_event_timestamp_seconds" in names

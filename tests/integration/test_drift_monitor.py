@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from flowops.errors import NotFound
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -16,32 +17,36 @@ MODEL = "drift-probe-classifier"  # its own registered name: other stages' versi
 
 @pytest.fixture(scope="module")
 def registered(stack, dataset):
-    """An (untrained, seeded) ImageClassifier registered in the platform's MLflow, with lineage."""
+    """An (untrained, seeded) small CNN (the digits task) registered in the platform's MLflow,
+    with lineage."""
     import torch
 
     from flowops import data, tracking
-    from flowops.model import ImageClassifier, log_model_version
+    from flowops.model import log_model_version
+    from flowops.task import TaskSpec, load_task
 
-    version = data.open_version(stack, dataset)
+    classes = data.open_version(stack, dataset).classes
     torch.manual_seed(0)
-    model = ImageClassifier(version.classes, version.image_size)
+    task = load_task(TaskSpec())
+    model = task.build_model(classes)
     with tracking.start_run(stack, "drift-monitor-test", run_name="probe-model"):
         import mlflow
 
         mlflow.log_param("data_version", dataset)
-        version = log_model_version(stack, model, registered_name=MODEL)
+        version = log_model_version(stack, model, task, classes, registered_name=MODEL)
     return f"models:/{MODEL}/{version}", version
 
 
 def _window(stack, dataset, transform) -> np.ndarray:
-    """Holdout images of the data version (never in the reference), transformed."""
+    """Holdout images of the data version (never in the reference) as the digits task sees them
+    ((N, 1, 8, 8) in [0, 1]), transformed."""
     from flowops import data
-    from flowops.model import decode_image
+    from flowops.evaluate import load_images
+    from flowops.task import TaskSpec, load_task
 
     version = data.open_version(stack, dataset)
-    size, root = version.image_size, version.root
     rows = version.rows("holdout").head(120)
-    return transform(np.stack([decode_image((root / p).read_bytes(), size) for p in rows["path"]]))
+    return transform(load_images(version.root, list(rows["path"]), load_task(TaskSpec()).preprocess))
 
 
 def test_drift_job_flags_inverted_window_and_reports_everywhere(stack, dataset, registered, tmp_path):
@@ -84,7 +89,8 @@ def test_unshifted_window_is_not_flagged_and_bad_input_is_one_line(stack, datase
     np.save(tmp_path / "bad.npy", np.zeros((50, 5, 5)))
     bad = run_cli("monitor", "drift", "--window", str(tmp_path / "bad.npy"), "--model", uri)
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines() == ["error: window images are 5x5, the model expects 8x8"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: window images are 1x5x5, the model expects 1x8x8 (channels x height x width)"]
     missing = run_cli("monitor", "drift", "--window", str(path), "--model", f"models:/{MODEL}/999")
     assert (
         missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
@@ -106,7 +112,7 @@ def test_live_traffic_becomes_windows_that_the_monitor_checks(stack, dataset, re
     before = set(drift.windows_dir(stack).glob("*.npy"))
     inverted = _window(stack, dataset, lambda w: 1.0 - w)  # 120 images, sent 40 per request
     for i in range(0, len(inverted), 40):
-        body = {"instances": [{"b64": png_b64(np.round(img * 255))} for img in inverted[i:i + 40]]}
+        body = {"instances": [{"b64": png_b64(np.round(img[0] * 255))} for img in inverted[i:i + 40]]}
         assert httpx.post(f"{stack.serve_url}/predict", json=body, timeout=60).status_code == 200
 
     def written() -> int:
@@ -124,13 +130,19 @@ def test_live_traffic_becomes_windows_that_the_monitor_checks(stack, dataset, re
     # The scheduled monitor (a Ray job) checks the newest window as soon as it starts.
     from flowops import jobs
 
-    drift.latest_report_path(stack).unlink()
+    def latest_ts():
+        try:
+            return drift.latest_report(stack)["ts"]
+        except NotFound:
+            return None
+
+    before = latest_ts()
     started = run_cli("monitor", "drift", "--watch", "--interval", "1", "--model", uri, "--no-trigger")
     assert started.returncode == 0, started.stderr[-2000:]
     job_id = started.stdout.split("Ray job ")[1].split()[0]
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not drift.latest_report_path(stack).exists():
+        while time.monotonic() < deadline and latest_ts() == before:
             assert jobs.info(stack, job_id).status in ("PENDING", "RUNNING"), jobs.logs(stack, job_id)
             time.sleep(1)
         report = drift.latest_report(stack)

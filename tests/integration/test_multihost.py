@@ -5,10 +5,13 @@ worker host. (tests/multihost.py builds it; it needs root, and CI must run it.)"
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import textwrap
 
 import pytest
+
+from tests.multihost import pg_dsn
 
 pytestmark = pytest.mark.integration
 
@@ -80,21 +83,28 @@ def test_a_driver_on_the_worker_host_joins_with_the_copied_token(two_hosts):
     assert set(report["seen"]) == {head.addr, worker.addr}
     assert report["seen"][worker.addr]["head_home"] in (None, [])
     # The token is what lets it in: the head's job API refuses the worker host without it. The
-    # head's Serve HTTP answers there too, at the address the worker's settings derive.
+    # head's Serve HTTP and MLflow server answer there too, at the addresses its settings derive.
     out = worker.python(textwrap.dedent(f"""
         import httpx
         from flowops.settings import get_settings
-        from flowops.stack import serve_healthy
+        from flowops.stack import mlflow_healthy, serve_healthy
         url = "{two_hosts.job_api}/api/version"
         token = open("{worker.home}/ray/auth_token").read().strip()
         with_token = httpx.get(url, headers={{"Authorization": "Bearer " + token}})
-        print(httpx.get(url).status_code, with_token.status_code, get_settings().serve_url,
-              serve_healthy(get_settings()))
+        s = get_settings()
+        print(httpx.get(url).status_code, with_token.status_code, s.serve_url, serve_healthy(s),
+              s.tracking_uri, mlflow_healthy(s))
     """))
-    assert out.split() == ["401", "200", f"http://{head.addr}:8000", "True"]
+    assert out.split() == ["401", "200", f"http://{head.addr}:8000", "True",
+                           f"http://{head.addr}:5000", "True"]
 
 
 def test_postgres_on_the_head_is_reachable_from_the_worker_host(two_hosts, head_postgres):
+    url = pg_dsn(head_postgres.database_url("flowops"))
     assert head_postgres.host == two_hosts.head.addr
-    out = two_hosts.worker.run(["psql", head_postgres.url, "-tAc", "select inet_server_addr()"])
-    assert out.stdout.strip() == two_hosts.head.addr
+    out = two_hosts.worker.python(textwrap.dedent(f"""
+        import psycopg
+        with psycopg.connect({url!r}) as conn:
+            print(conn.execute("select inet_server_addr(), current_database()").fetchone())
+    """))
+    assert out.strip() == repr((ipaddress.ip_address(two_hosts.head.addr), "flowops"))

@@ -7,6 +7,7 @@ files and the model they register never reach the data versions or registry othe
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -78,21 +79,24 @@ def write_digits_version(settings, n_train=300, n_unlabeled=120, bad=True) -> st
 
 
 def register_digits_model(settings, versions_tag: str, epochs: int = 30, alias="production"):
-    """Fit the platform's ImageClassifier briefly on the version's train split; register it."""
+    """Fit the digits task's small CNN briefly on the version's train split; register it."""
     import torch
     from mlflow.tracking import MlflowClient
 
     from flowops import model as model_lib
     from flowops import tracking
+    from flowops.evaluate import load_images
+    from flowops.task import TaskSpec, load_task
 
     root = data.materialize(settings, versions_tag)
     manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
     train = manifest[manifest["split"] == "train"]
-    x = model_lib.to_batch([model_lib.decode_image((root / p).read_bytes(), 8)
-                            for p in train["path"]])
+    task = load_task(TaskSpec(options={"width": 16}))
+    x = model_lib.to_batch(load_images(root, list(train["path"]), task.preprocess))
     y = torch.tensor([int(v) for v in train["label"]])
     torch.manual_seed(0)
-    net = model_lib.ImageClassifier([str(c) for c in range(10)], 8, width=16)
+    classes = [str(c) for c in range(10)]
+    net = task.build_model(classes)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     net.train()
     for _ in range(epochs):
@@ -100,7 +104,8 @@ def register_digits_model(settings, versions_tag: str, epochs: int = 30, alias="
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
     with tracking.start_run(settings, "batch-tests", run_name="fit-for-batch-tests"):
-        version = model_lib.log_model_version(settings, net)
+        version = model_lib.log_model_version(settings, net, task, classes,
+                                              registered_name=settings.model_name)
     if alias:
         MlflowClient(settings.tracking_uri).set_registered_model_alias(
             settings.model_name, alias, version)
@@ -248,3 +253,40 @@ def test_queue_is_most_uncertain_first_and_skips_labeled(batch_env, job_result, 
 
     bad = run_cli("labels", "queue", "--export", "csv", str(export), env=batch_env["env"])
     assert bad.returncode == 2 and "allowed: labelstudio" in bad.stderr
+
+
+def test_ray_data_decodes_every_image_as_training_and_serving_do(stack, tmp_path):
+    """The Ray Data path of `flowops pseudo-label`, in a real pipeline on the cluster, gives the
+    tensors training and serving give (bit for bit) for colour, grayscale, odd-sized,
+    EXIF-rotated and transparent images, through 1- and 3-channel tasks."""
+    from flowops import evaluate, ray_client
+    from flowops import pseudo_label as pl
+    from flowops.image_model import Preprocess
+    from flowops.serving.config import PredictRequest
+    from flowops.task import load_task
+    from tests.unit.test_same_tensor import IMAGES, TASKS
+
+    ray = ray_client.connect(stack)
+    paths = []
+    for i, raw in enumerate(IMAGES.values()):
+        (tmp_path / f"img{i}").write_bytes(raw)
+        paths.append(f"img{i}")
+    (tmp_path / "junk").write_bytes(b"not an image")
+    rows = pd.DataFrame({"id": [*paths, "junk"], "path": [*paths, "junk"]})
+    for spec in TASKS.values():
+        pre: Preprocess = load_task(spec).preprocess
+        ds = ray.data.from_pandas(rows).map_batches(
+            pl.load_images, batch_size=3, batch_format="numpy", num_cpus=0.25,
+            fn_kwargs={"root": str(tmp_path), "preprocess": pre, "size_rule": "resize"})
+        out = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            out.update({i: (x, e) for i, x, e in zip(batch["id"], batch["pixels"], batch["error"],
+                                                      strict=True)})
+        assert "not a decodable image" in out["junk"][1]  # an error row, the others scored
+        trained = evaluate.load_images(tmp_path, paths, pre)
+        for rel, want in zip(paths, trained, strict=True):
+            pixels, error = out[rel]
+            assert error == "" and np.array_equal(pixels, want), (spec, rel)
+            b64 = base64.b64encode((tmp_path / rel).read_bytes()).decode()
+            (served,) = PredictRequest(instances=[{"b64": b64}]).images(1).arrays(pre)
+            assert np.array_equal(served, want)

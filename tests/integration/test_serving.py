@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from tests.conftest import run_cli
 from tests.integration.conftest_serving import (
     broken_classifier,
+    colour_classifier,
     digits_pixels,
     fit_classifier,
     png_b64,
@@ -39,6 +40,7 @@ def served(stack):
         "good": register_version(stack, fit_classifier(seed=0), alias="production"),
         "other": register_version(stack, fit_classifier(seed=1)),
         "broken": register_version(stack, broken_classifier()),
+        "colour": register_version(stack, colour_classifier()),  # another task: 12x12 RGB
     }
     serving.deploy(stack, num_replicas=2)
     yield stack, versions
@@ -96,6 +98,22 @@ def test_predict_names_the_version_everywhere(served):
         assert pred["label"] == max(pred["probabilities"], key=pred["probabilities"].get)
     health = httpx.get(f"{settings.serve_url}/health", timeout=10).json()
     assert health["stable"] == v["good"] and health["canary"] is None
+
+
+def test_a_deploy_naming_no_option_moves_only_the_routing(served):
+    """The loop controller deploys with no deployment option. An app it did not start (two replicas
+    here; the RayService's on Kubernetes) keeps its replicas and options: only the routing moves."""
+    from flowops import serving
+
+    settings, v = served
+    before = serving.routing_status(settings)
+    assert len(before["replicas"]) == 2
+    status = serving.deploy(settings, stable=v["good"], canary=v["other"], weight=0)
+    assert status["canary"] == v["other"] and status["weight"] == 0
+    assert status["deployment_hash"] == before["deployment_hash"]
+    assert set(status["replicas"]) == set(before["replicas"])  # the same replicas: nothing restarted
+    status = serving.deploy(settings, stable=v["good"])
+    assert status["canary"] is None and set(status["replicas"]) == set(before["replicas"])
 
 
 def test_canary_share_and_sticky_routing(served):
@@ -180,6 +198,35 @@ def test_failing_canary_is_counted_and_answered_by_stable(served):
     time.sleep(0.4)
     assert serving.ledger_snapshot(settings)[v["broken"]]["errors"] >= 30
     serving.rollback(settings)
+
+
+def test_any_image_reaches_any_task_and_a_bad_one_is_a_400(served):
+    """Colour, grayscale, odd-sized, EXIF-rotated and transparent image files, and colour pixel
+    arrays, reach the 8x8 grayscale digits model through its own preprocessing; a canary of another
+    task (12x12 RGB, normalised) gets the same request decoded its own way; an image no task can
+    read is a 400 JSON error naming the instance."""
+    import base64
+
+    from flowops import serving
+    from tests.unit.test_same_tensor import IMAGES, _as_pixels
+
+    settings, v = served
+    url = f"{settings.serve_url}/predict"
+    instances = [{"b64": base64.b64encode(raw).decode()} for raw in IMAGES.values()]
+    instances += [_as_pixels(IMAGES["RGB PNG 37x53"]).tolist(),
+                  _as_pixels(IMAGES["RGBA PNG 37x53"]).tolist()]
+    for version in (v["good"], v["colour"]):
+        if version == v["colour"]:
+            assert serving.set_canary(settings, v["colour"], weight=100)["ready"]
+        resp = httpx.post(url, json={"instances": instances}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-model-version"] == version
+        assert len(resp.json()["predictions"]) == len(instances)
+    serving.rollback(settings)
+    for body, message in (([{"b64": "QUJDRA=="}], "instances[0]: not a decodable image"),
+                          ([[[[0, 1], [2, 3]]]], "1 (gray), 3 (RGB) or 4 (RGBA)")):
+        bad = httpx.post(url, json={"instances": body}, timeout=30)
+        assert bad.status_code == 400 and message in bad.json()["error"], bad.text
 
 
 def test_feedback_counts_once_per_prediction(served):

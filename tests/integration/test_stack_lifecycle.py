@@ -28,7 +28,7 @@ def private_env():
     home = Path(tempfile.mkdtemp(prefix="fo-life-", dir="/tmp"))
     used = {int(v) for k, v in os.environ.items() if k.startswith("FLOWOPS_") and k.endswith("_PORT")}
     env = {**os.environ, "FLOWOPS_HOME": str(home)}
-    for key in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS"):
+    for key in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS", "MLFLOW"):
         env[f"FLOWOPS_{key}_PORT"] = str(_free_port(used))
     yield env
     subprocess.run([*FLOWOPS, "down"], env=env, cwd=REPO, capture_output=True, timeout=120)
@@ -86,7 +86,9 @@ def test_lifecycle(private_env):
     report = json.loads(_cli(env, "status", "--json").stdout)
     assert report["healthy"], report
 
-    # Ray dies (its GCS is killed): status says so, `up` repairs it.
+    # Ray and the MLflow server die: status says so, `up` repairs both.
+    mlflow_sid = stack.read_state(settings)["mlflow"]["sid"]
+    ray_client.kill_session(mlflow_sid, grace_s=0)
     sid = stack.read_state(settings)["ray"]["sid"]
     gcs = [p for p in ray_client.session_processes(sid) if "gcs_server" in " ".join(p.cmdline())]
     assert gcs
@@ -99,16 +101,19 @@ def test_lifecycle(private_env):
     dead = _cli(env, "status", "--json")
     assert dead.returncode == 5, dead.stdout  # ClusterUnavailable
     assert json.loads(dead.stdout)["ray"]["healthy"] is False
+    assert json.loads(dead.stdout)["mlflow"]["healthy"] is False
     repaired = json.loads(_cli(env, "up", "--json").stdout)
-    assert "ray" in repaired["repaired"] and "ray" in repaired["started"]
+    assert {"ray", "mlflow"} <= set(repaired["repaired"]) & set(repaired["started"])
     assert json.loads(_cli(env, "status", "--json").stdout)["healthy"]
 
     # Down stops every process it started and keeps the data.
     new_sid = stack.read_state(settings)["ray"]["sid"]
-    assert ray_client.session_processes(new_sid)
+    mlflow_sid = stack.read_state(settings)["mlflow"]["sid"]
+    assert ray_client.session_processes(new_sid) and ray_client.session_processes(mlflow_sid)
     out = _cli(env, "down")
-    assert out.returncode == 0 and "ray" in out.stdout
+    assert out.returncode == 0 and "ray" in out.stdout and "mlflow" in out.stdout
     assert ray_client.session_processes(new_sid) == []
+    assert ray_client.session_processes(mlflow_sid) == []  # the server and its workers
     assert (Path(env["FLOWOPS_HOME"]) / "mlflow" / "mlflow.db").exists()
     assert (Path(env["FLOWOPS_HOME"]) / "workspace" / ".dvc").is_dir()
     assert _cli(env, "status").returncode == 5

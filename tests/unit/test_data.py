@@ -33,6 +33,7 @@ def test_digits_version_counts_and_split(settings_v1):
     assert sum(info.class_counts["holdout"].values()) == 360
     assert info.classes == [str(i) for i in range(10)]
     assert len(info.commit) == 40
+    assert info.name == "digits" and info.rejected == 0
 
 
 def test_manifest_schema_and_hidden_answers(settings_v1):
@@ -43,6 +44,7 @@ def test_manifest_schema_and_hidden_answers(settings_v1):
     assert (unlabeled.label == "").all()
     assert not unlabeled.path.str.contains("/[0-9]/").any()  # the path does not leak the class
     assert version.classes == [str(i) for i in range(10)] and version.image_size == 8
+    assert version.channels == 1 and version.name == "digits"
     root = version.root
     answers = (root / "answers.csv").read_text().splitlines()
     assert len(answers) == 1 + len(unlabeled)
@@ -120,9 +122,10 @@ def _image_folder(root, classes=("cat", "dog"), per_class=6):
 def test_init_from_user_folder(tmp_path):
     s = get_settings(home=tmp_path / "h")
     info = data.init_dataset(s, _image_folder(tmp_path / "imgs"), image_size=16)
-    assert info.classes == ["cat", "dog"]
-    assert sum(info.counts.values()) == 12
-    assert data.open_version(s, info.id).image_size == 16
+    assert info.classes == ["cat", "dog"] and info.name == "imgs"
+    assert info.counts == {"holdout": 3, "train": 9}  # a labeled folder stays labeled
+    version = data.open_version(s, info.id)
+    assert version.image_size == 16 and version.channels == 1 and version.name == "imgs"
 
 
 def test_bad_folders_fail_clearly_and_keep_the_previous_version(settings_v1, tmp_path):
@@ -132,8 +135,9 @@ def test_bad_folders_fail_clearly_and_keep_the_previous_version(settings_v1, tmp
     with pytest.raises(InvalidInput, match="one sub-folder per class"):
         data.init_dataset(settings_v1, tmp_path / "flat")
     broken = _image_folder(tmp_path / "broken")
-    (broken / "cat" / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(InvalidInput, match="not readable images.*bad.png"):
+    for i in range(2):  # 4 readable cats left: too few (broken files are skipped, not fatal)
+        (broken / "cat" / f"{i}.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidInput, match=r"at least 5 readable images; too few in: cat \(4\)"):
         data.init_dataset(settings_v1, broken)
     with pytest.raises(InvalidInput, match="not a folder"):
         data.init_dataset(settings_v1, tmp_path / "missing")

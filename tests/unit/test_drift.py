@@ -1,4 +1,4 @@
-"""Drift detection on real digits with a briefly trained ImageClassifier (no cluster).
+"""Drift detection on real digits with a briefly trained small CNN (the digits task; no cluster).
 
 Measured here (and quoted in docs/observability.md): the false-alarm rate over 100 fresh unshifted
 windows of 100 images, and the detection power on inverted and noisy windows.
@@ -6,19 +6,24 @@ windows of 100 images, and the detection power on inverted and noisy windows.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-from flowops import drift
+from flowops import drift, drift_monitor
 from flowops.errors import InvalidInput
-from flowops.model import ImageClassifier, to_batch
+from flowops.image_model import Preprocess
+from flowops.model import LoadedModel, to_batch
+from flowops.tasks import resnet, small_cnn
 
 WINDOW = 100
 CLASSES = [str(i) for i in range(10)]
+DIGITS = Preprocess(size=8, channels=1)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +43,10 @@ def trained(digits):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = ImageClassifier(CLASSES, 8)
+    task = small_cnn()
+    model = task.build_model(CLASSES)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
-    x, y = to_batch(images[train]), torch.from_numpy(target[train]).long()
+    x, y = to_batch(images[train][:, None]), torch.from_numpy(target[train]).long()
     for _ in range(3):  # ~30 steps: a usable model (~85% accuracy) in a few seconds
         model.train()
         for start in range(0, len(train), 100):
@@ -48,10 +54,11 @@ def trained(digits):
             torch.nn.functional.cross_entropy(model(x[start:start + 100]), y[start:start + 100]).backward()
             opt.step()
     model.eval()
-    accuracy = (model(to_batch(images[pool])).argmax(1).numpy() == target[pool]).mean()
+    accuracy = (model(to_batch(images[pool][:, None])).argmax(1).numpy() == target[pool]).mean()
     print(f"\nreference model accuracy on unseen digits: {accuracy:.1%}")
-    reference = drift.build_reference(images[train], CLASSES, model=model, labels=target[train])
-    yield model, reference
+    loaded = LoadedModel(model=model, task=task, classes=CLASSES, name="digits", version="1", uri="")
+    reference = drift.build_reference(images[train], CLASSES, model=loaded, labels=target[train])
+    yield loaded, reference
     torch.set_num_threads(threads)
 
 
@@ -167,7 +174,7 @@ def test_reference_round_trips_through_npz(tmp_path, digits, trained):
     path = tmp_path / "ref.npz"
     reference.save(path)
     loaded = drift.Reference.load(path)
-    assert loaded.classes == reference.classes and loaded.image_size == 8
+    assert loaded.classes == reference.classes and loaded.preprocess == DIGITS
     assert np.allclose(loaded.embedding, reference.embedding)
     assert np.allclose(loaded.pca_components, reference.pca_components)
 
@@ -175,23 +182,59 @@ def test_reference_round_trips_through_npz(tmp_path, digits, trained):
 def test_window_files_npy_and_parquet(tmp_path, digits):
     images = digits[0][:40]
     np.save(tmp_path / "w.npy", (images * 255).astype(np.uint8))
-    assert np.allclose(drift.load_window(tmp_path / "w.npy", 8), images, atol=1 / 255)
+    assert np.allclose(drift.load_window(tmp_path / "w.npy", DIGITS), images[:, None], atol=1 / 255)
     pd.DataFrame({"pixels": [im.ravel().tolist() for im in images]}).to_parquet(tmp_path / "w.parquet")
-    assert np.allclose(drift.load_window(tmp_path / "w.parquet", 8), images)
+    assert np.allclose(drift.load_window(tmp_path / "w.parquet", DIGITS), images[:, None])
+    # image files, decoded by the model's preprocessing (any size: resized like serving does)
+    files = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray((im * 255).astype(np.uint8)).resize((16, 16)).save(buf, "PNG")
+        files.append(buf.getvalue())
+    pd.DataFrame({"image": files}).to_parquet(tmp_path / "f.parquet")
+    assert drift.load_window(tmp_path / "f.parquet", DIGITS).shape == (40, 1, 8, 8)
+
+
+def test_colour_windows_in_any_layout_and_a_colour_shift_is_flagged(tmp_path):
+    """Colour models: (N, H, W, C) or (N, C, H, W) windows; the reference records the model's
+    preprocessing (normalisation undone for the statistics); a channel swap keeps the intensity
+    but is caught by the per-channel means."""
+    pre = resnet(size=6).preprocess
+    rng = np.random.default_rng(0)
+    tint = np.float32([[[1.0]], [[0.5]], [[0.2]]])  # reddish images
+    ref_images = rng.uniform(0, 1, (300, 3, 6, 6)).astype(np.float32) * tint
+    reference = drift.build_reference(ref_images, ["a", "b"], preprocess=pre, labels=rng.integers(0, 2, 300))
+    assert reference.preprocess == pre and "mean_red" in reference.feature_names()
+    reference.save(tmp_path / "ref.npz")
+    assert drift.Reference.load(tmp_path / "ref.npz").preprocess == pre
+    window = ref_images[:100]
+    np.save(tmp_path / "hwc.npy", (window.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8))
+    assert np.allclose(drift.load_window(tmp_path / "hwc.npy", pre), window, atol=1 / 255)
+    fresh = rng.uniform(0, 1, (100, 3, 6, 6)).astype(np.float32) * tint
+    assert not drift.check_window(reference, fresh).drifted
+    swapped = drift.check_window(reference, fresh[:, ::-1])
+    assert swapped.drifted and {"mean_red", "mean_blue"} <= set(swapped.drifted_features)
+    with pytest.raises(InvalidInput, match="window images are 1x6x6, the model expects 3x6x6"):
+        drift.as_images(np.zeros((40, 6, 6)), pre)
+    # the serving app's windows: model inputs of the stable model, written as pixel values
+    live = drift.InputWindow(capacity=10)
+    live.add([pre.normalise(im) for im in window[:5]], pre)
+    assert np.allclose(live.take(), window[:5], atol=1e-5)
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (np.zeros((40, 5, 5)), "the model expects 8x8"),
-        (np.zeros((40, 8, 7)), "square images"),
+        (np.zeros((40, 5, 5)), "window images are 1x5x5, the model expects 1x8x8"),
+        (np.zeros((40, 8, 7)), "the model expects 1x8x8"),
+        (np.zeros((40, 2, 8, 8)), "1 or 3 channels"),
         (np.full((40, 8, 8), 300.0), "0-255"),
     ],
 )
 def test_bad_windows_are_one_clear_error(tmp_path, content, message):
     np.save(tmp_path / "w.npy", content)
     with pytest.raises(InvalidInput, match=message):
-        drift.load_window(tmp_path / "w.npy", 8)
+        drift.load_window(tmp_path / "w.npy", DIGITS)
 
 
 def test_small_window_and_bad_config_are_rejected(digits):
@@ -202,7 +245,7 @@ def test_small_window_and_bad_config_are_rejected(digits):
     with pytest.raises(InvalidInput, match="drift setting: correction"):
         drift.make_config(correction="holm")
     with pytest.raises(InvalidInput, match="must be .npy or .parquet"):
-        drift.load_window(__file__, 8)
+        drift.load_window(__file__, DIGITS)
 
 
 def test_live_input_window_is_a_bounded_uniform_sample_written_atomically(tmp_path):
@@ -211,38 +254,43 @@ def test_live_input_window_is_a_bounded_uniform_sample_written_atomically(tmp_pa
 
     window = drift.InputWindow(capacity=100, seed=0)
     for start in range(0, 10_000, 50):  # 10,000 images in requests of 50; image i holds value i
-        window.add([np.full((8, 8), float(i), dtype=np.float32) for i in range(start, start + 50)])
+        window.add([np.full((1, 8, 8), i / 10_000, dtype=np.float32)
+                    for i in range(start, start + 50)], DIGITS)
     assert window.seen == 10_000 and len(window.images) == 100
-    values = np.array(sorted(img[0, 0] for img in window.images))
+    values = np.array(sorted(img[0, 0, 0] * 10_000 for img in window.images))
     assert values.min() < 2_000 and values.max() > 8_000  # drawn from all the traffic, not the start
     assert 3_000 < values.mean() < 7_000
 
     s = get_settings(home=tmp_path)
     with pytest.raises(NotFound, match="no live-input window"):
         drift.newest_window(s)
-    sample = window.take() / 10_000
+    sample = window.take()
+    assert sample.shape == (100, 1, 8, 8)
+    assert np.allclose(np.sort(sample[:, 0, 0, 0]) * 10_000, values, atol=0.1)
     assert window.take() is None and window.seen == 0  # a new window starts empty
+    window.add([np.zeros((1, 8, 8), dtype=np.float32)], DIGITS)
+    window.add([np.zeros((3, 4, 4), dtype=np.float32)], Preprocess(size=4, channels=3))
+    assert len(window.images) == 1 and window.seen == 1  # a new stable model: a new window
     paths = [drift.write_window(s, sample, f"r{i}", keep=3) for i in range(5)]
     kept = sorted(drift.windows_dir(s).glob("*"))
     assert [p.name for p in kept] == [p.name for p in paths[-3:]]  # the newest 3, no temp files
     assert drift.newest_window(s) == paths[-1]
-    assert drift.load_window(paths[-1], 8).shape == (100, 8, 8)
+    assert drift.load_window(paths[-1], DIGITS).shape == (100, 1, 8, 8)
 
 
 def test_one_drifted_window_does_not_tell_the_loop_but_a_persisting_drift_does(tmp_path):
     """`drift_detected` needs `persist` consecutive drifted windows of the model (drift history)."""
     from flowops import events
-    from flowops.durable import append_jsonl
     from flowops.settings import Settings
 
     s = Settings(home=tmp_path)
-    history = drift.drift_dir(s) / "history.jsonl"
-    append_jsonl(history, {"model": "digits-classifier", "drifted": True})
-    assert not drift.persisted(s, "digits-classifier", 2)  # one noisy window
-    append_jsonl(history, {"model": "other-model", "drifted": False})  # another model's windows
-    append_jsonl(history, {"model": "digits-classifier", "drifted": True})
-    assert drift.persisted(s, "digits-classifier", 2)
-    append_jsonl(history, {"model": "digits-classifier", "drifted": False})
-    assert not drift.persisted(s, "digits-classifier", 2)  # the drift went away
-    assert drift.persisted(s, "other-model", 1) is False
+    drift.save_report(s, {"model": "digits-classifier", "drifted": True})
+    assert not drift_monitor.persisted(s, "digits-classifier", 2)  # one noisy window
+    drift.save_report(s, {"model": "other-model", "drifted": False})  # another model's windows
+    drift.save_report(s, {"model": "digits-classifier", "drifted": True})
+    assert drift_monitor.persisted(s, "digits-classifier", 2)
+    assert drift.latest_report(s) == {"model": "digits-classifier", "drifted": True}
+    drift.save_report(s, {"model": "digits-classifier", "drifted": False})
+    assert not drift_monitor.persisted(s, "digits-classifier", 2)  # the drift went away
+    assert drift_monitor.persisted(s, "other-model", 1) is False
     assert events.read_events(s) == []

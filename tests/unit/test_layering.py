@@ -1,7 +1,7 @@
 """The package's shape, checked by walking its source (docs/architecture.md draws it).
 
 Layers, arrows pointing down only:
-  foundation (errors, settings, durable, refs, ray_client, events)
+  foundation (errors, settings, durable, refs, ray_client, statedb + its migrations, events)
   -> ML stages and platform parts (data, model, train, ..., jobs, cluster, manifests, devenv)
   -> services (serving/, loop/, observability/, stack, demo)
   -> adapters (flowops.cli, jobs/, serve_apps/), which nothing in the package imports.
@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "platform" / "flowops"
 
-FOUNDATION = {"errors", "settings", "durable", "refs", "ray_client", "events", "resources"}
+FOUNDATION = {"errors", "settings", "durable", "refs", "ray_client", "statedb", "migrations", "events",
+              "resources", "image_model"}
 SERVICES = {"serving", "loop", "observability", "stack", "demo"}
 ADAPTERS = {"cli"}
 MAX_LINES = 600

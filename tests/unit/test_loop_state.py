@@ -1,4 +1,4 @@
-"""The loop's state file: typed records behind one store (no cluster)."""
+"""The loop's state: typed records behind one store in the state database (no cluster)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 
 import pytest
 
+from flowops import statedb
 from flowops.errors import InvalidInput, NotFound
 from flowops.loop import LoopConfig, RolloutStore, parse_config
 from flowops.loop.state import load_config, save_config
 from flowops.settings import get_settings
 
-# A state file as the controller wrote it before records were typed (plain dicts).
+# A state file as the controller wrote it before records were typed (plain dicts), and before the
+# state database: imported when the home's database is first migrated.
 OLD_STATE = {
     "rollouts": {
         "r001": {"id": "r001", "stage": "done", "status": "promoted", "created": 1.0,
@@ -36,8 +38,8 @@ OLD_STATE = {
 def test_a_state_file_of_the_untyped_controller_still_loads_and_resumes(tmp_path):
     s = get_settings(home=tmp_path)
     store = RolloutStore(s)
-    store.path.parent.mkdir(parents=True)
-    store.path.write_text(json.dumps(OLD_STATE))
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "state.json").write_text(json.dumps(OLD_STATE))
     assert store.unfinished() == "r002"
     record = store.get("r002")
     assert record.gate.min_accuracy == 0.0 and record.analysis.ticks == 0
@@ -69,13 +71,13 @@ def test_updates_are_validated_and_a_failed_transaction_writes_nothing(tmp_path)
     assert beat.rollout == "r001" and beat.job is None and beat.heartbeat
 
 
-def test_a_corrupt_state_file_is_one_clear_error(tmp_path):
+def test_a_corrupt_record_is_one_clear_error(tmp_path):
     s = get_settings(home=tmp_path)
     store = RolloutStore(s)
-    store.path.parent.mkdir(parents=True)
-    store.path.write_text(json.dumps({"rollouts": {"r001": {"id": "r001", "stage": "later"}},
-                                      "order": ["r001"]}))
-    with pytest.raises(InvalidInput, match=r"state\.json: rollouts\.r001\.stage"):
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "state.json").write_text(json.dumps(
+        {"rollouts": {"r001": {"id": "r001", "stage": "later"}}, "order": ["r001"]}))
+    with pytest.raises(InvalidInput, match=r"loop state in the state database: rollouts\.r001\.stage"):
         store.records()
 
 
@@ -87,6 +89,7 @@ def test_config_round_trip_and_one_line_errors(tmp_path):
     assert load_config(s) == config and load_config(s).max_age_s is None
     with pytest.raises(InvalidInput, match="invalid loop setting: analysis.steps"):
         parse_config({"analysis": {"steps": [50, 60]}})
-    (tmp_path / "loop" / "config.json").write_text('{"threshold": 0}')
-    with pytest.raises(InvalidInput, match="config.json: threshold"):
+    with statedb.transaction(s) as conn:
+        statedb.put_document(conn, "loop.config", {"threshold": 0})
+    with pytest.raises(InvalidInput, match="saved loop config: threshold"):
         load_config(s)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowops import drift, events, jobs, labels
-from flowops.job_events import job_events_path, record_job_event
+from flowops.job_events import read_job_events, record_job_event
 from flowops.observability import exporter, prometheus
 from flowops.settings import get_settings
 
@@ -32,7 +31,7 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 def test_record_job_event_appends_and_never_raises(home, monkeypatch):
     record_job_event("submitted", "train", None)
     record_job_event("failed", "train", 12.5)
-    lines = [json.loads(x) for x in job_events_path(home).read_text().splitlines()]
+    lines = read_job_events(home)
     assert [(r["event"], r["workload"], r["duration_s"]) for r in lines] == [
         ("submitted", "train", None),
         ("failed", "train", 12.5),
@@ -64,23 +63,19 @@ def test_exporter_reads_pipelines_labels_loop_events_and_drift(home):
     labels.mark_used(home, ["t0", "t1"], "v2")
     for event in ("retrain_triggered", "retrain_triggered", "rolled_back"):
         events.emit(home, event, version="3", ts=now)
-    with open(events.events_path(home), "a") as fh:
-        fh.write('{"ts": 1, "event": "promo')  # a torn last line is ignored
-    drift.latest_report_path(home).parent.mkdir(parents=True)
-    drift.latest_report_path(home).write_text(
-        json.dumps(
-            {
-                "model_version": "3",
-                "score": 0.61,
-                "drifted": True,
-                "min_p_adjusted": 1e-9,
-                "class_psi": 0.4,
-                "class_p": 1e-5,
-                "n": 100,
-                "ts": now,
-                "features": [{"name": "mean_intensity", "statistic": 0.61}],
-            }
-        )
+    drift.save_report(
+        home,
+        {
+            "model_version": "3",
+            "score": 0.61,
+            "drifted": True,
+            "min_p_adjusted": 1e-9,
+            "class_psi": 0.4,
+            "class_p": 1e-5,
+            "n": 100,
+            "ts": now,
+            "features": [{"name": "mean_intensity", "statistic": 0.61}],
+        },
     )
 
     s = _samples(exporter.render_metrics(home))

@@ -16,6 +16,9 @@ from PIL import Image
 from flowops import pseudo_label as pl
 from flowops import queue as q
 from flowops.errors import InvalidInput
+from flowops.image_model import Preprocess
+
+DIGITS = Preprocess(size=8, channels=1)
 
 
 def _png(size: int = 8, value: int = 128) -> bytes:
@@ -40,20 +43,20 @@ def pool(tmp_path):
 
 def test_load_images_flags_each_bad_file_and_keeps_good_pixels(pool):
     root, batch = pool
-    out = pl.load_images(batch, str(root), 8, "exact")
+    out = pl.load_images(batch, str(root), DIGITS, "exact")
     errors = dict(zip(out["id"], out["error"], strict=True))
     assert errors["good1"] == "" and errors["good2"] == ""
     assert errors["big"] == "wrong size 16x16, expected 8x8"
     assert errors["missing"].startswith("unreadable file")
     for bad in ("corrupt", "truncated", "text"):
         assert errors[bad], bad
-    assert out["pixels"].shape == (7, 8, 8)
+    assert out["pixels"].shape == (7, 1, 8, 8)
     assert out["pixels"][0].max() == pytest.approx(1.0) and out["pixels"][1].max() == 0.0
 
 
 def test_resize_rule_accepts_other_sizes(pool):
     root, batch = pool
-    out = pl.load_images(batch, str(root), 8, "resize")
+    out = pl.load_images(batch, str(root), DIGITS, "resize")
     assert dict(zip(out["id"], out["error"], strict=True))["big"] == ""
 
 

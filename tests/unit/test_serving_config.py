@@ -44,9 +44,9 @@ def test_admin_key_comes_from_env_then_file_then_a_private_default(tmp_path, mon
     assert serving.admin_key(settings) == "from-env"
 
 
-def test_replicas_read_the_deployers_key_file_first_and_skip_it_when_absent(tmp_path, monkeypatch):
-    """One reader for the CLI and the replicas: the file the deployer wrote wins; a replica on a
-    node without that file falls back to its environment, then to the home folder."""
+def test_replicas_read_the_deployers_key_file_and_skip_it_when_absent(tmp_path, monkeypatch):
+    """One reader for the CLI and the replicas: the file the deployer wrote; a replica on a node
+    without that file falls back to the file FLOWOPS_API_KEY_FILE names, then the home folder."""
     from flowops.serving.keys import API, read_key, write_key_files
     from flowops.settings import get_settings
 
@@ -56,24 +56,47 @@ def test_replicas_read_the_deployers_key_file_first_and_skip_it_when_absent(tmp_
     monkeypatch.delenv("FLOWOPS_API_KEY", raising=False)
     with pytest.raises(InvalidInput, match="FLOWOPS_API_KEY"):
         write_key_files(settings, require_api_key=True)
-    monkeypatch.setenv("FLOWOPS_API_KEY", "deployer-key")
+    assert not (tmp_path / "serve").exists()  # refused before anything is written
+    other = tmp_path / "deployer-key"
+    other.write_text("deployer-key\n")
+    monkeypatch.setenv("FLOWOPS_API_KEY_FILE", str(other))
     admin_file, api_file = write_key_files(settings, require_api_key=True)
+    assert api_file == str(tmp_path / "serve" / "api_key")
     assert stat.S_IMODE((tmp_path / "serve" / "api_key").stat().st_mode) == 0o600
     assert serving.admin_key(settings) == (tmp_path / "serve" / "admin_key").read_text()
-    monkeypatch.setenv("FLOWOPS_API_KEY", "replica-env")
+    monkeypatch.delenv("FLOWOPS_API_KEY_FILE")
     assert read_key(settings, API, api_file) == "deployer-key"
-    assert read_key(settings, API, str(tmp_path / "elsewhere")) == "replica-env"
-    monkeypatch.delenv("FLOWOPS_API_KEY")
     assert read_key(settings, API, str(tmp_path / "elsewhere")) == "deployer-key"  # home folder
     monkeypatch.setenv("FLOWOPS_API_KEY_FILE", str(tmp_path / "missing"))
     with pytest.raises(InvalidInput, match="FLOWOPS_API_KEY_FILE"):
-        read_key(settings, API)
+        read_key(settings, API, str(tmp_path / "elsewhere"))
+
+
+def test_keys_from_the_environment_win_and_are_never_written(tmp_path, monkeypatch):
+    """Kubernetes: every pod gets FLOWOPS_ADMIN_KEY / FLOWOPS_API_KEY from one Secret. A replica
+    uses its variable even where a (stale) key file exists, and deploying writes no key file."""
+    from flowops.serving.keys import ADMIN, API, read_key, write_key_files
+    from flowops.settings import get_settings
+
+    settings = get_settings(home=tmp_path)
+    monkeypatch.delenv("FLOWOPS_ADMIN_KEY_FILE", raising=False)
+    monkeypatch.delenv("FLOWOPS_API_KEY_FILE", raising=False)
+    monkeypatch.setenv("FLOWOPS_ADMIN_KEY", "admin-from-secret")
+    monkeypatch.setenv("FLOWOPS_API_KEY", "api-from-secret")
+    assert write_key_files(settings, require_api_key=True) == (None, None)
+    assert not (tmp_path / "serve").exists()
+    stale = tmp_path / "stale"
+    stale.write_text("old-key")
+    assert read_key(settings, ADMIN, str(stale)) == "admin-from-secret"
+    assert read_key(settings, API, str(stale)) == "api-from-secret"
+    assert serving.admin_key(settings) == "admin-from-secret"
 
 
 def test_predict_body_names_the_bad_instance():
     """What the body's schema states is checked when it is read (one error naming the instance);
     what only decoding can tell (a broken image file) when the images are made."""
     from flowops.errors import validated_json
+    from flowops.image_model import Preprocess
     from flowops.serving.config import PredictRequest
 
     def read(body: bytes) -> PredictRequest:
@@ -89,13 +112,23 @@ def test_predict_body_names_the_bad_instance():
         read(b'{"instances": [7]}')
     with pytest.raises(InvalidInput, match=r"instances\.0\.pixel_array: List should have at least 1"):
         read(b'{"instances": [[]]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0\.colour_pixel_array: .*1 \(gray\), 3 \(RGB\)"):
+        read(b'{"instances": [[[[0, 255], [128, 64]]]]}')
+    with pytest.raises(InvalidInput, match=r"instances\.0\.colour_pixel_array: .*pixel \[0\]\[1\] has 4"):
+        read(b'{"instances": [[[[0, 255, 0], [128, 64, 0, 255]]]]}')
     body = read(b'{"instances": [[[0, 255], [128, 64]], [[1, 2], [3, 4]]]}')
     with pytest.raises(InvalidInput, match="too many instances"):
-        body.images(8, max_instances=1)
-    (image,) = PredictRequest(instances=[[[0, 255], [128, 64]]]).images(8, max_instances=1)
-    assert image.shape == (8, 8) and 0 <= image.min() <= image.max() <= 1
+        body.images(max_instances=1)
+    gray, colour = Preprocess(size=8, channels=1), Preprocess(size=(5, 7), channels=3)
+    images = PredictRequest(instances=[[[0, 255], [128, 64]]]).images(max_instances=1)
+    (image,) = images.arrays(gray)
+    assert image.shape == (1, 8, 8) and 0 <= image.min() <= image.max() <= 1
+    assert images.arrays(gray) is images.arrays(gray)  # decoded once per preprocessing
+    assert images.arrays(colour)[0].shape == (3, 5, 7)
+    rgb = read(b'{"instances": [[[[255, 0, 0], [0, 0, 255]]]]}').images(max_instances=1)
+    assert rgb.arrays(colour)[0][:, 0, 0] == pytest.approx([1, 0, 0])
     with pytest.raises(InvalidInput, match=r"instances\[0\]: not a decodable image"):
-        read(b'{"instances": [{"b64": "QUJDRA=="}]}').images(8, max_instances=1)
+        read(b'{"instances": [{"b64": "QUJDRA=="}]}').images(max_instances=1).arrays(gray)
 
 
 def test_the_deployment_hash_survives_the_round_trip_to_the_replica():

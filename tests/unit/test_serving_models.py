@@ -11,7 +11,7 @@ import pytest
 
 from flowops.errors import Conflict, NotFound
 from flowops.refs import ModelRef
-from flowops.serving.models import VersionSet, next_routing
+from flowops.serving.models import ModelUnavailable, VersionSet, next_routing
 
 ALIASES = {"production": "1", "staging": "2"}
 
@@ -28,7 +28,7 @@ def _versions(seed: int = 0) -> tuple[VersionSet, list[ModelRef]]:
 
     def load(ref: ModelRef):
         loads.append(ref)
-        return SimpleNamespace(version=ref.version, image_size=8, classes=["a", "b"])
+        return SimpleNamespace(version=ref.version, classes=["a", "b"])
 
     return VersionSet("digits", resolve, load, rng=random.Random(seed)), loads
 
@@ -53,7 +53,9 @@ def test_each_named_version_is_loaded_once_by_number():
     _serve(versions, stable="1", canary="2", weight=10)
     _serve(versions, stable="1", canary="2", weight=50)
     assert loads == [ModelRef.of("digits", "1"), ModelRef.of("digits", "2")]
-    assert versions.loaded() == ["1", "2"] and versions.image_size == 8
+    assert versions.loaded() == ["1", "2"] and versions.loaded_model("2").version == "2"
+    with pytest.raises(ModelUnavailable, match="version 3 is not loaded"):
+        versions.loaded_model("3")
 
 
 def test_choose_gives_the_canary_its_weight():

@@ -24,11 +24,13 @@ def test_defaults_are_absolute_and_derived(monkeypatch, tmp_path):
         monkeypatch.delenv(key, raising=False)
     s = get_settings()
     assert s.home == (tmp_path / ".flowops").resolve()
-    assert s.tracking_uri == f"sqlite:///{s.home}/mlflow/mlflow.db"
+    assert s.tracking_uri == "http://127.0.0.1:5000"  # the MLflow server `flowops up` starts
+    assert s.manages_mlflow and s.mlflow_backend == f"sqlite:///{s.home}/mlflow/mlflow.db"
     assert s.workspace == s.home / "workspace"
     assert s.job_api == "http://127.0.0.1:8265"
     assert s.client_address == "ray://127.0.0.1:10001"
     assert s.serve_url == "http://127.0.0.1:8000"
+    assert s.gcs_address == "127.0.0.1:6380"
     assert len(str(s.ray_temp_dir)) < 40  # unix socket paths are limited
 
 
@@ -40,7 +42,7 @@ def test_env_overrides_and_job_env(monkeypatch, tmp_path):
     assert s.job_api == "http://127.0.0.1:28265"
     env = s.job_env()
     assert env["FLOWOPS_HOME"] == str(tmp_path / "h")
-    assert env["MLFLOW_TRACKING_URI"].startswith("sqlite:////")
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert env["FLOWOPS_MODEL_NAME"] == "cats"
     # a job started elsewhere with these variables sees the same platform
     for key, value in env.items():
@@ -48,18 +50,12 @@ def test_env_overrides_and_job_env(monkeypatch, tmp_path):
     assert get_settings().tracking_uri == s.tracking_uri
 
 
-def test_head_addresses_follow_the_node_ip_and_a_remote_ray_address(monkeypatch):
-    """A head on a machine address is reached there; a driver on another node (FLOWOPS_RAY_ADDRESS
-    set) reaches every head service on that address's host, never its own loopback."""
-    monkeypatch.setenv("FLOWOPS_NODE_IP", "10.213.0.1")
-    head = get_settings()
-    assert (head.job_api, head.gcs_address, head.client_address, head.serve_url) == (
-        "http://10.213.0.1:8265", "10.213.0.1:6380", "ray://10.213.0.1:10001", "http://10.213.0.1:8000")
-    monkeypatch.delenv("FLOWOPS_NODE_IP")
-    monkeypatch.setenv("FLOWOPS_RAY_ADDRESS", "http://10.213.0.1:8265")
-    driver = get_settings()
-    assert driver.node_ip == "127.0.0.1"
-    assert (driver.gcs_address, driver.serve_url) == ("10.213.0.1:6380", "http://10.213.0.1:8000")
+def test_a_job_names_its_model_itself_unless_a_name_was_set(monkeypatch, tmp_path):
+    """Unset, the job's training names the model after the task or the dataset."""
+    monkeypatch.setenv("FLOWOPS_HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("FLOWOPS_MODEL_NAME", raising=False)
+    assert "FLOWOPS_MODEL_NAME" not in get_settings().job_env()
+    assert get_settings(model_name="cats").job_env()["FLOWOPS_MODEL_NAME"] == "cats"
 
 
 def test_config_file_and_precedence(monkeypatch, tmp_path):
@@ -78,7 +74,6 @@ def test_config_file_and_precedence(monkeypatch, tmp_path):
         ({"FLOWOPS_DASHBOARD_PORT": "80"}, "dashboard_port"),
         ({"FLOWOPS_SERVE_PORT": "eighty"}, "serve_port"),
         ({"FLOWOPS_CONFIG": "/nonexistent/flowops.yaml"}, "does not exist"),
-        ({"FLOWOPS_NODE_IP": "head.local"}, "node_ip: 'head.local' is not an IPv4 address"),
     ],
 )
 def test_bad_settings_are_one_clear_error(monkeypatch, env, message):
@@ -108,3 +103,55 @@ def test_serve_fast_path_is_the_default_and_can_be_turned_off(monkeypatch, tmp_p
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     monkeypatch.setenv("FLOWOPS_SERVE_FAST_PATH", "false")
     assert get_settings().serve_env() == {}
+
+
+def test_a_remote_cluster_is_reached_at_its_own_address(monkeypatch):
+    """FLOWOPS_RAY_ADDRESS alone points every address (GCS, Ray Client, Serve, MLflow) at that host:
+    no command falls back to 127.0.0.1."""
+    monkeypatch.setenv("FLOWOPS_RAY_ADDRESS", "http://10.20.0.1:8265/")
+    s = get_settings()
+    assert s.job_api == "http://10.20.0.1:8265"
+    assert s.gcs_address == "10.20.0.1:6380"
+    assert s.client_address == "ray://10.20.0.1:10001"
+    assert s.serve_url == "http://10.20.0.1:8000"
+    assert s.tracking_uri == "http://10.20.0.1:5000"
+
+
+def test_host_settings_and_explicit_urls(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLOWOPS_HOME", str(tmp_path))
+    monkeypatch.setenv("FLOWOPS_RAY_HOST", "192.168.7.2")
+    monkeypatch.setenv("FLOWOPS_MLFLOW_PORT", "5055")
+    s = get_settings()
+    assert (s.job_api, s.gcs_address) == ("http://192.168.7.2:8265", "192.168.7.2:6380")
+    assert (s.serve_url, s.tracking_uri) == ("http://192.168.7.2:8000", "http://192.168.7.2:5055")
+    # A server listening everywhere is reached at the head's address.
+    monkeypatch.setenv("FLOWOPS_MLFLOW_HOST", "0.0.0.0")
+    assert get_settings().tracking_uri == "http://192.168.7.2:5055"
+    # Given URLs win; jobs get them, so a job on another node sees the same platform.
+    monkeypatch.setenv("FLOWOPS_SERVE_URL", "http://classifier-serve-svc.flowops:8000/")
+    monkeypatch.setenv("FLOWOPS_MLFLOW_TRACKING_URI", "http://mlflow.flowops:5000")
+    s = get_settings()
+    assert s.serve_url == "http://classifier-serve-svc.flowops:8000"
+    assert s.tracking_uri == "http://mlflow.flowops:5000" and not s.manages_mlflow
+    env = s.job_env()
+    assert env["FLOWOPS_SERVE_URL"] == s.serve_url and env["MLFLOW_TRACKING_URI"] == s.tracking_uri
+    assert env["FLOWOPS_RAY_HOST"] == "192.168.7.2"
+    monkeypatch.setenv("FLOWOPS_RAY_HOST", "fd00::5")
+    assert get_settings().job_api == "http://[fd00::5]:8265"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FLOWOPS_SERVE_URL": "127.0.0.1:8000"}, "serve_url"),
+    ({"FLOWOPS_SERVE_URL": "ftp://host"}, "serve_url"),
+    ({"FLOWOPS_RAY_HOST": "http://10.0.0.1"}, "not a host name"),
+    ({"FLOWOPS_RAY_HOST": "10.0.0.1:6380"}, "not a host name"),
+    ({"FLOWOPS_RAY_HOST": "0.0.0.0"}, "cannot be reached"),
+    ({"FLOWOPS_MLFLOW_HOST": "host/x"}, "mlflow_host"),
+    ({"FLOWOPS_MLFLOW_PORT": "80"}, "mlflow_port"),
+    ({"FLOWOPS_MLFLOW_WORKERS": "0"}, "mlflow_workers"),
+])
+def test_bad_addresses_are_one_clear_error(monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(InvalidInput, match=message):
+        get_settings()

@@ -16,19 +16,20 @@ from flowops import jobs
 from flowops.entrypoint import parse_job_config
 from flowops.errors import InvalidInput
 from flowops.evaluate import classification_metrics
-from flowops.model import ImageClassifier
-from flowops.train import TrainConfig, check_resources, pseudo_rows, train_loop, weights_hash
-from flowops.train_session import load_checkpoint
+from flowops.tasks import SmallCNN
+from flowops.train import TrainConfig, check_resources, pseudo_rows
+from flowops.train_session import load_checkpoint, train_loop, weights_hash
 from tests.conftest import REPO
 
 
 def _loop_config(tmp_path, **over):
     rng = np.random.default_rng(0)
-    x = rng.random((40, 8, 8), dtype=np.float32)
-    y = (x[:, :4].mean(axis=(1, 2)) > 0.5).astype(np.int64)
+    x = rng.random((40, 1, 8, 8), dtype=np.float32)
+    y = (x[:, 0, :4].mean(axis=(1, 2)) > 0.5).astype(np.int64)
+    task = {"path": "flowops.tasks:small_cnn", "options": {"channels": 1, "size": 8, "width": 4}}
     cfg = {
-        "mode": "local", "seed": 3, "epochs": 2, "batch_size": 8, "lr": 1e-2, "width": 4,
-        "freeze_epochs": 0, "classes": ["a", "b"], "image_size": 8, "init_state": None,
+        "mode": "local", "seed": 3, "epochs": 2, "batch_size": 8, "lr": 1e-2, "task": task,
+        "freeze_epochs": 0, "classes": ["a", "b"], "init_state": None,
         "x_train": x[:32], "y_train": y[:32], "x_val": x[32:], "y_val": y[32:], "threads": 1,
         "fault_marker": None, "mlflow": None, "checkpoint_dir": str(tmp_path),
     }
@@ -57,7 +58,7 @@ def test_same_seed_same_weights_and_a_checkpoint_per_epoch(tmp_path):
 
 
 def test_freeze_epochs_keep_the_feature_extractor_fixed(tmp_path):
-    init = ImageClassifier(["a", "b"], 8, width=4).state_dict()
+    init = SmallCNN(2, channels=1, width=4).state_dict()
     train_loop(_loop_config(tmp_path, init_state=init, freeze_epochs=2))
     state = _final_state(tmp_path)["model"]
     for name, tensor in init.items():
@@ -67,7 +68,7 @@ def test_freeze_epochs_keep_the_feature_extractor_fixed(tmp_path):
 
 
 def test_weights_hash_changes_with_any_weight():
-    model = ImageClassifier(["a", "b"], 8, width=4)
+    model = SmallCNN(2, channels=1, width=4)
     before = weights_hash(model)
     with torch.no_grad():
         model.head[-1].bias[0] += 1e-6

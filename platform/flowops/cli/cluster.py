@@ -70,6 +70,19 @@ def validate(
         console.print(f"{report.checked} objects valid")
 
 
+@cluster_app.command("run-job")
+def run_job(
+    template: str = typer.Argument(..., help="A RayJob template of the overlay (flowops-train, "
+                                   "flowops-pseudo-label)."),
+    overlay: str = typer.Option("dev", "--overlay", help="Overlay of cluster/overlays (dev, gpu, prod)."),
+    name: str = typer.Option(None, "--name", help="Name of the new RayJob (default: TEMPLATE-<UTC time>)."),
+    apply: bool = typer.Option(False, "--apply", help="Server-side apply it with kubectl (default: "
+                               "print the YAML)."),
+) -> None:
+    """Run a suspended RayJob template: a copy with its own name and `suspend` removed."""
+    typer.echo(cluster.run_job_template(settings(), template, overlay, name, apply), nl=apply)
+
+
 @devenv_app.command("create")
 def create(
     name: str = typer.Argument(..., help="Environment name; also its Kubernetes namespace."),
@@ -81,7 +94,7 @@ def create(
     ),
     backend: str = typer.Option("k8s", "--backend", help="k8s (a namespace with a RayCluster) or local."),
     owner: str = typer.Option(None, "--owner", help="Kubernetes user bound to the namespace (k8s)."),
-    apply: bool = typer.Option(False, "--apply", help="k8s: create it through the Kubernetes API."),
+    apply: bool = typer.Option(False, "--apply", help="k8s: server-side apply it with kubectl."),
     output: Path = typer.Option(None, "--output", "-o", help="k8s: write the YAML to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -116,7 +129,7 @@ def create(
                    | ({"output": str(output)} if output and not apply else {}))
         return
     if apply:
-        console.print(f"created in namespace {name}: {', '.join(result['created'])}")
+        console.print(f"applied in namespace {name}: {', '.join(result['created'])}")
     elif output:
         console.print(f"wrote {output}: apply with `kubectl apply -f {output}`")
     else:

@@ -8,7 +8,14 @@ import typer
 from rich.table import Table
 
 from flowops import data
-from flowops.cli._common import console, err_console, print_json, settings, submit_and_follow
+from flowops.cli._common import (
+    console,
+    err_console,
+    notes,
+    print_json,
+    settings,
+    submit_and_follow,
+)
 
 data_app = typer.Typer(help="Versioned datasets (git + DVC).", no_args_is_help=True)
 
@@ -20,25 +27,53 @@ def register(app: typer.Typer) -> None:
 @data_app.command("init")
 def init(
     from_dir: Path = typer.Option(
-        None, "--from", help="Your own image folder (one sub-folder per class) instead of digits."
+        None, "--from", metavar="DIR",
+        help="Your image folder, one sub-folder per class (any format Pillow reads; files are "
+             "kept as they are), instead of the scikit-learn digits.",
     ),
-    unlabeled_fraction: float = typer.Option(0.75, help="Share of non-holdout images left unlabeled."),
-    holdout_fraction: float = typer.Option(0.2, help="Share kept as the fixed holdout test set."),
-    image_size: int = typer.Option(28, help="Side in pixels models use for --from images."),
+    unlabeled_dir: Path = typer.Option(
+        None, "--unlabeled", metavar="DIR",
+        help="A folder of images without labels: the unlabeled pool (with --from).",
+    ),
+    name: str = typer.Option(
+        None, "--name", help="The dataset's name; models default to <name>-classifier "
+                             "(default: the --from folder's name; 'digits' without --from).",
+    ),
+    holdout_fraction: float = typer.Option(
+        0.2, help="Share of each class kept as the fixed holdout test set."
+    ),
+    unlabeled_fraction: float = typer.Option(
+        None, help="Share of the labeled training images whose labels are hidden in the "
+                   "unlabeled pool, for simulated labeling (default: 0.75 for digits, 0 with --from).",
+    ),
+    image_size: int = typer.Option(
+        None, help="Default model input side in pixels (default: 8 for digits; with --from the "
+                   "median short side of the images, clipped to 8-224).",
+    ),
     seed: int = typer.Option(0, help="Seed of the split."),
     as_json: bool = typer.Option(False, "--json", help="Print the new version as JSON."),
 ) -> None:
-    """Write the default dataset (scikit-learn digits) or your folder as a new data version."""
+    """Write the default dataset (scikit-learn digits) or your folder as a new data version.
+
+    A folder's files that do not decode are skipped and listed in the version's errors.csv."""
     cfg = settings()
-    with err_console.status("writing the dataset and pushing it to the DVC remote…"):
+    with err_console.status("reading the images, writing the dataset and pushing it to the DVC "
+                            "remote…"):
         info = data.init_dataset(
-            cfg, from_dir, unlabeled_fraction=unlabeled_fraction,
-            holdout_fraction=holdout_fraction, image_size=image_size, seed=seed,
+            cfg, from_dir, unlabeled_dir=unlabeled_dir, name=name,
+            unlabeled_fraction=unlabeled_fraction, holdout_fraction=holdout_fraction,
+            image_size=image_size, seed=seed,
         )
+    out = notes(as_json)
+    if info.rejected:
+        report = cfg.workspace / data.DATA_DIR / data.ERRORS_FILE
+        out.print(f"{info.rejected} file(s) rejected, see {data.ERRORS_FILE} of {info.id} "
+                  f"({report})", soft_wrap=True)
     if as_json:
         print_json(info.to_dict())
         return
-    console.print(f"data version [bold]{info.id}[/bold] ({info.commit[:8]}): {info.counts}")
+    console.print(f"data version [bold]{info.id}[/bold] ({info.commit[:8]}) '{info.name}': "
+                  f"{info.counts}")
 
 
 @data_app.command("versions")
@@ -73,12 +108,17 @@ def show(
     if as_json:
         print_json(info.to_dict())
         return
-    console.print(f"version {info.id}  commit {info.commit or '-'}  parent {info.parent or '-'}")
+    console.print(f"version {info.id}  dataset {info.name}  commit {info.commit or '-'}  "
+                  f"parent {info.parent or '-'}")
     console.print(f"message {info.message}")
     for split, per_class in info.class_counts.items():
+        if split == "unlabeled":
+            continue
         console.print(f"  {split:<10} {info.counts.get(split, 0):>6}  {per_class}")
     if "unlabeled" in info.counts:
-        console.print(f"  {'unlabeled':<10} {info.counts['unlabeled']:>6}  (labels kept aside)")
+        console.print(f"  {'unlabeled':<10} {info.counts['unlabeled']:>6}  (the pool to label)")
+    if info.rejected:
+        console.print(f"  {info.rejected} file(s) rejected at import: see {data.ERRORS_FILE}")
 
 
 @data_app.command("check")

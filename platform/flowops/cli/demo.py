@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
 
 def demo(
     threshold: int = typer.Option(60, "--threshold", help="Labels that trigger the retrain."),
-    rate: float = typer.Option(40.0, "--rate", help="Generated requests per second (127.0.0.1)."),
+    rate: float = typer.Option(40.0, "--rate", help="Generated requests per second (to the Serve URL)."),
 ) -> None:
     """Run the whole FlowOps story on the embedded stack (what `make demo` runs): train, serve,
     pseudo-label, label, retrain, canary → promote, then a bad model → automatic rollback.

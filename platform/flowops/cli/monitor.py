@@ -13,7 +13,8 @@ from flowops.errors import GateFailed, InvalidInput, JobFailed
 monitor_app = typer.Typer(help="Metrics, alert rules, Prometheus and drift detection.",
                           no_args_is_help=True)
 prometheus_app = typer.Typer(help="The loopback Prometheus of the embedded stack.", no_args_is_help=True)
-exporter_app = typer.Typer(help="The platform metrics exporter (a detached Ray actor).",
+exporter_app = typer.Typer(help="The platform metrics exporter (a detached Ray actor, or in the "
+                           "foreground: `run`).",
                            no_args_is_help=True)
 
 
@@ -46,7 +47,7 @@ def drift(
     """Check a window of live inputs for drift against the model's training data."""
     from flowops import drift as drift_mod
     from flowops import jobs
-    from flowops.drift_monitor import DriftMonitorConfig
+    from flowops.drift_monitor import DriftMonitorConfig, run_drift_check
 
     cfg = settings()
     config = drift_mod.make_config(alpha=alpha, correction=correction, class_test=class_test,
@@ -80,8 +81,8 @@ def drift(
         report = drift_mod.latest_report(cfg)
     else:
         with err_console.status(f"checking {window.name} for drift…"):
-            report = drift_mod.run_drift_check(cfg, window, model_uri=model, data_version=data_version,
-                                               config=config, trigger=not no_trigger).to_dict()
+            report = run_drift_check(cfg, window, model_uri=model, data_version=data_version,
+                                     config=config, trigger=not no_trigger).to_dict()
     if as_json:
         # The report, plus which job made it when it ran as one.
         print_json({**jobs.outcome(cfg, job), **report} if job else report)
@@ -132,6 +133,18 @@ def exporter_start(
 
     result = observability.start_exporter(settings(), port, host)
     print_json(result) if as_json else console.print(f"exporter at {result['url']}")
+
+
+@exporter_app.command("run")
+def exporter_run(
+    port: int = typer.Option(None, help="Exporter port (default FLOWOPS_MONITOR_EXPORTER_PORT or 8091)."),
+    host: str = typer.Option(None, help="Interface to listen on (default FLOWOPS_MONITOR_EXPORTER_HOST "
+                             "or 127.0.0.1; 0.0.0.0 in a pod)."),
+) -> None:
+    """Serve the platform metrics in the foreground until stopped (a container's process on Kubernetes)."""
+    from flowops import observability
+
+    observability.run_exporter(settings(), port, host)
 
 
 @exporter_app.command("stop")

@@ -1,4 +1,4 @@
-"""`flowops up | status | down | ui`: the embedded stack."""
+"""`flowops up | status | down`: the embedded stack."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ def register(app: typer.Typer) -> None:
     app.command("up")(up)
     app.command("status")(status)
     app.command("down")(down)
-    app.command("ui")(ui)
 
 
 def up(
@@ -24,20 +23,17 @@ def up(
     client_port: int = typer.Option(None, help="Ray Client port (default 10001)."),
     serve_port: int = typer.Option(None, help="Serve HTTP port (default 8000)."),
     metrics_port: int = typer.Option(None, help="Ray metrics export port (default 8090)."),
-    node_ip: str = typer.Option(
-        None, "--node-ip", help="Address the head listens on and advertises (default 127.0.0.1); "
-        "a machine address lets Ray nodes on other hosts join."
-    ),
+    mlflow_port: int = typer.Option(None, help="MLflow server (tracking API and UI) port (default 5000)."),
     with_prometheus: bool = typer.Option(
         False, "--with-prometheus", help="Also start a Prometheus on loopback (needs `prometheus`)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Start the embedded stack: Ray head (+ Serve), MLflow store, data workspace. Idempotent."""
+    """Start the embedded stack: Ray head (+ Serve), MLflow server, data workspace. Idempotent."""
     cfg = settings(
         num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, ray_port=ray_port,
         client_port=client_port, serve_port=serve_port, metrics_port=metrics_port,
-        node_ip=node_ip,
+        mlflow_port=mlflow_port,
     )
     with err_console.status("starting the FlowOps stack…"):
         if with_prometheus:
@@ -59,10 +55,13 @@ def up(
 
 
 def _print_addresses(cfg) -> None:
+    from flowops import statedb
+
     console.print(f"Ray dashboard / job API : {cfg.job_api}")
     console.print(f"Ray Client              : {cfg.client_address}")
     console.print(f"Serve HTTP              : {cfg.serve_url}")
-    console.print(f"MLflow store            : {cfg.tracking_uri}  (UI: flowops ui)")
+    console.print(f"MLflow (tracking + UI)  : {cfg.tracking_uri}")
+    console.print(f"State database          : {statedb.masked(statedb.state_url(cfg))}")
     console.print(f"Data workspace          : {cfg.workspace}  (remote {cfg.remote})")
     console.print(f"Ray token               : {cfg.token_path}")
 
@@ -77,9 +76,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the report 
         for name in ("ray", "serve", "mlflow", "workspace"):
             part = report[name]
             mark = "[green]healthy[/green]" if part["healthy"] else "[red]down[/red]"
-            where = part.get("dashboard") or part.get("url") or part.get("tracking_uri") or part.get(
-                "path"
-            )
+            where = (part.get("dashboard") or part.get("url") or part.get("ui")
+                     or part.get("tracking_uri") or part.get("path"))
+            if name == "mlflow" and part.get("ui"):
+                where = f"{where}  (UI and tracking API)"
             console.print(f"{name:<10} {mark:<28} {where}")
         ws = report["workspace"]
         if ws.get("healthy"):
@@ -101,10 +101,3 @@ def down(as_json: bool = typer.Option(False, "--json", help="Print the result as
         console.print(f"stopped: {', '.join(stopped)} (data kept in {cfg.home})")
     else:
         console.print("nothing was running")
-
-
-def ui(port: int = typer.Option(None, help="Port of the MLflow UI (default 5000).")) -> None:
-    """Serve the MLflow UI against the platform's store (foreground; Ctrl-C stops it)."""
-    cfg = settings(mlflow_ui_port=port)
-    console.print(f"MLflow UI at http://127.0.0.1:{cfg.mlflow_ui_port}")
-    raise typer.Exit(stack.serve_ui(cfg))

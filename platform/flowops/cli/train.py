@@ -46,7 +46,15 @@ def train_cmd(
     epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
     batch_size: int = typer.Option(32, "--batch-size", help="Batch size per worker."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
-    width: int = typer.Option(32, "--width", help="Channels of the first conv block."),
+    task: str = typer.Option(None, "--task", help="Your task as module:object (a flowops Task or a "
+                             "function returning one); default: the small CNN sized to the data, or "
+                             "the base model's task when fine-tuning."),
+    task_option: list[str] = typer.Option([], "--task-option", help="key=value for a task factory "
+                                          "(repeatable), e.g. --task-option size=64."),
+    width: int = typer.Option(None, "--width", help="Shorthand for --task-option width=N (channels "
+                              "of the built-in networks' first layer)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on a GPU that supports it), "
+                                  "fp32 or bf16."),
     init_from: str = typer.Option(None, "--init-from",
                                   help="Fine-tune from models:/<name>@<alias> or models:/<name>/<N>."),
     freeze_epochs: int = typer.Option(0, "--freeze-epochs",
@@ -68,12 +76,14 @@ def train_cmd(
     """Train the classifier on a data version (Ray Train job); registers a new model version.
     Exits 7 when the job fails."""
     from flowops import train
+    from flowops.task import parse_options
 
     cfg = settings()
     config = validated(
         train.TrainConfig, "train config", data_version=data_version, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, epochs=epochs,
         batch_size=batch_size, lr=lr, width=width, init_from=init_from, freeze_epochs=freeze_epochs,
+        task=task, task_options=parse_options(task_option), precision=precision,
         seed=seed, experiment=experiment, model_name=model_name, include_pseudo=include_pseudo,
         max_failures=max_failures, local=local,
     )
@@ -98,7 +108,8 @@ def train_cmd(
         else:
             console.print(result.summary())
         return
-    _submit_and_follow(cfg, "train", config, no_wait, as_json)
+    submit_and_follow(cfg, "train", config, no_wait=no_wait, as_json=as_json,
+                      metadata={"stage": "train"}, py_modules=train.task_packages(config))
 
 
 def tune_cmd(

@@ -2,7 +2,7 @@
 roll back → pseudo-label, driven by a controller (a long-lived Ray job), exactly once across
 restarts.
 
-    state       LoopConfig, the typed RolloutRecord and RolloutStore (`<home>/loop/state.json`)
+    state       LoopConfig, the typed RolloutRecord and RolloutStore (in the state database)
     stages      one rollout, stage by stage
     controller  when to retrain; run, start, stop and report the controller
     timeline    the per-rollout report of the event log (`flowops loop report`)

@@ -80,12 +80,23 @@ def _apply_labels(chosen: dict[str, str], classes: list[str]) -> Callable[[Path]
 def snapshot_labels(settings: Settings, rid: str, reason: str) -> RolloutRecord:
     """Turn the new labels into a data version, exactly once per rollout `rid`.
 
+    One snapshot at a time in the whole platform (`statedb.exclusive`: a cutter on another node
+    waits, then finds the work done):
     1. the intent (which labels) is recorded before anything else;
     2. a version whose message names `rid` is the one already cut (a crash after cutting);
     3. the labels are marked used in that version (only those still as recorded).
     """
+    from flowops import statedb
+
+    with statedb.exclusive(settings, "label-snapshot"):
+        return _snapshot_labels(settings, rid, reason)
+
+
+def _snapshot_labels(settings: Settings, rid: str, reason: str) -> RolloutRecord:
     store = RolloutStore(settings)
     record = store.read().rollouts.get(rid)
+    if record is not None and record.data_version and record.stage != "snapshot":
+        return record  # another cutter finished this snapshot while we waited
     if record is None or record.snapshot is None:
         chosen = {r["task_id"]: [r["image_id"], r["label"]] for r in labels.new_labels(settings)}
         record = store.update(rid, stage="snapshot", status="running", created=time.time(),
@@ -151,7 +162,7 @@ def stage_train(settings: Settings, config: LoopConfig, rid: str) -> RolloutReco
         "data_version": record.data_version, "epochs": config.epochs, "workers": config.workers,
         "cpus_per_worker": config.cpus_per_worker, "run_name": run_name,
         "init_from": ModelRef.of(settings.model_name, base).uri if base else None,
-        **config.train_overrides})
+        "model_name": settings.model_name, **config.train_overrides})
     events.emit(settings, "training_started", rollout=rid, data_version=record.data_version,
                 base_version=base)
     _run_pipeline(settings, "retrain", jobs.Step("train", "train", train_config),

@@ -1,11 +1,12 @@
 """The loop's durable state: its configuration and one typed record per rollout.
 
-Everything lives in `<home>/loop/`: `config.json` (the `LoopConfig` that `flowops loop start`
-saved for the controller job) and `state.json` (the rollout records, their order and the
-controller's heartbeat). `state.json` changes only inside `RolloutStore.transaction()`: under a
-file lock, read, change, written atomically, so a crash leaves the old or the new state and two
-writers never lose each other's change. Records are frozen and reject unknown fields; a stage
-changes one through `RolloutStore.update`, which validates the result.
+Everything lives in the state database (`flowops.statedb`), so a controller restarted on another
+node resumes where it stopped: the `LoopConfig` that `flowops loop start` saved for the
+controller job and the controller's heartbeat (table `documents`), and the rollout records in
+their order (table `rollouts`). They change only inside `RolloutStore.transaction()`: one database
+transaction under a lock, read, change, written, so a crash leaves the old or the new state and
+two writers on any nodes never lose each other's change. Records are frozen and reject unknown
+fields; a stage changes one through `RolloutStore.update`, which validates the result.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops.durable import atomic_write_text, file_lock
-from flowops.errors import NotFound, validated, validated_json
+from flowops.errors import NotFound, validated
 from flowops.rollout import AnalysisConfig
 from flowops.settings import Settings
 
+CONFIG_DOCUMENT = "loop.config"
+CONTROLLER_DOCUMENT = "loop.controller"
 # A rollout's stages in the order the controller drives them; `done` ends it.
 Stage = Literal["snapshot", "train", "validate", "canary", "analysis", "pseudo_label", "done"]
 # `running` until decided; a finished rollout was promoted, rolled back, rejected at the gate, or
@@ -139,7 +140,7 @@ class Heartbeat(BaseModel):
 
 
 class LoopState(BaseModel):
-    """The content of `state.json`."""
+    """Every rollout record, their order, and the controller's heartbeat."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -148,25 +149,24 @@ class LoopState(BaseModel):
     controller: Heartbeat = Field(default_factory=Heartbeat)
 
 
-def loop_dir(settings: Settings) -> Path:
-    return settings.home / "loop"
-
-
 def home_tag(settings: Settings) -> str:
     """A short id of the home folder: job and pipeline ids of two homes never collide."""
     return hashlib.sha1(str(settings.home).encode()).hexdigest()[:6]
 
 
 def save_config(settings: Settings, config: LoopConfig) -> None:
-    loop_dir(settings).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(loop_dir(settings) / "config.json", config.model_dump_json(indent=2))
+    from flowops import statedb
+
+    with statedb.transaction(settings) as conn:
+        statedb.put_document(conn, CONFIG_DOCUMENT, config.model_dump(mode="json"))
 
 
 def load_config(settings: Settings) -> LoopConfig:
-    path = loop_dir(settings) / "config.json"
-    if not path.exists():
-        return LoopConfig()
-    return validated_json(LoopConfig, path.read_text(), str(path))
+    from flowops import statedb
+
+    with statedb.reading(settings) as conn:
+        body = statedb.get_document(conn, CONFIG_DOCUMENT)
+    return LoopConfig() if body is None else validated(LoopConfig, "saved loop config", **body)
 
 
 def parse_config(raw: dict[str, Any]) -> LoopConfig:
@@ -175,30 +175,60 @@ def parse_config(raw: dict[str, Any]) -> LoopConfig:
                                                              if v is not None})
 
 
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", exclude_none=True)
+
+
 class RolloutStore:
-    """The one reader and writer of `state.json`."""
+    """The one reader and writer of the rollout records and the controller's heartbeat."""
 
     def __init__(self, settings: Settings):
-        self.dir = loop_dir(settings)
-        self.path = self.dir / "state.json"
+        self.settings = settings
+
+    @staticmethod
+    def _load(conn) -> LoopState:
+        from flowops import statedb
+
+        table = statedb.rollouts
+        rows = conn.execute(table.select().order_by(table.c.position)).all()
+        return validated(LoopState, "loop state in the state database",
+                         rollouts={r.id: r.record for r in rows}, order=[r.id for r in rows],
+                         controller=statedb.get_document(conn, CONTROLLER_DOCUMENT) or {})
 
     def read(self) -> LoopState:
-        if not self.path.exists():
-            return LoopState()
-        return validated_json(LoopState, self.path.read_text(), str(self.path))
+        from flowops import statedb
+
+        with statedb.reading(self.settings) as conn:
+            return self._load(conn)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[LoopState]:
-        """The state to change in place; written (atomically) when the block ends without error."""
-        with file_lock(self.dir / "state.lock"):
-            state = self.read()
+        """The state to change in place; written when the block ends without error (one database
+        transaction holding the loop's lock, so concurrent writers queue)."""
+        from flowops import statedb
+
+        with statedb.transaction(self.settings) as conn:
+            statedb.lock(conn, "loop-state")
+            state = self._load(conn)
+            before = {rid: _dump(r) for rid, r in state.rollouts.items()}
+            positions = {rid: i for i, rid in enumerate(state.order)}
+            controller = _dump(state.controller)
             yield state
-            atomic_write_text(self.path, state.model_dump_json(indent=2, exclude_none=True))
+            for position, rid in enumerate(state.order):
+                record = _dump(state.rollouts[rid])
+                if before.get(rid) != record or positions.get(rid) != position:
+                    stmt = statedb.insert(conn, statedb.rollouts).values(
+                        id=rid, position=position, record=record)
+                    conn.execute(stmt.on_conflict_do_update(
+                        index_elements=["id"],
+                        set_={"position": stmt.excluded.position, "record": stmt.excluded.record}))
+            if _dump(state.controller) != controller:
+                statedb.put_document(conn, CONTROLLER_DOCUMENT, _dump(state.controller))
 
     def get(self, rid: str) -> RolloutRecord:
         record = self.read().rollouts.get(rid)
         if record is None:
-            raise NotFound(f"no rollout {rid!r} in {self.path}")
+            raise NotFound(f"no rollout {rid!r} in the state database")
         return record
 
     def records(self) -> list[RolloutRecord]:

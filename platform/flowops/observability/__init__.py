@@ -5,7 +5,7 @@ Importing this package is cheap: Ray and prometheus_client are imported only by 
 that use them.
 """
 
-from flowops.observability.exporter import render_metrics, start_exporter, stop_exporter
+from flowops.observability.exporter import render_metrics, run_exporter, start_exporter, stop_exporter
 from flowops.observability.prometheus import (
     prometheus_status,
     query_prometheus,
@@ -21,6 +21,7 @@ __all__ = [
     "query_prometheus",
     "render_metrics",
     "render_prometheus_rule",
+    "run_exporter",
     "start_exporter",
     "start_prometheus",
     "stop_exporter",

@@ -10,7 +10,7 @@ on every scrape:
 - the label inbox (`flowops.labels.counts`): new and total labels, age of the oldest new label;
 - the event log (`flowops.events`): retrain triggers, promotions, rollbacks, drift;
 - the job event log (`flowops.job_events`);
-- the latest drift report (`flowops.drift.latest_report_path`);
+- the latest drift report (`flowops.drift.latest_report`);
 - the classifier app's routing (`flowops.serving.routing_status`): canary weight and versions.
 
 Each source that cannot be read is reported by `flowops_exporter_source_up{source} 0` instead of
@@ -21,15 +21,15 @@ dies with the cluster (`flowops down` stops it with Ray).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import signal
+import threading
 from collections import Counter, defaultdict
 from typing import Any
 
 from flowops import drift, events, jobs, labels, serving
-from flowops.durable import read_jsonl
-from flowops.errors import ClusterUnavailable, Conflict
-from flowops.job_events import job_events_path
+from flowops.errors import ClusterUnavailable, Conflict, NotFound
+from flowops.job_events import read_job_events
 from flowops.ray_client import connect, port_in_use
 from flowops.settings import Settings
 
@@ -199,7 +199,7 @@ class PlatformCollector:
         from prometheus_client.core import CounterMetricFamily
 
         counts: Counter = Counter()
-        for record in read_jsonl(job_events_path(self.settings)):
+        for record in read_job_events(self.settings):
             counts[(str(record.get("event", "")), str(record.get("workload", "")))] += 1
         fam = CounterMetricFamily(
             "flowops_job_events", "Job events seen by FlowOps clients (submitted, finished, failed).",
@@ -212,10 +212,10 @@ class PlatformCollector:
     def _drift(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        path = drift.latest_report_path(self.settings)
-        if not path.exists():
+        try:
+            report = drift.latest_report(self.settings)
+        except NotFound:
             return
-        report = json.loads(path.read_text())
         version = str(report.get("model_version") or "")
         label_names = ["model_version"]
         simple = {
@@ -292,6 +292,19 @@ def serve_exporter(settings: Settings, port: int, host: str = "127.0.0.1"):
         return start_http_server(port, addr=host, registry=_registry(settings))
     except OSError as exc:
         raise Conflict(f"exporter port {port} is not free ({exc}); {PORT_HINT}") from None
+
+
+def run_exporter(settings: Settings, port: int | None = None, host: str | None = None) -> None:
+    """Serve the platform metrics in the foreground until SIGTERM or Ctrl-C: the exporter as a
+    container's own process (cluster/base/deployment.exporter.yaml), needing no Ray driver."""
+    server, thread = serve_exporter(settings, port or settings.monitor.exporter_port,
+                                    host or settings.monitor.exporter_host)
+    # shutdown() waits for the serving thread's loop to end, so it runs in a thread of its own.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 def _exporter_actor_class():

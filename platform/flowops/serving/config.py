@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -19,6 +20,8 @@ from flowops.refs import model_ref_pattern
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from flowops.image_model import Preprocess
 
 APP_NAME = "classifier"
 ROUTING_FIELDS = ("stable", "canary", "weight", "shadow_pct", "sticky_images", "canary_fallback")
@@ -82,8 +85,9 @@ def parse_app_config(args: dict[str, Any] | None) -> ServeAppConfig:
 # Request bodies ----------------------------------------------------------------------------------
 
 
-# The one constraint on instances that JSON Schema cannot state: the rows of a pixel array have equal
-# lengths (checked by `_rectangular`, said in the schema's description). What a base64 string must
+# The constraints on instances that JSON Schema cannot state: the rows of a pixel array have equal
+# lengths and the pixels of a colour array equal channel counts (checked by `_rectangular` and
+# `_one_channel_count`, said in the schema's descriptions). What a base64 string must
 # decode to (an image file) is named by the custom string format IMAGE_FORMAT, so that a client or a
 # fuzzer can be taught to make one (tests/integration/test_openapi.py does).
 B64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
@@ -96,13 +100,14 @@ LABEL_CONFIG_FORMAT = "label-studio-config"
 class B64Instance(BaseModel):
     model_config = ConfigDict(extra="forbid", title="ImageFile")
     b64: str = Field(..., min_length=4, pattern=B64_PATTERN,
-                     description="An image file (PNG, JPEG, ...), base64-encoded (standard alphabet, "
-                     "padded); any size, converted to grayscale and resized to the model's input.",
+                     description="An image file (PNG, JPEG, WebP, ...), base64-encoded (standard "
+                     "alphabet, padded); any size and colour mode: brought to the model's input by "
+                     "its own preprocessing (EXIF orientation, channels, size, normalisation).",
                      json_schema_extra={"format": IMAGE_FORMAT, "contentEncoding": "base64",
                                         "contentMediaType": "image/*"})
 
 
-def _rectangular(rows: list[list[float]]) -> list[list[float]]:
+def _rectangular(rows: list[list[Any]]) -> list[list[Any]]:
     width = len(rows[0])
     for i, row in enumerate(rows):
         if len(row) != width:
@@ -111,32 +116,64 @@ def _rectangular(rows: list[list[float]]) -> list[list[float]]:
     return rows
 
 
+def _one_channel_count(rows: list[list[list[float]]]) -> list[list[list[float]]]:
+    channels = len(rows[0][0])
+    for i, row in enumerate(rows):
+        for j, pixel in enumerate(row):
+            if len(pixel) != channels:
+                raise ValueError(f"every pixel of a colour pixel array has the same number of "
+                                 f"values: pixel [0][0] has {channels}, pixel [{i}][{j}] has "
+                                 f"{len(pixel)}")
+    if channels == 2:
+        raise ValueError("a pixel holds 1 (gray), 3 (RGB) or 4 (RGBA) values, not 2")
+    return rows
+
+
 Pixel = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]
 PixelArray = Annotated[
     list[Annotated[list[Pixel], Field(min_length=1)]],
     Field(min_length=1, title="PixelArray",
           description="A grayscale image as a 2-D array (height x width) of pixel values 0-255; every "
-          "row has the same length. Any size: resized to the model's input."),
+          "row has the same length. Any size: brought to the model's input by its preprocessing."),
     AfterValidator(_rectangular),
+]
+ColourPixel = Annotated[list[Pixel], Field(min_length=1, max_length=4, json_schema_extra={
+    "not": {"minItems": 2, "maxItems": 2}})]
+ColourPixelArray = Annotated[
+    list[Annotated[list[ColourPixel], Field(min_length=1)]],
+    Field(min_length=1, title="ColourPixelArray",
+          description="A colour image as a 3-D array (height x width x channels) of pixel values "
+          "0-255, 1 (gray), 3 (RGB) or 4 (RGBA, alpha composited on black) values per pixel; every "
+          "row has the same length and every pixel the same number of values. Any size: brought "
+          "to the model's input by its preprocessing."),
+    AfterValidator(_rectangular), AfterValidator(_one_channel_count),
 ]
 
 
 def _instance_kind(value: Any) -> str | None:
+    """An object is an image file; an array whose first pixel is a list, a colour pixel array."""
     if isinstance(value, (dict, B64Instance)):
         return "image_file"
-    return "pixel_array" if isinstance(value, list) else None
+    if not isinstance(value, list):
+        return None
+    try:
+        return "colour_pixel_array" if isinstance(value[0][0], list) else "pixel_array"
+    except (IndexError, KeyError, TypeError):
+        return "pixel_array"
 
 
 Instance = Annotated[
-    Annotated[B64Instance, Tag("image_file")] | Annotated[PixelArray, Tag("pixel_array")],
+    Annotated[B64Instance, Tag("image_file")] | Annotated[PixelArray, Tag("pixel_array")]
+    | Annotated[ColourPixelArray, Tag("colour_pixel_array")],
     Discriminator(_instance_kind, custom_error_type="instance",
-                  custom_error_message='an instance is {"b64": "<base64 image file>"} or a 2-D '
-                  "array of pixel values 0-255"),
+                  custom_error_message='an instance is {"b64": "<base64 image file>"} or an array '
+                  "of pixel values 0-255 (height x width, or height x width x channels)"),
 ]
 
 
 class PredictRequest(BaseModel):
-    """KServe / TF-Serving v1: each instance is {"b64": ...} or a 2-D array of pixel values 0-255."""
+    """KServe / TF-Serving v1: each instance is {"b64": ...} or an array of pixel values 0-255
+    (height x width grayscale, or height x width x channels colour)."""
 
     model_config = ConfigDict(extra="forbid")
     instances: list[Instance] = Field(..., min_length=1, description="The images to classify (at "
@@ -145,16 +182,34 @@ class PredictRequest(BaseModel):
     routing_key: str | None = Field(None, max_length=256, description="Sticky routing key (the "
                                     "X-Routing-Key header wins).")
 
-    def images(self, image_size: int, max_instances: int) -> list[np.ndarray]:
-        """The instances as (S, S) float arrays in [0, 1]; InvalidInput names the bad instance."""
+    def images(self, max_instances: int) -> RequestImages:
+        """The instances, decoded on demand per model preprocessing; InvalidInput when too many."""
         if len(self.instances) > max_instances:
             raise InvalidInput(f"too many instances: {len(self.instances)} (at most "
                                f"{max_instances} per call)")
-        return [_decode(instance, i, image_size) for i, instance in enumerate(self.instances)]
+        instances = list(self.instances)
+        return RequestImages(lambda preprocess: [_decode(instance, i, preprocess)
+                                                 for i, instance in enumerate(instances)])
 
 
-def _decode(instance: B64Instance | list[list[float]], index: int, image_size: int) -> np.ndarray:
-    from flowops.model import decode_image, pixels_to_array
+class RequestImages:
+    """A request's images as the tensors of each model that sees them, decoded once per
+    preprocessing: the stable and the canary version may be different tasks (another size,
+    channels or normalisation), so each gets the images the way it was trained on them."""
+
+    def __init__(self, decode: Callable[[Preprocess], list[np.ndarray]]) -> None:
+        self._decode = decode
+        self._arrays: dict[Preprocess, list[np.ndarray]] = {}
+
+    def arrays(self, preprocess: Preprocess) -> list[np.ndarray]:
+        """(C, H, W) float32 arrays for `preprocess`; InvalidInput names the bad instance."""
+        if preprocess not in self._arrays:
+            self._arrays[preprocess] = self._decode(preprocess)
+        return self._arrays[preprocess]
+
+
+def _decode(instance: B64Instance | list, index: int, preprocess: Preprocess) -> np.ndarray:
+    from flowops.image_model import UndecodableImage
 
     try:
         if isinstance(instance, B64Instance):
@@ -162,11 +217,11 @@ def _decode(instance: B64Instance | list[list[float]], index: int, image_size: i
                 data = base64.b64decode(instance.b64, validate=True)
             except (binascii.Error, ValueError):
                 raise InvalidInput("b64 is not valid base64") from None
-            return decode_image(data, image_size)
-        return pixels_to_array(instance, image_size)
-    except InvalidInput as exc:
+            return preprocess.decode(data)
+        return preprocess.pixels(instance)
+    except (InvalidInput, UndecodableImage) as exc:
         raise InvalidInput(f"instances[{index}]: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - e.g. ragged rows, decompression bombs
+    except Exception as exc:  # noqa: BLE001 - whatever else a decoder raises is a bad image
         raise InvalidInput(f"instances[{index}]: cannot read image ({type(exc).__name__})") from None
 
 

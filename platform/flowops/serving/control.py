@@ -5,22 +5,42 @@
 - `set_canary`, `set_weight`, `set_shadow`, `promote_canary`, `rollback`, `update_routing`,
   `routing_status`, `ledger_snapshot`.
 
-Routing changes go through the app's admin HTTP routes (with the admin key), so they work from any
-process that can reach the Serve port: no Ray driver, a change is live in well under a second.
+Every call reaches the app's replicas one of two ways:
+- a process that is already a Ray driver of the cluster running the app (a notebook, a test, any
+  driver on any node) calls the replica's method through a Serve handle: no HTTP address, no admin
+  key (the cluster's token is the authority);
+- anything else calls the app's HTTP routes at `settings.serve_url` (FLOWOPS_SERVE_URL, else the
+  head's Serve port), admin routes with the admin key: the CLI, the loop controller, a driver of
+  another cluster (a RayService on Kubernetes runs in its own RayCluster).
+Either way a change is live in well under a second.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import httpx
 
 from flowops.durable import wait_until
-from flowops.errors import ClusterUnavailable, Conflict, FlowOpsError, InvalidInput, NotFound
+from flowops.errors import (
+    ClusterUnavailable,
+    Conflict,
+    FlowOpsError,
+    InvalidInput,
+    NotFound,
+    validated,
+)
 from flowops.ray_client import connect
 from flowops.refs import ModelRef
-from flowops.serving.config import ServeAppConfig, parse_app_config
+from flowops.serving.config import (
+    APP_NAME,
+    ROUTING_FIELDS,
+    RoutingUpdate,
+    ServeAppConfig,
+    parse_app_config,
+)
 from flowops.serving.keys import admin_key, write_key_files
 from flowops.settings import Settings
 
@@ -61,6 +81,46 @@ def _request(settings: Settings, method: str, path: str, *, admin: bool = False,
     return body
 
 
+def _ray_handle():
+    """The app's Serve handle when this process is a Ray driver connected to the cluster that runs
+    the app; None otherwise (not a driver, inside an actor, no such app there: use HTTP)."""
+    ray = sys.modules.get("ray")  # never imported for this: the CLI stays light
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id():
+        return None
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_app_handle(APP_NAME)
+    except RayServeException:  # no Serve, or no classifier app in this cluster
+        return None
+
+
+def _call(handle, method: str, timeout: float, *args: Any) -> Any:
+    """One replica method through the handle; its FlowOps error is raised as itself."""
+    from ray.exceptions import RayError, RayTaskError
+
+    try:
+        return getattr(handle, method).remote(*args).result(timeout_s=timeout)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, FlowOpsError):
+            raise exc.cause from None
+        raise FlowOpsError(f"{method} failed in the classifier app: {exc.cause!r}") from None
+    except (RayError, TimeoutError) as exc:
+        raise ClusterUnavailable(f"the classifier app did not answer {method} through Ray "
+                                 f"({type(exc).__name__})") from None
+
+
+def _app(settings: Settings, method: str, http: tuple[str, str], *args: Any, admin: bool = False,
+         json_body: dict | None = None, timeout: float = 60.0) -> Any:
+    """Replica `method(*args)` through a Ray handle where this process has one, else the HTTP
+    route `http` (verb, path)."""
+    handle = _ray_handle()
+    if handle is not None:
+        return _call(handle, method, timeout, *args)
+    return _request(settings, *http, admin=admin, json_body=json_body, timeout=timeout)
+
+
 def app_running(settings: Settings, attempts: int = 3) -> dict[str, Any] | None:
     """The app's routing status if the classifier app answers, else None.
 
@@ -70,7 +130,7 @@ def app_running(settings: Settings, attempts: int = 3) -> dict[str, Any] | None:
     """
     for attempt in range(attempts):
         try:
-            return _request(settings, "GET", "/routing", timeout=15)
+            return _app(settings, "status", ("GET", "/routing"), timeout=15)
         except ClusterUnavailable:
             if attempt + 1 < attempts:
                 time.sleep(1.0)
@@ -84,11 +144,14 @@ def deploy(settings: Settings, stable: str | None = None, canary: str | None = N
            **options: Any) -> dict[str, Any]:
     """Serve `stable` (default: the `production` alias) and optionally a canary at `weight` %.
 
-    When the app already runs with the same deployment options, only its routing changes (at
-    runtime: replicas load the new version beside the old one, nothing restarts). Otherwise the
-    app is (re)deployed with `serve.run`.
+    When the app already runs with the same deployment options, or serves this registered model
+    and no option is given, only its routing changes (at runtime: replicas load the new version
+    beside the old one, nothing restarts). The second case is how the loop controller steers an app
+    it did not deploy: the RayService's on Kubernetes, or one deployed with `--replicas 2`.
+    Otherwise the app is (re)deployed with `serve.run`.
     """
     args: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    keep_options = not set(args) - set(ROUTING_FIELDS)  # only routing asked for
     args.update({k: v for k, v in (("stable", stable), ("canary", canary), ("weight", weight))
                  if v is not None})
     args.setdefault("model_name", settings.model_name)
@@ -98,7 +161,9 @@ def deploy(settings: Settings, stable: str | None = None, canary: str | None = N
     _check_versions(settings, cfg)
 
     running = app_running(settings)
-    if running and not redeploy and running.get("deployment_hash") == cfg.deployment_hash():
+    same_app = running and (running.get("deployment_hash") == cfg.deployment_hash()
+                            or (keep_options and running.get("model_name") == cfg.model_name))
+    if same_app and not redeploy:
         update = {"stable": cfg.stable, "canary": cfg.canary, "weight": cfg.weight}
         update.update({k: args[k] for k in ("shadow_pct", "sticky_images", "canary_fallback")
                        if k in args})
@@ -136,7 +201,9 @@ def _serve_run(settings: Settings, cfg: ServeAppConfig) -> None:
 
 def update_routing(settings: Settings, **changes: Any) -> dict[str, Any]:
     """PUT /routing: change stable/canary/weight/shadow at runtime; returns the new status."""
-    return _request(settings, "PUT", "/routing", admin=True, json_body=changes, timeout=180)
+    body = validated(RoutingUpdate, "invalid routing change", **changes).model_dump(exclude_unset=True)
+    return _app(settings, "change_routing", ("PUT", "/routing"), body, admin=True, json_body=body,
+                timeout=180)
 
 
 def set_weight(settings: Settings, pct: int) -> dict[str, Any]:
@@ -157,21 +224,21 @@ def promote_canary(settings: Settings, set_alias: bool = True) -> dict[str, Any]
     """The canary becomes stable (100% of traffic); by default it also gets the `production` alias
     (set by the app right after the switch)."""
     path = "/routing/promote" + ("" if set_alias else "?alias=false")
-    return _request(settings, "POST", path, admin=True, timeout=180)
+    return _app(settings, "promote", ("POST", path), set_alias, admin=True, timeout=180)
 
 
 def rollback(settings: Settings) -> dict[str, Any]:
     """All traffic to stable now (every replica within ~0.1 s); the canary is unloaded and tagged
     `rolled_back=true` in the registry right after."""
-    return _request(settings, "POST", "/routing/rollback", admin=True, timeout=30)
+    return _app(settings, "rollback", ("POST", "/routing/rollback"), admin=True, timeout=30)
 
 
 def routing_status(settings: Settings) -> dict[str, Any]:
     """Stable and canary versions, weight, shadow share, replicas and whether they are ready."""
-    return _request(settings, "GET", "/routing", timeout=10)
+    return _app(settings, "status", ("GET", "/routing"), timeout=10)
 
 
 def ledger_snapshot(settings: Settings) -> dict[str, dict[str, Any]]:
     """Exact per-version counters shared by all replicas: requests, errors, latencies_ms (recent),
     feedback_correct/total, shadow_agree/total. Complete up to ~0.1 s ago (replicas flush often)."""
-    return _request(settings, "GET", "/ledger", timeout=10)["versions"]
+    return _app(settings, "ledger_snapshot", ("GET", "/ledger"), timeout=10)["versions"]

@@ -1,8 +1,9 @@
 """The classifier app's two keys (admin: routing changes; API: predictions when required).
 
 One reader for the deployer, the CLI and the replicas: `read_key`. A key never travels in the Serve
-config (Serve logs it and shows it on its dashboard): the deployer writes it to a 0600 file in the
-home folder and hands the replicas the file's path.
+config (Serve logs it and shows it on its dashboard). FLOWOPS_<KIND>_KEY in the environment wins
+everywhere: on Kubernetes every pod gets it from one Secret, and no file is written. Without it, the
+deployer writes the key to a 0600 file in the home folder and hands the replicas the file's path.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ def key_path(settings: Settings, kind: KeyKind) -> Path:
 
 
 def read_key(settings: Settings, kind: KeyKind, file: str | None = None) -> str | None:
-    """The key, from the first of: `file` (the one the deployer wrote; skipped when this node does
-    not have it), FLOWOPS_<KIND>_KEY, the file FLOWOPS_<KIND>_KEY_FILE names (InvalidInput when it
+    """The key, from the first of: FLOWOPS_<KIND>_KEY, `file` (the one the deployer wrote; skipped
+    when this node does not have it), the file FLOWOPS_<KIND>_KEY_FILE names (InvalidInput when it
     cannot be read), home/serve/<kind>_key. None when there is none."""
     env, file_env = env_names(kind)
-    if file and (value := _read(Path(file))):
-        return value
     if os.environ.get(env):
         return os.environ[env].strip()
+    if file and (value := _read(Path(file))):
+        return value
     if os.environ.get(file_env):
         try:
             return Path(os.environ[file_env]).read_text().strip() or None
@@ -69,17 +70,24 @@ def admin_key(settings: Settings, create: bool = False) -> str:
     return key
 
 
-def write_key_files(settings: Settings, require_api_key: bool) -> tuple[str, str | None]:
-    """Write the keys the caller holds to 0600 files in the home folder, for the replicas to read:
-    (admin key file, API key file or None when there is no API key)."""
-    _write(key_path(settings, ADMIN), admin_key(settings, create=True))
-    key = read_key(settings, API)
-    if require_api_key and not key:
+def write_key_files(settings: Settings, require_api_key: bool) -> tuple[str | None, str | None]:
+    """The files the replicas read the keys from: (admin key file, API key file or None)."""
+    api = read_key(settings, API)
+    if require_api_key and not api:
         env, file_env = env_names(API)
         raise InvalidInput(f"--require-api-key needs a key: set {env} or {file_env}")
-    if key:
-        _write(key_path(settings, API), key)
-    return str(key_path(settings, ADMIN)), str(key_path(settings, API)) if key else None
+    return (_key_file(settings, ADMIN, admin_key(settings, create=True)),
+            _key_file(settings, API, api))
+
+
+def _key_file(settings: Settings, kind: KeyKind, key: str | None) -> str | None:
+    """Write `key` to its 0600 file in the home folder and return the path; None (nothing written)
+    when there is no key or it comes from FLOWOPS_<KIND>_KEY, which the replicas read too (a
+    Kubernetes Secret; `flowops up` hands its own environment's to the local cluster)."""
+    if not key or os.environ.get(env_names(kind)[0]):
+        return None
+    _write(key_path(settings, kind), key)
+    return str(key_path(settings, kind))
 
 
 def _write(path: Path, key: str) -> None:

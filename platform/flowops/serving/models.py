@@ -19,11 +19,17 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from flowops.errors import Conflict, InvalidInput
+from flowops.errors import Conflict, FlowOpsError, InvalidInput
 from flowops.refs import ModelRef
 
 Resolver = Callable[[ModelRef], str]
 Loader = Callable[[ModelRef], Any]
+
+
+class ModelUnavailable(FlowOpsError):
+    """The model (not the request) cannot answer: not loaded, or it failed."""
+
+    http_status = 503
 
 
 def named_versions(routing: dict[str, Any]) -> list[str]:
@@ -122,10 +128,12 @@ class VersionSet:
             return canary
         return None
 
-    @property
-    def image_size(self) -> int:
-        """The input size of the served models (every version of one model shares it)."""
-        return next(iter(self.models.values())).image_size
+    def loaded_model(self, version: str) -> Any:
+        """The loaded model of a version; ModelUnavailable when this replica does not hold it."""
+        model = self.models.get(version)
+        if model is None:
+            raise ModelUnavailable(f"model version {version} is not loaded on this replica")
+        return model
 
     def loaded(self) -> list[str]:
         return sorted(self.models)

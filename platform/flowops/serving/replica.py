@@ -24,10 +24,10 @@ from ray.serve import metrics as serve_metrics
 from flowops import labelstudio
 from flowops.drift import InputWindow, write_window
 from flowops.errors import Conflict, FlowOpsError, NotFound
-from flowops.serving.config import FeedbackRequest, PredictRequest, ServeAppConfig
+from flowops.serving.config import FeedbackRequest, PredictRequest, RequestImages, ServeAppConfig
 from flowops.serving.http import HttpPolicy
 from flowops.serving.keys import ADMIN, API, read_key
-from flowops.serving.models import VersionSet, named_versions, next_routing
+from flowops.serving.models import ModelUnavailable, VersionSet, named_versions, next_routing
 from flowops.serving.state import METRIC_BUCKETS_MS, LedgerBuffer, get_state_actor
 from flowops.settings import get_settings
 from flowops.tracking import configure_mlflow
@@ -36,12 +36,6 @@ log = logging.getLogger("flowops.serving")
 SCORE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 UNLOAD_AFTER_S = 10.0  # a version leaving the routing stays loaded for the requests in flight
 FLUSH_EVERY_S = 0.1
-
-
-class ModelFailed(FlowOpsError):
-    """The model (not the request) failed."""
-
-    http_status = 503
 
 
 class TasksUnreadable(FlowOpsError):
@@ -116,10 +110,10 @@ class ClassifierReplica:
         self.versions = VersionSet(
             cfg.model_name or settings.model_name,
             resolve=lambda ref: resolve_model_version(settings, ref.uri)[1],
-            load=lambda ref: load_model(settings, ref.uri, device).model,
+            load=lambda ref: load_model(settings, ref.uri, device),  # network + task + classes
         )
         self.replica_id = uuid.uuid4().hex[:8]
-        self.state = get_state_actor(cfg.name)
+        self.state = get_state_actor(cfg.name, settings)
         self.ledger = LedgerBuffer()
         self.metrics = Metrics()
         self.window = InputWindow(cfg.input_window_max)
@@ -239,7 +233,8 @@ class ClassifierReplica:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _infer(self, items: list[tuple[str, np.ndarray]]) -> list[Any]:
-        """Batch of (version, image) -> class probabilities per image (or the exception raised)."""
+        """Batch of (version, image) -> class probabilities per image (or the exception raised).
+        Each version's images were decoded by its own preprocessing, so a group stacks."""
         from flowops.model import predict_proba, to_batch
 
         out: list[Any] = [None] * len(items)
@@ -247,11 +242,9 @@ class ClassifierReplica:
         for i, (version, _) in enumerate(items):
             groups.setdefault(version, []).append(i)
         for version, idx in groups.items():
-            model = self.versions.models.get(version)
             try:
-                if model is None:
-                    raise RuntimeError(f"version {version} is not loaded on this replica")
-                probs = predict_proba(model, to_batch([items[i][1] for i in idx]))
+                model = self.versions.loaded_model(version)
+                probs = predict_proba(model.model, to_batch([items[i][1] for i in idx]))
                 if probs.shape != (len(idx), len(model.classes)) or not np.isfinite(probs).all():
                     raise RuntimeError(f"version {version} returned malformed probabilities")
                 for j, i in enumerate(idx):
@@ -262,6 +255,7 @@ class ClassifierReplica:
         return out
 
     async def _predict_arrays(self, version: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Class probabilities of `version` for images decoded by its preprocessing."""
         results = await asyncio.gather(*(self._infer((version, a)) for a in arrays))
         for r in results:
             if isinstance(r, Exception):
@@ -274,31 +268,39 @@ class ClassifierReplica:
 
     async def predict(self, body: PredictRequest, routing_key: str | None) -> tuple[list[dict], str]:
         """POST /predict: (predictions, the version that answered)."""
-        arrays = body.images(self.versions.image_size, self.cfg.max_instances)
+        images = body.images(self.cfg.max_instances)
         key = routing_key or body.routing_key
         if key is None and self.versions.routing.get("sticky_images"):
+            arrays = images.arrays(self._stable().preprocess)
             key = hashlib.blake2b(arrays[0].tobytes(), digest_size=8).hexdigest()
-        return await self.classify(arrays, key)
+        return await self.classify(images, key)
 
-    async def classify(self, arrays: list[np.ndarray], key: str | None) -> tuple[list[dict], str]:
-        """Route, predict (canary failures fall back to stable), count, maybe shadow."""
+    def _stable(self):
+        return self.versions.loaded_model(self.versions.routing["stable"])
+
+    async def classify(self, images: RequestImages, key: str | None) -> tuple[list[dict], str]:
+        """Route, predict (canary failures fall back to stable), count, maybe shadow.
+
+        Every image is decoded by stable's preprocessing first, so a bad image is the same 400
+        whichever version would answer; a canary of another task decodes the images its own way.
+        """
         start = time.perf_counter()
+        stable_pre = self._stable().preprocess
+        arrays = images.arrays(stable_pre)
         if self.cfg.input_window_s > 0:
-            self.window.add(arrays)
+            self.window.add(arrays, stable_pre)
         role, version = self.versions.choose(key)
         stable = self.versions.routing["stable"]
         try:
-            probs = await self._predict_arrays(version, arrays)
+            mine = images.arrays(self.versions.loaded_model(version).preprocess)
+            probs = await self._predict_arrays(version, mine)
         except Exception as exc:
             self._failed(version)
             if role != "canary" or not self.versions.routing.get("canary_fallback", True):
-                raise ModelFailed(f"model version {version} failed: {type(exc).__name__}") from None
+                raise ModelUnavailable(f"model version {version} failed: {type(exc).__name__}") from None
             role, version = "stable", stable
             probs = await self._predict_arrays(version, arrays)
-        model = self.versions.models.get(version)
-        if model is None:
-            raise ModelFailed(f"model version {version} was unloaded during the request")
-        classes = model.classes
+        classes = self.versions.loaded_model(version).classes
         base = uuid.uuid4().hex[:16]
         preds = []
         for i, p in enumerate(probs):
@@ -315,17 +317,15 @@ class ClassifierReplica:
         canary = self.versions.shadow_target() if role == "stable" else None
         if canary:
             asyncio.get_running_loop().create_task(
-                self._shadow(canary, arrays, [p["label"] for p in preds]))
+                self._shadow(canary, images, [p["label"] for p in preds]))
         return preds, version
 
-    async def _shadow(self, canary: str, arrays: list[np.ndarray], labels: list[str]) -> None:
+    async def _shadow(self, canary: str, images: RequestImages, labels: list[str]) -> None:
         try:
-            probs = await self._predict_arrays(canary, arrays)
+            model = self.versions.loaded_model(canary)
+            probs = await self._predict_arrays(canary, images.arrays(model.preprocess))
         except Exception:  # noqa: BLE001 - a shadow failure is the canary's error, never the user's
             self._failed(canary)
-            return
-        model = self.versions.models.get(canary)
-        if model is None:
             return
         agree = sum(model.classes[int(np.argmax(p))] == lab for p, lab in zip(probs, labels, strict=True))
         self.ledger.count(canary, "shadow_total", len(labels))
@@ -370,7 +370,7 @@ class ClassifierReplica:
             try:
                 images = self.window.take()
                 await asyncio.to_thread(write_window, self.settings, images, self.replica_id)
-            except (OSError, ValueError) as exc:  # a full disk; images of two sizes (two models)
+            except OSError as exc:  # a full disk
                 log.warning("could not write a live-input window: %s", type(exc).__name__)
 
     # Label Studio ML backend ----------------------------------------------------------------------
@@ -392,10 +392,10 @@ class ClassifierReplica:
         for task in tasks:
             try:
                 data = await labelstudio.fetch_task_image(task, schema, roots)
-                arr = labelstudio.decode(data, self.versions.image_size)
-                preds, _ = await self.classify([arr], str(task.get("id", "")) or None)
+                images = RequestImages(lambda preprocess, data=data: [labelstudio.decode(data, preprocess)])
+                preds, _ = await self.classify(images, str(task.get("id", "")) or None)
                 results.append(labelstudio.task_result(preds[0], schema))
-            except ModelFailed:
+            except ModelUnavailable:
                 raise
             except FlowOpsError as exc:
                 results.append(labelstudio.task_error(exc, self.versions.routing["stable"]))

@@ -1,0 +1,99 @@
+"""Control over the network: routing, canary, promote, rollback and status reach the classifier app
+at the addresses the settings give (never a built-in 127.0.0.1), from a driver that has none of the
+head's files, and through a Ray handle from a connected driver.
+
+One host here: the "remote" driver reaches the cluster at `localhost` (the machine's loopback, but
+only through FLOWOPS_RAY_ADDRESS / FLOWOPS_SERVE_URL), with Ray's token in RAY_AUTH_TOKEN."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from tests.conftest import FLOWOPS, REPO, _free_port
+from tests.integration.conftest_serving import fit_classifier, register_version
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def app(stack):
+    """Versions 'stable' (production) and 'next'; the app deployed (this process: a Ray driver)."""
+    from flowops import serving
+
+    stable = register_version(stack, fit_classifier(seed=0), alias="production")
+    following = register_version(stack, fit_classifier(seed=1))
+    serving.deploy(stack)
+    yield stack, stable, following
+    serving.rollback(stack)
+
+
+def _remote_cli(stack, *args: str, home: str) -> dict:
+    """`flowops <args> --json` as a driver elsewhere would run it: an empty home, the cluster's
+    addresses and keys from the environment only."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FLOWOPS_", "RAY_AUTH", "MLFLOW_"))}
+    env.update({
+        "FLOWOPS_HOME": home,
+        "FLOWOPS_RAY_ADDRESS": f"http://localhost:{stack.dashboard_port}",
+        "FLOWOPS_SERVE_URL": f"http://localhost:{stack.serve_port}",
+        "FLOWOPS_MLFLOW_PORT": str(stack.mlflow_port),
+        "FLOWOPS_RAY_PORT": str(stack.ray_port),
+        "RAY_AUTH_TOKEN": stack.token_path.read_text().strip(),
+        "FLOWOPS_ADMIN_KEY": (stack.home / "serve" / "admin_key").read_text().strip(),
+    })
+    out = subprocess.run([*FLOWOPS, *args, "--json"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    assert out.stdout.strip(), out.stderr
+    return {"code": out.returncode, **json.loads(out.stdout)}
+
+
+def test_a_driver_elsewhere_steers_the_app_through_the_settings(app):
+    stack, stable, following = app
+    home = tempfile.mkdtemp(prefix="fo-remote-", dir="/tmp")
+
+    report = _remote_cli(stack, "status", home=home)
+    for part in ("ray", "serve", "mlflow"):
+        assert report[part]["healthy"], report
+    assert report["ray"]["job_api"] == f"http://localhost:{stack.dashboard_port}"
+    assert report["ray"]["gcs"] == f"localhost:{stack.ray_port}"
+    assert report["serve"]["url"] == f"http://localhost:{stack.serve_port}"
+    assert report["mlflow"]["tracking_uri"] == f"http://localhost:{stack.mlflow_port}"
+    assert report["code"] == 5 and not report["workspace"]["healthy"]  # its own empty home
+
+    status = _remote_cli(stack, "serve", "status", home=home)
+    assert (status["code"], str(status["stable"]), status["ready"]) == (0, stable, True)
+    canary = _remote_cli(stack, "serve", "canary", following, "--weight", "30", home=home)
+    assert (str(canary["canary"]), canary["weight"], canary["ready"]) == (following, 30, True)
+    assert _remote_cli(stack, "serve", "set-weight", "60", home=home)["weight"] == 60
+    rolled = _remote_cli(stack, "serve", "rollback", home=home)
+    assert (rolled["canary"], str(rolled["stable"])) == (None, stable)
+    _remote_cli(stack, "serve", "canary", following, home=home)
+    promoted = _remote_cli(stack, "serve", "promote", "--no-alias", home=home)
+    assert (str(promoted["stable"]), promoted["canary"]) == (following, None)
+    assert _remote_cli(stack, "serve", "status", home=home)["stable"] == promoted["stable"]
+    assert os.listdir(home) == []  # the driver needed none of the head's files
+
+
+def test_a_connected_driver_steers_through_a_ray_handle(app):
+    """This process is a Ray driver of the cluster (it deployed the app): routing goes through a
+    Serve handle, so it works even where the Serve URL leads nowhere."""
+    from flowops import serving
+    from flowops.errors import NotFound
+    from flowops.settings import get_settings
+
+    nowhere = get_settings(serve_url=f"http://127.0.0.1:{_free_port(set())}")
+    stable = str(serving.routing_status(nowhere)["stable"])
+    other = next(v for v in app[1:] if v != stable)
+    routed = serving.set_canary(nowhere, other, 25)
+    assert (str(routed["canary"]), routed["weight"], routed["ready"]) == (other, 25, True)
+    assert serving.routing_status(nowhere)["weight"] == 25
+    assert isinstance(serving.ledger_snapshot(nowhere), dict)
+    with pytest.raises(NotFound, match="999"):
+        serving.set_canary(nowhere, "999", 10)
+    assert serving.rollback(nowhere)["canary"] is None
+    assert str(serving.routing_status(nowhere)["stable"]) == stable

@@ -30,11 +30,14 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch-$(TORCH_VE
 
 # promtool runs the alert-rule unit tests, headless Chromium renders the rollout report in its test,
 # PostgreSQL runs the state-database tests on their second backend (Debian's prometheus, chromium
-# and postgresql packages; the tests start their own throw-away server, tests/pg.py).
+# and postgresql packages; the tests start their own throw-away server, tests/pg.py); the
+# multi-host tests build their hosts with iproute2 and util-linux (unshare, nsenter).
 tools:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v nsenter >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian's$$missing"; \

@@ -11,11 +11,12 @@ rounds (medians reported):
 - snapshot: cut a label snapshot of 100 labels from the unlabeled pool: `data.cut_version` with
   the loop's edit (files moved, the folder re-added to DVC and pushed) vs `shards.cut_labels`
   (the manifest rewritten; goal: flat in size, < 5 s at 10^5);
-- open + stream: open a version cold (no local cache) and read every image's bytes: the folder
-  version materialized through DVC then its files read, vs the sharded version opened and
-  streamed through Ray Data (`shards.read_version`, a Ray head of --cpus CPUs started here), vs
-  the same Parquet shards read with pyarrow directly (goal: Ray Data >= 0.9x pyarrow), each also
-  with every image decoded (what a workload does);
+- open + stream: open the imported version (v1) and read every image's bytes: the folder
+  version materialized through DVC (cold in the first --cold-rounds rounds) then its files read,
+  vs the sharded version opened (cold) and streamed through Ray Data (`shards.read_version`, on
+  a Ray head of --cpus CPUs started here), vs the same Parquet shards read with pyarrow directly
+  (goal: Ray Data >= 0.9x pyarrow), each also with every image decoded (what a workload does);
+  the fixed cost of an empty Ray Data pipeline of as many blocks is recorded beside them;
 - storage bytes per image of both layouts (the DVC remote's files; the shards and a manifest).
 
 Writes data_bench.json beside this file.
@@ -30,6 +31,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -119,9 +121,10 @@ def start_ray(work: Path, cpus: int):
     return sid
 
 
-def bench_size(n: int, rounds: int, work: Path) -> dict:
+def bench_size(n: int, rounds: int, cold_rounds: int, work: Path) -> dict:
     import pandas as pd
     import pyarrow.parquet as pq
+    import ray
 
     from flowops import data, shard_import, shards, storage
     from flowops.loop.stages import _apply_labels  # what the loop's snapshot does today
@@ -141,8 +144,8 @@ def bench_size(n: int, rounds: int, work: Path) -> dict:
     # Storage right after creation (one manifest each): the DVC remote's files vs shards + manifest.
     remote_apparent, remote_disk = disk_bytes(Path(folder.remote))
     shard_apparent, shard_disk = disk_bytes(Path(store.path(shards.IMAGES)))
-    manifest_bytes = (data.open_version(sharded).root / "manifest.csv").stat().st_size
-    answers = {layout: pd.read_csv(data.open_version(s).root / "answers.csv", dtype=str)
+    manifest_bytes = (sharded.workspace / data.DATA_DIR / "manifest.csv").stat().st_size
+    answers = {layout: pd.read_csv(s.workspace / data.DATA_DIR / "answers.csv", dtype=str)
                for layout, s in (("folder", folder), ("shards", sharded))}
 
     def snapshot(layout: str, r: int) -> float:
@@ -155,73 +158,63 @@ def bench_size(n: int, rounds: int, work: Path) -> dict:
         seconds, _ = timed(fn)
         return seconds
 
-    def open_folder() -> data.DataVersion:
-        shutil.rmtree(folder.cache_dir / "data", ignore_errors=True)  # cold: nothing fetched
-        version = data.open_version(folder)
-        assert version.root.is_dir()  # materialized through DVC
+    def open_folder(cold: bool) -> data.DataVersion:
+        if cold:  # nothing fetched: the version is materialized through DVC
+            shutil.rmtree(folder.cache_dir / "data", ignore_errors=True)
+        version = data.open_version(folder, "v1")  # the imported version, whatever was cut since
+        assert version.root.is_dir()
         return version
 
     def open_sharded() -> data.DataVersion:
-        shutil.rmtree(sharded.cache_dir / "data", ignore_errors=True)
-        return shards.open_manifest(sharded)
+        shutil.rmtree(sharded.cache_dir / "data", ignore_errors=True)  # always cold: it is cheap
+        return shards.open_manifest(sharded, "v1")
 
-    def folder_stream(decode: bool) -> tuple[float, float]:
-        open_s, version = timed(open_folder)
-        root = version.root
+    def folder_read(version: data.DataVersion, decode: bool) -> int:
+        payloads = ((version.root / rel).read_bytes() for rel in version.manifest.path)
+        return decode_all(payloads) if decode else sum(1 for _ in payloads)
 
-        def read() -> int:
-            payloads = ((root / rel).read_bytes() for rel in version.manifest.path)
-            return decode_all(payloads) if decode else sum(1 for _ in payloads)
+    def ray_read(version: data.DataVersion, decode: bool) -> int:
+        ds = shards.read_version(version, store)
+        if decode:
+            ds = ds.map_batches(lambda b: {"n": np.array([decode_all(b["bytes"])])},
+                                batch_format="numpy", batch_size=None)
+            return sum(int(b["n"].sum()) for b in ds.iter_batches(batch_size=None))
+        return sum(len(b["id"]) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
-        seconds, count = timed(read)
-        assert count == len(version.manifest)
-        return open_s, seconds
+    def pyarrow_read(version: data.DataVersion, decode: bool) -> int:
+        count = 0
+        for name in sorted(set(version.manifest.shard)):
+            table = pq.read_table(store.path(shards.shard_path(name)), columns=["id", "bytes"])
+            count += decode_all(table["bytes"].to_pylist()) if decode else table.num_rows
+        return count
 
-    def ray_stream(decode: bool) -> tuple[float, float]:
-        open_s, version = timed(open_sharded)
+    def streams(r: int) -> dict[str, float]:
+        """Open each layout once, then read every image raw and decoded (fixed order per
+        round, reversed every other round)."""
+        out = {}
+        cold = r < cold_rounds
+        open_s, fv = timed(lambda: open_folder(cold))
+        out["open_folder_cold" if cold else "open_folder_warm"] = open_s
+        out["open_shards"], sv = timed(open_sharded)
+        readers = [("folder_files", folder_read, fv), ("shards_ray_data", ray_read, sv),
+                   ("shards_pyarrow", pyarrow_read, sv)]
+        for name, read, version in readers if r % 2 == 0 else readers[::-1]:
+            for decode in (False, True):
+                seconds, count = timed(lambda: read(version, decode))  # noqa: B023
+                assert count == len(version.manifest), (name, count)
+                out[f"stream_{name}{'_decode' if decode else ''}"] = seconds
+        return out
 
-        def read() -> int:
-            ds = shards.read_version(version, store)
-            if decode:
-                ds = ds.map_batches(lambda b: {"n": np.array([decode_all(b["bytes"])])},
-                                    batch_format="numpy")
-                return int(sum(int(b["n"].sum()) for b in ds.iter_batches(batch_size=None)))
-            return sum(len(b["id"]) for b in ds.iter_batches(batch_size=None,
-                                                             batch_format="pyarrow"))
-
-        seconds, count = timed(read)
-        assert count == len(version.manifest), (count, len(version.manifest))
-        return open_s, seconds
-
-    def pyarrow_stream(decode: bool) -> tuple[float, float]:
-        names = sorted(set(data.open_version(sharded).manifest.shard))
-
-        def read() -> int:
-            count = 0
-            for name in names:
-                table = pq.read_table(store.path(shards.shard_path(name)), columns=["id", "bytes"])
-                count += decode_all(table["bytes"].to_pylist()) if decode else table.num_rows
-            return count
-
-        seconds, count = timed(read)
-        assert count == n - result.rejected
-        return 0.0, seconds
-
-    streams = {"folder_files": folder_stream, "shards_ray_data": ray_stream,
-               "shards_pyarrow": pyarrow_stream}
-    ray_stream(False)  # warm-up: Ray Data's workers and imports (not timed)
+    ray_read(open_sharded(), False)  # warm-up: Ray Data's workers and imports (not timed)
+    overhead_s, _ = timed(lambda: ray.data.range(result.shards, override_num_blocks=result.shards)
+                          .map_batches(lambda b: b).materialize())
     t: dict[str, list[float]] = {}
     for r in range(rounds):
         order = ["folder", "shards"] if r % 2 == 0 else ["shards", "folder"]
         for layout in order:
             t.setdefault(f"snapshot_{layout}", []).append(snapshot(layout, r))
-        for decode in (False, True):
-            names = list(streams) if r % 2 == 0 else list(reversed(streams))
-            for name in names:
-                open_s, stream_s = streams[name](decode)
-                key = f"{name}{'_decode' if decode else ''}"
-                t.setdefault(f"open_{key}", []).append(open_s)
-                t.setdefault(f"stream_{key}", []).append(stream_s)
+        for key, seconds in streams(r).items():
+            t.setdefault(key, []).append(seconds)
         print(f"[{n}] round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items()),
               flush=True)
     med = {k: round(statistics.median(v), 3) for k, v in t.items()}
@@ -237,6 +230,7 @@ def bench_size(n: int, rounds: int, work: Path) -> dict:
         "ratio_ray_data_vs_pyarrow": round(rate["shards_ray_data"] / rate["shards_pyarrow"], 3),
         "ratio_ray_data_vs_pyarrow_decode": round(
             rate["shards_ray_data_decode"] / rate["shards_pyarrow_decode"], 3),
+        "ray_data_fixed_overhead_s": round(overhead_s, 3),
         "ratio_snapshot_folder_vs_shards": round(med["snapshot_folder"] / med["snapshot_shards"], 1),
         "bytes_per_image": {
             "folder_dvc_remote_apparent": round(remote_apparent / n, 1),
@@ -253,18 +247,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cold-rounds", type=int, default=1,
+                        help="rounds that open the folder version v1 cold (a DVC materialization: "
+                             "minutes at 10^5); later rounds reuse its local copy")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs the benchmark's Ray head offers")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
 
     from flowops.ray_client import kill_session
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: clean up Ray below
     work = Path(tempfile.mkdtemp(prefix="fo-data-bench-", dir="/tmp"))
     sid = None
     started = time.perf_counter()
     try:
         sid = start_ray(work, args.cpus)
-        results = [bench_size(n, args.rounds, work) for n in args.sizes]
+        results = [bench_size(n, args.rounds, args.cold_rounds, work) for n in args.sizes]
         largest = results[-1]
         import ray
 

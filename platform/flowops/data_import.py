@@ -23,7 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from flowops.errors import InvalidInput
 
@@ -58,7 +58,7 @@ class Dataset:
 
 
 @dataclass
-class _Probe:
+class Probe:
     colour: bool
     width: int
     height: int
@@ -133,14 +133,14 @@ def image_folder(root: Path, *, unlabeled_dir: Path | None = None, name: str | N
             f"--from {root}: expected an image-folder layout (one sub-folder per class, at least 2), "
             f"found {len(class_dirs)} sub-folder(s)"
         )
-    suffixes = _readable_suffixes()
+    suffixes = readable_suffixes()
     rejected = [(str(p), "outside the class sub-folders") for p in sorted(root.iterdir())
                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes]
     labeled, probes = [], []
     for class_dir in class_dirs:
-        for path, probe in _read_folder(class_dir, suffixes, rejected):
+        for path, found in _read_folder(class_dir, suffixes, rejected):
             labeled.append((path, class_dir.name))
-            probes.append(probe)
+            probes.append(found)
     if not labeled:
         raise InvalidInput(f"--from {root}: no readable image ({_rejected_summary(rejected)})")
     per_class = Counter(label for _, label in labeled)
@@ -158,7 +158,7 @@ def image_folder(root: Path, *, unlabeled_dir: Path | None = None, name: str | N
             raise InvalidInput(f"--unlabeled {unlabeled_dir}: no readable image "
                                f"({_rejected_summary(pool_rejected)})")
         rejected += pool_rejected
-        probes += [probe for _, probe in pool]
+        probes += [found for _, found in pool]
 
     split_of = split_indices([label for _, label in labeled], holdout_fraction,
                              unlabeled_fraction, seed)
@@ -170,14 +170,14 @@ def image_folder(root: Path, *, unlabeled_dir: Path | None = None, name: str | N
              for i, ((path, label), n) in enumerate(zip(labeled, order, strict=True))]
     items += [Item(f"u{len(labeled) + i:06d}", "", "unlabeled", "folder", path.suffix.lower(),
                    path=path) for i, (path, _) in enumerate(pool)]
-    meta = {"name": name, "classes": [d.name for d in class_dirs], **_facts(probes, image_size),
+    meta = {"name": name, "classes": [d.name for d in class_dirs], **facts(probes, image_size),
             "rejected": len(rejected), "source": str(root)}
     if unlabeled_dir is not None:
         meta["unlabeled_source"] = str(unlabeled_dir)
     return Dataset(items, meta, rejected)
 
 
-def _readable_suffixes() -> set[str]:
+def readable_suffixes() -> set[str]:
     """File extensions of every format this Pillow can open (upper case accepted too)."""
     from PIL import Image
 
@@ -185,7 +185,7 @@ def _readable_suffixes() -> set[str]:
 
 
 def _read_folder(folder: Path, suffixes: set[str],
-                 rejected: list[tuple[str, str]]) -> list[tuple[Path, _Probe]]:
+                 rejected: list[tuple[str, str]]) -> list[tuple[Path, Probe]]:
     """The images under `folder` that decode, in path order; the others go to `rejected`."""
     paths = sorted(p for p in folder.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -196,18 +196,19 @@ def _read_folder(folder: Path, suffixes: set[str],
         else:
             rejected.append((str(path), f"not an image file type ({path.suffix or 'no extension'})"))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        probes = list(pool.map(_probe, candidates))  # decoding releases the GIL
+        probes = list(pool.map(probe, candidates))  # decoding releases the GIL
     found = []
-    for path, probe in zip(candidates, probes, strict=True):
-        if isinstance(probe, str):
-            rejected.append((str(path), probe))
+    for path, result in zip(candidates, probes, strict=True):
+        if isinstance(result, str):
+            rejected.append((str(path), result))
         else:
-            found.append((path, probe))
+            found.append((path, result))
     return found
 
 
-def _probe(path: Path) -> _Probe | str:
-    """Decode one file fully (a truncated or corrupt file fails here); the reason if it fails."""
+def probe(path: Path | IO[bytes]) -> Probe | str:
+    """Decode one file (a path or an open binary file) fully: a truncated or corrupt file fails
+    here; the reason if it fails."""
     from PIL import Image
 
     try:
@@ -216,9 +217,10 @@ def _probe(path: Path) -> _Probe | str:
             width, height = img.size
             if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width
-            return _Probe(_is_colour(img), width, height)
+            return Probe(_is_colour(img), width, height)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means: not a usable image
-        return f"cannot decode: {type(exc).__name__}: {exc}".splitlines()[0]
+        text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # an open file's repr
+        return f"cannot decode: {type(exc).__name__}: {text}".splitlines()[0]
 
 
 def _is_colour(img: Any) -> bool:
@@ -229,7 +231,7 @@ def _is_colour(img: Any) -> bool:
     return img.mode not in GRAY_MODES
 
 
-def _facts(probes: list[_Probe], image_size: int | None) -> dict[str, Any]:
+def facts(probes: list[Probe], image_size: int | None) -> dict[str, Any]:
     """channels, the median height and width, and `image_size`: a default model input side (the
     median short side clipped to 8-224) unless one is given."""
     median_height = int(statistics.median(p.height for p in probes))

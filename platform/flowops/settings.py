@@ -77,6 +77,9 @@ class DevenvSettings(_Section):
 SECTIONS = ("gate", "monitor", "cluster", "devenv")
 # Interfaces that mean "listen everywhere": a server bound there is reached at the head's address.
 WILDCARD_HOSTS = ("0.0.0.0", "::")
+# The usual S3 credential variables: a job sees the storage with the same identity as its client.
+STORAGE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                       "AWS_DEFAULT_REGION")
 # What HAProxy retries on another replica: nothing reached a replica, or the replica died without
 # a (valid) answer. Not 5xx answers: those are the app's own.
 HAPROXY_RETRY_ON = "conn-failure empty-response junk-response response-timeout"
@@ -153,6 +156,14 @@ class Settings(BaseSettings):
     )
     dvc_remote: str | None = Field(
         None, description="DVC remote URL. Default: a local folder in the home folder."
+    )
+    storage_uri: str | None = Field(
+        None, description="Where images (Parquet shards) and other large outputs live: a folder, "
+        "s3://bucket/prefix or any pyarrow/fsspec filesystem URI. Default: a folder in the home."
+    )
+    storage_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, Ceph, moto), e.g. "
+        "http://minio:9000; credentials come from the usual AWS_* variables."
     )
     model_name: str = Field("digits-classifier", description="Registered model name.")
     ray_port: int = Field(6380, description="Ray GCS port of the embedded head node.")
@@ -314,6 +325,11 @@ class Settings(BaseSettings):
         return self.dvc_remote or str(self.home / "dvc-remote")
 
     @property
+    def storage(self) -> str:
+        """The storage URI (see flowops.storage): the setting, or `home/storage`."""
+        return self.storage_uri or str(self.home / "storage")
+
+    @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
@@ -390,7 +406,10 @@ class Settings(BaseSettings):
             values = getattr(self, section).model_dump(mode="json", exclude_defaults=True)
             for key, value in values.items():
                 env[f"FLOWOPS_{section}_{key}".upper()] = str(value)
-        for key in ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY"):
+        env["FLOWOPS_STORAGE_URI"] = self.storage
+        if self.storage_endpoint_url:
+            env["FLOWOPS_STORAGE_ENDPOINT_URL"] = self.storage_endpoint_url
+        for key in ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY", *STORAGE_CREDENTIALS):
             if os.environ.get(key):
                 env[key] = os.environ[key]
         return env

@@ -1,7 +1,9 @@
-"""`flowops data init | versions | show | check`: versioned datasets."""
+"""`flowops data init | import | migrate | versions | show | check`: versioned datasets."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
@@ -136,3 +138,91 @@ def check(
     tag = data.resolve_version(cfg, data_version)
     submit_and_follow(cfg, "data_check", DataCheckConfig(data_version=tag), no_wait=no_wait,
                       as_json=as_json, metadata={"data_version": tag})
+
+
+@contextlib.contextmanager
+def _image_progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar of images on stderr; a line per tenth when stderr is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not err_console.is_terminal:
+        shown = {"tenth": -1}
+
+        def line(done: int, total: int) -> None:
+            tenth = done * 10 // max(total, 1)
+            if tenth != shown["tenth"]:
+                shown["tenth"] = tenth
+                err_console.print(f"{what}: {done}/{total} images")
+
+        yield line
+        return
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task(what, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _print_import(result, as_json: bool) -> None:
+    out = notes(as_json)
+    out.print(f"{result.shards} shard(s) in {result.storage}/images: {result.written} written, "
+              f"{result.reused} already there", soft_wrap=True)
+    if result.rejected:
+        out.print(f"{result.rejected} file(s) rejected, see {data.ERRORS_FILE} of "
+                  f"{result.version}", soft_wrap=True)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(f"data version [bold]{result.version}[/bold]: {result.images} images as shards, "
+                  f"{result.counts}")
+
+
+@data_app.command("import")
+def import_(
+    source: str = typer.Argument(
+        ..., metavar="DIR|URI",
+        help="An image folder (one sub-folder per class) or a bucket prefix (s3://bucket/prefix).",
+    ),
+    unlabeled: str = typer.Option(
+        None, "--unlabeled", metavar="DIR|URI", help="Images without labels: the unlabeled pool.",
+    ),
+    name: str = typer.Option(None, "--name", help="The dataset's name (default: the source's "
+                                                  "last folder); models default to <name>-classifier."),
+    holdout_fraction: float = typer.Option(0.2, help="Share of each class kept as the holdout."),
+    unlabeled_fraction: float = typer.Option(
+        0.0, help="Share of the labeled training images whose labels are hidden (simulated labeling)."),
+    image_size: int = typer.Option(
+        None, help="Default model input side (default: the median short side, clipped to 8-224)."),
+    seed: int = typer.Option(0, help="Seed of the split and of the ids."),
+    images_per_shard: int = typer.Option(2000, help="Images per Parquet shard (at most 128 MiB)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Import images into Parquet shards in the storage URI (FLOWOPS_STORAGE_URI) as a new data
+    version. Resumable: run it again after an interrupt and the shards already stored are
+    skipped. Files that do not decode are listed in the version's errors.csv."""
+    from flowops import shard_import
+
+    cfg = settings()
+    with _image_progress("importing") as progress:
+        result = shard_import.import_images(
+            cfg, source, unlabeled=unlabeled, name=name, holdout_fraction=holdout_fraction,
+            unlabeled_fraction=unlabeled_fraction, seed=seed, image_size=image_size,
+            images_per_shard=images_per_shard, progress=progress)
+    _print_import(result, as_json)
+
+
+@data_app.command("migrate")
+def migrate(
+    version: str = typer.Argument("latest", help="A data version whose images are files."),
+    images_per_shard: int = typer.Option(2000, help="Images per Parquet shard (at most 128 MiB)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Convert a data version's image files into shards in the storage URI, as a new version
+    with the same ids, labels and splits."""
+    from flowops import shard_import
+
+    cfg = settings()
+    with _image_progress("migrating") as progress:
+        result = shard_import.migrate_version(cfg, version, images_per_shard=images_per_shard,
+                                              progress=progress)
+    _print_import(result, as_json)

@@ -166,6 +166,10 @@ class Settings(BaseSettings):
         "http://minio:9000; credentials come from the usual AWS_* variables."
     )
     model_name: str = Field("digits-classifier", description="Registered model name.")
+    task: str | None = Field(
+        None, description="The project's task (module:object) for `flowops train` without --task "
+        "and without --init-from, e.g. `task: my_project.task:task` in flowops.yaml."
+    )
     ray_port: int = Field(6380, description="Ray GCS port of the embedded head node.")
     dashboard_port: int = Field(8265, description="Ray dashboard and job API port.")
     client_port: int = Field(10001, description="Ray Client server port (ray://).")

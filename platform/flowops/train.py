@@ -221,11 +221,19 @@ def model_name_for(settings: Settings, config: TrainConfig, task: Task, version:
     return task.name or f"{version.name}-classifier"
 
 
+def with_project_task(settings: Settings, config: TrainConfig) -> TrainConfig:
+    """A fresh training (no --task, no --init-from) takes the project's task from the settings."""
+    if config.task or config.init_from or not settings.task:
+        return config
+    return config.model_copy(update={"task": settings.task})
+
+
 def plan(settings: Settings, config: TrainConfig) -> TrainPlan:
     """Check every input and load the data; nothing has started yet when this raises."""
     from flowops import data
     from flowops.evaluate import holdout_split
 
+    config = with_project_task(settings, config)
     version = data.open_version(settings, config.data_version)
     if config.freeze_epochs > config.epochs:
         raise InvalidInput(f"--freeze-epochs {config.freeze_epochs} exceeds --epochs {config.epochs}")
@@ -400,6 +408,7 @@ def precheck(settings: Settings, config: TrainConfig) -> TrainConfig:
     with the data version pinned (a job reads the workspace as a remote repo and needs an id)."""
     from flowops import data
 
+    config = with_project_task(settings, config)
     if settings.data_repo is None:
         pinned = data.resolve_version(settings, config.data_version)
         config = config.model_copy(update={"data_version": pinned})

@@ -163,3 +163,14 @@ def test_weights_file_warm_starts_matching_layers_and_leaves_a_new_head(tmp_path
     state, saved = model.state_dict(), source.state_dict()
     assert torch.equal(state["features.0.weight"], saved["features.0.weight"])
     assert state["head.weight"].shape == (3, 32) != saved["head.weight"].shape
+
+
+def test_the_projects_task_from_the_settings_is_the_default_of_a_fresh_training(monkeypatch):
+    from flowops.settings import get_settings
+    from flowops.train import TrainConfig, with_project_task
+
+    monkeypatch.setenv("FLOWOPS_TASK", "flowops.tasks:resnet")
+    s = get_settings()
+    assert with_project_task(s, TrainConfig()).task == "flowops.tasks:resnet"
+    assert with_project_task(s, TrainConfig(task="flowops.tasks:small_cnn")).task == "flowops.tasks:small_cnn"
+    assert with_project_task(s, TrainConfig(init_from="models:/m/1")).task is None  # the base's task

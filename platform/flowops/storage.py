@@ -146,21 +146,22 @@ def _s3(parts: Any, endpoint_url: str | None) -> Any:
     return fs.S3FileSystem(**options)
 
 
-def open_storage(settings: Settings) -> Storage:
+def open_storage(settings: Settings, operation: str = "") -> Storage:
     """The configured storage (no I/O: `check` probes it)."""
     uri = settings.storage
     try:
         filesystem, root = filesystem_for(uri, settings.storage_endpoint_url)
     except (ValueError, OSError) as exc:
-        raise StorageUnavailable(f"storage {mask(uri)} (FLOWOPS_STORAGE_URI) is not a usable "
-                                 f"filesystem URI: {_first_line(exc)}") from None
+        raise StorageUnavailable(f"{operation}{': ' if operation else ''}storage {mask(uri)} "
+                                 f"(FLOWOPS_STORAGE_URI) is not a usable filesystem URI: "
+                                 f"{_first_line(exc)}") from None
     return Storage(uri, filesystem, root)
 
 
 def check(settings: Settings, operation: str) -> Storage:
     """The storage, after a real write, read-back and delete of a small probe object: a store that
     is unreachable or unwritable fails here, before `operation` does any work."""
-    storage = open_storage(settings)
+    storage = open_storage(settings, operation)
     probe = f".flowops-check/{uuid.uuid4().hex}"
     payload = hashlib.sha256(probe.encode()).hexdigest().encode()
     where = storage.display + (f" (endpoint {mask(settings.storage_endpoint_url)})"

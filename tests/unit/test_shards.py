@@ -251,3 +251,12 @@ def test_a_folder_version_migrates_to_shards(photos, tmp_path):
     assert new.classes == old.classes and new.meta["layout"] == "shards"
     out = run_cli("data", "migrate", result["version"], env={"FLOWOPS_HOME": str(settings.home)})
     assert out.returncode == 2 and "already stored as shards" in out.stderr
+
+
+def test_a_storage_uri_nothing_can_open_is_one_line(tmp_path):
+    _tiny_folder(tmp_path / "imgs", per_class=5)
+    env = {"FLOWOPS_HOME": str(tmp_path / "home"), "FLOWOPS_STORAGE_URI": "nosuch://bucket/x"}
+    out = run_cli("data", "import", str(tmp_path / "imgs"), env=env)
+    assert out.returncode == 5
+    assert _one_error_line(out).startswith(
+        "error: data import: storage nosuch://bucket/x (FLOWOPS_STORAGE_URI) is not a usable")

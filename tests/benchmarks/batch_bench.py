@@ -2,6 +2,12 @@
 loop and (b) the Ray Data pipeline of `flowops pseudo-label` with 1 and 2 model actors.
 
     .venv/bin/python tests/benchmarks/batch_bench.py [--images 50000] [--cpus 2] [--rounds 2]
+    .venv/bin/python tests/benchmarks/batch_bench.py --task resnet   # -> batch_bench_resnet.json
+
+`--task digits` (default): the small CNN on 8x8 augmented digits. `--task resnet`: the built-in
+ResNet task (64x64 RGB, ImageNet normalisation, width 8) on synthetic colour PNGs of 48-96 px
+(task_bench.py's images), 12,000 by default; the plain loop decodes with the model's
+`Preprocess` (Pillow: open, EXIF, convert, resize, normalise) as the pipeline does.
 
 Starts its own Ray head (temp home, free ports, token auth) with --cpus CPUs, writes the images
 once (augmented digits, one PNG each, read by a manifest), then runs the variants interleaved
@@ -18,6 +24,7 @@ import os
 import platform
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +37,17 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "platform"))
 
 
-def make_images(root: Path, count: int) -> pd.DataFrame:
+def make_images(root: Path, count: int, task: str = "digits") -> pd.DataFrame:
+    if task == "resnet":
+        from task_bench import make_images as colour_pngs  # this folder: the training bench's images
+
+        blobs, _ = colour_pngs(count)
+        for i, blob in enumerate(blobs):
+            rel = f"images/{i // 1000:04d}/b{i:07d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(blob)
+        return pd.DataFrame([(f"b{i:07d}", f"images/{i // 1000:04d}/b{i:07d}.png")
+                             for i in range(count)], columns=["id", "path"])
     from sklearn.datasets import load_digits
 
     from flowops.synth import SynthConfig, _png, augment
@@ -49,25 +66,40 @@ def make_images(root: Path, count: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "path"])
 
 
-def fit_model(settings):
-    """The digits task's small CNN fitted briefly, registered in the benchmark's own (sqlite)
-    MLflow, where the Ray Data actors load it from: (loaded model, its models:/ URI)."""
+def fit_model(settings, task_name: str = "digits", width: int = 8):
+    """The task's network fitted briefly (digits: the small CNN; resnet: the ResNet task on 64x64
+    colour images), registered in the benchmark's own (sqlite) MLflow, where the Ray Data actors
+    load it from: (loaded model, its models:/ URI)."""
     import torch
-    from sklearn.datasets import load_digits
 
     from flowops.model import load_model, log_model_version
     from flowops.refs import ModelRef
     from flowops.task import TaskSpec, load_task
     from flowops.tracking import start_run
 
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(digits.target)
     torch.manual_seed(0)
-    task, classes = load_task(TaskSpec()), [str(c) for c in range(10)]
+    if task_name == "resnet":
+        from task_bench import COLOURS
+        from task_bench import make_images as colour_pngs
+
+        task = load_task(TaskSpec(path="flowops.tasks:resnet",
+                                  options={"size": 64, "channels": 3, "width": width}))
+        classes = list(COLOURS)
+        blobs, labels = colour_pngs(256, seed=1)
+        x = torch.from_numpy(np.stack([task.decode(b) for b in blobs]))
+        y = torch.from_numpy(labels)
+        steps = 8
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+        y = torch.tensor(digits.target)
+        task, classes = load_task(TaskSpec()), [str(c) for c in range(10)]
+        steps = 40
     net = task.build_model(classes)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(40):
+    for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
@@ -106,12 +138,20 @@ def timed(fn) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--task", choices=("digits", "resnet"), default="digits")
+    parser.add_argument("--images", type=int, help="default: 50,000 digits, 12,000 colour images")
+    parser.add_argument("--width", type=int, default=8, help="ResNet width (--task resnet)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs the benchmark's Ray head offers")
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    parser.add_argument("--batch-size", type=int, help="default: 1024 digits, 256 colour images")
+    parser.add_argument("--rounds", type=int, help="default: 2 digits, 3 colour images")
+    parser.add_argument("--out", help="default: batch_bench.json (digits), batch_bench_resnet.json")
     args = parser.parse_args()
+    resnet = args.task == "resnet"
+    args.images = args.images or (12_000 if resnet else 50_000)
+    args.batch_size = args.batch_size or (256 if resnet else 1024)
+    args.rounds = args.rounds or (3 if resnet else 2)
+    here = Path(__file__).parent
+    args.out = args.out or str(here / ("batch_bench_resnet.json" if resnet else "batch_bench.json"))
 
     import torch
 
@@ -123,11 +163,11 @@ def main() -> None:
     sid = None
     try:
         t0 = time.perf_counter()
-        rows = make_images(work / "data", args.images)
+        rows = make_images(work / "data", args.images, args.task)
         write_s = time.perf_counter() - t0
         print(f"wrote {len(rows)} PNG files in {write_s:.1f}s", flush=True)
         settings = get_settings(home=work / "home")
-        loaded, model_uri = fit_model(settings)
+        loaded, model_uri = fit_model(settings, args.task, args.width)
 
         token = work / "ray" / "auth_token"
         token.parent.mkdir(parents=True)
@@ -175,16 +215,24 @@ def main() -> None:
                       flush=True)
         best = {k: min(v) for k, v in timings.items()}
         rate = {k: round(len(rows) / s, 1) for k, s in best.items()}
+        # also medians, and ratios paired round by round (the variants of one round saw the
+        # same neighbours)
+        median_rate = {k: round(len(rows) / statistics.median(v), 1) for k, v in timings.items()}
+        paired = {f"{k}_vs_plain": [round(p / s, 3) for s, p in zip(v, timings["plain"], strict=True)]
+                  for k, v in timings.items() if k != "plain"}
         plain_preds = pd.read_parquet(work / "out-plain" / "predictions.parquet")
         ray_preds = pd.read_parquet(work / "out-ray2" / "predictions.parquet")
         same = (plain_preds.set_index("id")["label"]
                 == ray_preds.set_index("id")["label"].reindex(plain_preds["id"])).mean()
         report = {
             "benchmark": "batch pseudo-labeling: plain PyTorch loop vs Ray Data actor pool",
-            "images": len(rows), "batch_size": args.batch_size, "ray_cpus": args.cpus,
+            "task": str(loaded.task.spec), "images": len(rows), "batch_size": args.batch_size,
+            "ray_cpus": args.cpus,
             "rounds": args.rounds, "seconds": {k: [round(s, 3) for s in v]
                                                for k, v in timings.items()},
-            "images_per_s_best": rate,
+            "images_per_s_best": rate, "images_per_s_median": median_rate,
+            "paired_ratios": paired,
+            "paired_ratio_medians": {k: statistics.median(v) for k, v in paired.items()},
             "ratio_ray_1_actor_vs_plain": round(rate["ray_data_1_actor"] / rate["plain"], 3),
             "ratio_ray_2_actors_vs_plain": round(rate["ray_data_2_actors"] / rate["plain"], 3),
             "scaling_2_vs_1_actor": round(rate["ray_data_2_actors"] / rate["ray_data_1_actor"], 3),

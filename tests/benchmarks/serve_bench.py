@@ -7,6 +7,11 @@ this file. Needs a running stack (`flowops up`) with FLOWOPS_* pointing at it; r
 model as `production` if none exists. Only 127.0.0.1 is targeted.
 
     python tests/benchmarks/serve_bench.py [--duration 5] [--rounds 3] [--warmup 2]
+    python tests/benchmarks/serve_bench.py --task resnet    # -> serve_bench_resnet.json
+
+`--task resnet`: the built-in ResNet task (64x64 RGB, width 8, ImageNet normalisation) registered
+as `bench-resnet` (stable and canary), each request one colour PNG of 48-96 px as base64, which
+every target decodes and resizes with the model's `Preprocess`.
 """
 
 
@@ -24,11 +29,37 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def _body() -> bytes:
+RESNET_MODEL = "bench-resnet"
+
+
+def _body(task: str) -> bytes:
+    if task == "resnet":
+        import base64
+
+        from task_bench import make_images  # this folder: the training bench's colour images
+
+        blobs, _ = make_images(1, seed=3)
+        return json.dumps({"instances": [{"b64": base64.b64encode(blobs[0]).decode()}]}).encode()
     from tests.integration.conftest_serving import digits_pixels
 
     pixels, _ = digits_pixels(1)
     return json.dumps({"instances": [pixels[0].tolist()]}).encode()
+
+
+def _fitted(task: str, seed: int):
+    """(task, network) to register: the digits small CNN fitted briefly, or an untrained ResNet
+    task network (throughput does not depend on the weights)."""
+    from tests.integration.conftest_serving import DIGITS, fit_classifier
+
+    if task != "resnet":
+        return fit_classifier(seed=seed)
+    import torch
+
+    from flowops.task import TaskSpec, load_task
+
+    torch.manual_seed(seed)
+    resnet = load_task(TaskSpec(path="flowops.tasks:resnet", options={"size": 64, "width": 8}))
+    return resnet, resnet.build_model(DIGITS).eval()
 
 
 async def _closed_loop(url: str, body: bytes, concurrency: int, duration: float,
@@ -82,7 +113,7 @@ def _median_run(rounds: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "rounds_req_per_s": [r["req_per_s"] for r in rounds]}
 
 
-def _ensure_model(settings) -> str:
+def _ensure_model(settings, task: str) -> str:
     from flowops.errors import NotFound
     from flowops.model import resolve_model_version
     from flowops.refs import ModelRef
@@ -90,9 +121,9 @@ def _ensure_model(settings) -> str:
     try:
         return resolve_model_version(settings, ModelRef.production(settings.model_name).uri)[1]
     except NotFound:
-        from tests.integration.conftest_serving import fit_classifier, register_version
+        from tests.integration.conftest_serving import register_version
 
-        return register_version(settings, fit_classifier(), alias="production")
+        return register_version(settings, _fitted(task, 0), alias="production")
 
 
 BODY_LIMIT = 4 * 1024 * 1024
@@ -201,8 +232,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (median kept).")
     parser.add_argument("--warmup", type=float, default=2.0, help="Unmeasured seconds first.")
     parser.add_argument("--canary-weight", type=int, default=10, help="Canary share in (a).")
+    parser.add_argument("--task", choices=("digits", "resnet"), default="digits")
     parser.add_argument("--plain-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.task == "resnet":  # its own registered model (the plain server inherits the name)
+        os.environ["FLOWOPS_MODEL_NAME"] = RESNET_MODEL
     if args.plain_server:
         _plain_server(args.plain_server)
         return
@@ -221,12 +255,12 @@ def main() -> None:
 
     from flowops import serving
 
-    version = _ensure_model(settings)
+    version = _ensure_model(settings, args.task)
     canary = None
     if args.canary_weight:
-        from tests.integration.conftest_serving import fit_classifier, register_version
+        from tests.integration.conftest_serving import register_version
 
-        canary = register_version(settings, fit_classifier(seed=1))
+        canary = register_version(settings, _fitted(args.task, 1))
     serving.deploy(settings, stable=version, canary=canary, weight=args.canary_weight if canary else 0)
     connect(settings)
     serve.run(_bare_deployment(ModelRef.of(settings.model_name, version).uri, str(settings.home),
@@ -235,7 +269,7 @@ def main() -> None:
     port = free_port()
     plain = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port)],
                              env={**os.environ}, start_new_session=True)
-    body = _body()
+    body = _body(args.task)
     targets = {
         "router_app": f"{settings.serve_url}/predict",
         "bare_deployment": f"{settings.serve_url}/bench-bare/predict",
@@ -295,6 +329,7 @@ def main() -> None:
     }
     print(json.dumps(ratios, indent=2))
     out = {
+        "task": args.task, "model": settings.model_name,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "ray": ray.__version__},
         "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
@@ -305,7 +340,8 @@ def main() -> None:
         "note": "2-core machine; load generator (aiohttp) on the same cores as the servers; "
                 "median of interleaved rounds",
     }
-    (Path(__file__).with_suffix(".json")).write_text(json.dumps(out, indent=2) + "\n")
+    name = "serve_bench_resnet.json" if args.task == "resnet" else "serve_bench.json"
+    (Path(__file__).parent / name).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ def new_labels(settings: Settings) -> list[dict]:
         return [dict(r._mapping) for r in rows]
 
 
+def labeled_image_ids(settings: Settings) -> set[str]:
+    """Every image a person has labeled through the inbox (used in a data version or not)."""
+    import sqlalchemy as sa
+
+    from flowops import statedb
+
+    with statedb.reading(settings) as conn:
+        return {r[0] for r in conn.execute(sa.select(statedb.labels.c.image_id).distinct())}
+
+
 def counts(settings: Settings) -> dict[str, float | int | None]:
     """Inbox size: total, new (unused), and the age in seconds of the oldest new label."""
     import sqlalchemy as sa

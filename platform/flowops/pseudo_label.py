@@ -291,10 +291,7 @@ def human_labeled_ids(settings: Settings, manifest: pd.DataFrame) -> set[str]:
     """Images a person has labeled: in the label inbox, or labeled rows of the manifest."""
     from flowops import labels as inbox
 
-    ids = set(manifest.loc[manifest["label"] != "", "id"])
-    with inbox.connect(settings) as conn:
-        ids.update(r[0] for r in conn.execute("SELECT DISTINCT image_id FROM labels"))
-    return ids
+    return set(manifest.loc[manifest["label"] != "", "id"]) | inbox.labeled_image_ids(settings)
 
 
 def select_confident(

@@ -19,14 +19,17 @@ pytestmark = pytest.mark.integration
 
 # Runs as a Ray job: log an (untrained) classifier and register it, print its version.
 LOG_MODEL = """
-from flowops.model import ImageClassifier, log_model_version
+from flowops.model import log_model_version
 from flowops.settings import get_settings
+from flowops.task import load_task
 from flowops.tracking import start_run
 
 settings = get_settings()
 assert settings.tracking_uri.startswith("http://"), settings.tracking_uri
+task = load_task("flowops.tasks:small_cnn", {"width": 8})
+classes = [str(i) for i in range(10)]
 with start_run(settings, "mlflow-server-test", run_name="logged-by-a-job"):
-    version = log_model_version(settings, ImageClassifier([str(i) for i in range(10)], 8, width=8),
+    version = log_model_version(settings, task.build_model(classes), task, classes,
                                 registered_name="proxy-test")
 print(f"logged-model-version={version}")
 """
@@ -72,4 +75,4 @@ def test_a_model_logged_by_a_job_is_loaded_through_the_artifact_proxy(stack):
     assert (stack.artifact_root / relative / "MLmodel").is_file()  # ... stored in the home
 
     loaded = load_model(stack, ModelRef.of("proxy-test", version).uri)
-    assert loaded.model.classes == [str(i) for i in range(10)]
+    assert loaded.classes == [str(i) for i in range(10)]

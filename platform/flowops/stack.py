@@ -112,12 +112,16 @@ def _ray_state_alive(settings: Settings, state: dict[str, Any]) -> bool:
 
 
 def _start_serve(settings: Settings) -> None:
-    """Start Serve's controller and HTTP proxy on the configured port (detached, so it persists)."""
+    """Start Serve's controller and HTTP proxy on the configured port (detached, so it persists).
+
+    The HTTP host applies to the proxy of every node: loopback for a one-machine head, else every
+    interface (a proxy on another node cannot bind the head's address)."""
     apply_ray_auth_env(settings)
+    host = "127.0.0.1" if settings.head_host in ("127.0.0.1", "localhost") else "0.0.0.0"
     code = (
         "from ray import serve; from flowops.ray_client import connect;"
         "from flowops.settings import get_settings; connect(get_settings());"
-        f"serve.start(http_options={{'host': {settings.head_host!r}, 'port': {settings.serve_port}}})"
+        f"serve.start(http_options={{'host': {host!r}, 'port': {settings.serve_port}}})"
     )
     env = {**os.environ, **settings.job_env(), **settings.ray_auth_env()}
     out = subprocess.run(

@@ -57,7 +57,7 @@ def outside(installed, tmp_path):
     used = {int(v) for k, v in os.environ.items() if k.startswith("FLOWOPS_") and k.endswith("_PORT")}
     env = {**os.environ, "FLOWOPS_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
-    for key in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS", "MONITOR_EXPORTER",
+    for key in ("RAY", "DASHBOARD", "CLIENT", "SERVE", "METRICS", "MLFLOW", "MONITOR_EXPORTER",
                 "MONITOR_PROMETHEUS"):
         env[f"FLOWOPS_{key}_PORT"] = str(_free_port(used))
     env["RAY_AUTH_TOKEN_PATH"] = str(home / "ray" / "auth_token")

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import secrets
 import shutil
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_ray import start_ray
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "platform"))
@@ -156,7 +156,7 @@ def main() -> None:
     import torch
 
     from flowops import pseudo_label as pl
-    from flowops.ray_client import RayHead, free_port, kill_session
+    from flowops.ray_client import kill_session
     from flowops.settings import get_settings
 
     work = Path(tempfile.mkdtemp(prefix="fo-batch-bench-", dir="/tmp"))
@@ -169,23 +169,8 @@ def main() -> None:
         settings = get_settings(home=work / "home")
         loaded, model_uri = fit_model(settings, args.task, args.width)
 
-        token = work / "ray" / "auth_token"
-        token.parent.mkdir(parents=True)
-        token.write_text(secrets.token_hex(32))
-        os.chmod(token, 0o600)
-        ports = [free_port() for _ in range(4)]
-        while any(10002 <= p <= 19999 for p in ports):
-            ports = [free_port() for _ in range(4)]
-        head = RayHead(temp_dir=Path(f"/tmp/fo-bb-{secrets.token_hex(3)}"), token_path=token,
-                       log_path=work / "ray-start.log", ray_port=ports[0],
-                       dashboard_port=ports[1], client_port=ports[2], metrics_port=ports[3],
-                       num_cpus=args.cpus)
-        sid = head.start()
-        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
-        os.environ.pop("RAY_ADDRESS", None)
+        sid = start_ray(work, args.cpus, prefix="fo-bb")
         import ray
-
-        ray.init(address=f"127.0.0.1:{ports[0]}", log_to_driver=False)
 
         classes = loaded.classes
         root = work / "data"

@@ -29,7 +29,6 @@ import io
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
 import statistics
@@ -38,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_ray
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,25 +98,10 @@ def decode_all(payloads) -> int:
     return n
 
 
-def start_ray(work: Path, cpus: int):
-    from flowops.ray_client import RayHead, free_port
-
-    token = work / "ray" / "auth_token"
-    token.parent.mkdir(parents=True)
-    token.write_text(secrets.token_hex(32))
-    os.chmod(token, 0o600)
-    ports = [free_port() for _ in range(4)]
-    while any(10002 <= p <= 19999 for p in ports):
-        ports = [free_port() for _ in range(4)]
-    head = RayHead(temp_dir=Path(f"/tmp/fo-db-{secrets.token_hex(3)}"), token_path=token,
-                   log_path=work / "ray-start.log", ray_port=ports[0], dashboard_port=ports[1],
-                   client_port=ports[2], metrics_port=ports[3], num_cpus=cpus)
-    sid = head.start()
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
-    os.environ.pop("RAY_ADDRESS", None)
+def start_ray(work: Path, cpus: int) -> int:
     import ray
 
-    ray.init(address=f"127.0.0.1:{ports[0]}", log_to_driver=False, logging_level="ERROR")
+    sid = bench_ray.start_ray(work, cpus, prefix="fo-db")
     ray.data.DataContext.get_current().enable_progress_bars = False
     return sid
 

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import secrets
 import shutil
 import statistics
 import sys
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_ray import start_ray
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "platform"))
@@ -158,28 +158,6 @@ def summary(records: list[dict], started: float, finished: float) -> dict:
     }
 
 
-def start_ray(work: Path, cpus: int) -> int:
-    from flowops.ray_client import RayHead, free_port
-
-    token = work / "ray" / "auth_token"
-    token.parent.mkdir(parents=True)
-    token.write_text(secrets.token_hex(32))
-    os.chmod(token, 0o600)
-    ports = [free_port() for _ in range(4)]
-    while any(10002 <= p <= 19999 for p in ports):
-        ports = [free_port() for _ in range(4)]
-    head = RayHead(temp_dir=Path(f"/tmp/fo-tb-{secrets.token_hex(3)}"), token_path=token,
-                   log_path=work / "ray-start.log", ray_port=ports[0], dashboard_port=ports[1],
-                   client_port=ports[2], metrics_port=ports[3], num_cpus=cpus)
-    sid = head.start()
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
-    os.environ.pop("RAY_ADDRESS", None)
-    import ray
-
-    ray.init(address=f"127.0.0.1:{ports[0]}", log_to_driver=False)
-    return sid
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1500)
@@ -220,7 +198,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"plain": [], "flowops_local": [], "ray_train_1_worker": []}
     load_start = os.getloadavg()[0]
     try:
-        sid = start_ray(work, args.cpus)  # Ray reads its auth settings when first imported
+        sid = start_ray(work, args.cpus, prefix="fo-tb")  # Ray reads its auth settings when first imported
         import ray
 
         def run_plain() -> list[dict]:

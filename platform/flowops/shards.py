@@ -151,20 +151,26 @@ def read_version(version: data.DataVersion, storage: Storage, *, splits: Iterabl
     One read task per shard, run on whichever node Ray picks: it reads the shard from the storage
     URI (never the driver's disk), verifies it, keeps the version's ids and joins their labels.
     Only the shards the version (or the asked splits) references are read."""
-    import ray
-
     rows = version.manifest
     if splits is not None:
         rows = rows[rows["split"].isin(list(splits))]
     if labeled:
         rows = rows[rows["label"] != ""]
-    tasks = [{"shard": str(shard), "ids": group["id"].tolist(), "labels": group["label"].tolist(),
-              "splits": group["split"].tolist()} for shard, group in rows.groupby("shard", sort=True)]
-    if not tasks:
+    if rows.empty:
         raise InvalidInput(f"data version {version.tag} has no image to read for splits "
                            f"{sorted(splits) if splits is not None else 'all'}")
+    return read_rows(rows, storage)
+
+
+def read_rows(rows: pd.DataFrame, storage: Storage) -> Any:
+    """Manifest rows (id, label, split, shard; any labels, e.g. pseudo-labels) as a Ray Dataset of
+    (id, label, split, bytes): one read task per shard, on whichever node Ray picks."""
+    import ray
+
+    tasks = [{"shard": str(shard), "ids": group["id"].tolist(), "labels": group["label"].tolist(),
+              "splits": group["split"].tolist()} for shard, group in rows.groupby("shard", sort=True)]
     reader = _ShardReader(storage)
-    return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+    return ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks))).map_batches(
         reader, batch_size=1, batch_format="pyarrow")
 
 

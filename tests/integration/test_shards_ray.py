@@ -106,3 +106,23 @@ def test_a_missing_bucket_is_one_line_exit_5(s3_endpoint, photos, tmp_path):  # 
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "error: data import: storage s3://no-such-bucket/x (endpoint http://127.0.0.1:")
+
+
+def test_both_layouts_read_the_same_images_through_images_dataset(ray, photos, tmp_path):
+    """A folder version and the sharded version migrated from it: the same (id, label, split,
+    bytes) through `images.dataset`, and through `images.iter_bytes` without Ray."""
+    from flowops import data, images
+
+    settings = get_settings(home=tmp_path / "home")
+    folder = data.init_dataset(settings, photos).id
+    migrated = shard_import.migrate_version(settings, folder, images_per_shard=4).version
+    read = {}
+    for tag in (folder, migrated):
+        version = data.open_version(settings, tag)
+        rows = images.select(version, ["train"], labeled=True)
+        got = images.dataset(settings, version, rows).take_all()
+        assert sorted(r["id"] for r in got) == sorted(rows["id"])
+        read[tag] = {r["id"]: (r["label"], r["split"], r["bytes"]) for r in got}
+        assert dict(images.iter_bytes(settings, version, rows["id"])) == {
+            i: v[2] for i, v in read[tag].items()}
+    assert read[folder] == read[migrated]

@@ -17,7 +17,7 @@ the defaults the false-alarm rate is at most `alpha + class_alpha` = 2% per wind
 
 Live inputs: every serving replica keeps a uniform sample (reservoir) of the images it classified
 (decoded by the stable model's preprocessing) and writes it every `input_window_s` seconds
-(default 60) to `<home>/drift/windows/` as `<unix time>-<replica>.npy`: (N, C, H, W) pixel values
+(default 60) to `drift/windows/` in the storage URI as `<unix time>-<replica>.npy`: (N, C, H, W) pixel values
 in [0, 1] at the model's input size. Any other window file works too: `.npy` of images at the
 model's input size, (N, H, W) grayscale, (N, C, H, W) or (N, H, W, C), or flattened (N, C*H*W),
 values in [0, 1] or 0-255; or `.parquet` with a column `pixels` (one image per row, nested or
@@ -365,9 +365,15 @@ def drift_dir(settings: Settings) -> Path:
     return settings.home / "drift"
 
 
-def windows_dir(settings: Settings) -> Path:
-    """Where serving replicas write live-input windows."""
-    return drift_dir(settings) / "windows"
+WINDOWS = "drift/windows"  # under the storage URI: replicas on any node write there
+
+
+def windows_location(settings: Settings) -> str:
+    """Where serving replicas write live-input windows: `drift/windows` in the storage URI, which
+    every node reaches (a folder of the home on the embedded stack, `s3://…` on a cluster)."""
+    if "://" in settings.storage:
+        return f"{settings.storage.rstrip('/')}/{WINDOWS}"
+    return str(Path(settings.storage).expanduser().resolve() / WINDOWS)
 
 
 class InputWindow:
@@ -400,24 +406,41 @@ class InputWindow:
         return raw_pixels(np.stack(images), self.preprocess) if images else None
 
 
-def write_window(settings: Settings, images: np.ndarray, tag: str, keep: int = 500) -> Path:
-    """Write one window atomically (the monitor never reads half a file); keep the newest `keep`."""
-    folder = windows_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{time.time():.3f}-{tag}.npy"
+def write_window(settings: Settings, images: np.ndarray, tag: str, keep: int = 500) -> str:
+    """Write one window whole (the monitor never reads half a file) into the storage URI; keep
+    the newest `keep`. Returns where it is (a path or URI that `load_window` reads)."""
+    from flowops.storage import open_storage
+
+    store = open_storage(settings, "write a drift window")
+    name = f"{WINDOWS}/{time.time():.3f}-{tag}.npy"
     buf = io.BytesIO()
     np.save(buf, images, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-    for old in sorted(folder.glob("*.npy"), key=lambda p: p.name)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
+    store.write_bytes(name, buf.getvalue())
+    for old in [p for p in store.list(WINDOWS) if p.endswith(".npy")][:-keep]:
+        store.delete(old)
+    return f"{windows_location(settings)}/{name.rsplit('/', 1)[1]}"
 
 
-def newest_window(settings: Settings) -> Path:
+def list_windows(settings: Settings, location: str) -> list[tuple[str, float]]:
+    """(window, modification time) of the .npy/.parquet files in a folder or storage prefix."""
+    from pyarrow import fs
+
+    from flowops.storage import filesystem_for
+
+    filesystem, root = filesystem_for(location, settings.storage_endpoint_url)
+    found = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    base = location.rstrip("/")
+    return [(f"{base}/{info.base_name}", info.mtime.timestamp() if info.mtime else 0.0)
+            for info in found if info.type == fs.FileType.File
+            and info.extension in ("npy", "parquet")]
+
+
+def newest_window(settings: Settings) -> str:
     """The newest live-input window the serving app wrote (NotFound if none yet)."""
-    files = sorted(windows_dir(settings).glob("*.npy"), key=lambda p: p.name)
+    location = windows_location(settings)
+    files = sorted(w for w, _ in list_windows(settings, location) if w.endswith(".npy"))
     if not files:
-        raise NotFound(f"no live-input window in {windows_dir(settings)} yet: the serving app writes "
+        raise NotFound(f"no live-input window in {location} yet: the serving app writes "
                        "one per `input_window_s` (default 60 s) of traffic; or pass --window FILE")
     return files[-1]
 
@@ -445,40 +468,58 @@ def latest_report(settings: Settings) -> dict[str, Any]:
     return row.report
 
 
-def load_window(path: Path, preprocess: Preprocess) -> np.ndarray:
-    """A window file (.npy, or .parquet with `pixels` or `image` bytes) as (N, C, H, W) pixel
-    values in [0, 1] at the model's input (`preprocess`)."""
-    path = Path(path)
-    if not path.exists():
-        raise InvalidInput(f"window file {path} does not exist")
-    if path.suffix == ".npy":
+def load_window(location: str | Path, preprocess: Preprocess, settings: Settings | None = None
+                ) -> np.ndarray:
+    """A window (.npy, or .parquet with `pixels` or `image` bytes: a file, or a URI in the storage)
+    as (N, C, H, W) pixel values in [0, 1] at the model's input (`preprocess`)."""
+    name = str(location)
+    suffix = Path(name).suffix
+    if suffix not in (".npy", ".parquet"):
+        raise InvalidInput(f"window file {name} must be .npy or .parquet")
+    payload = _read_window(name, settings)
+    if suffix == ".npy":
         try:
-            array = np.load(path, allow_pickle=False)
+            array = np.load(io.BytesIO(payload), allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise InvalidInput(f"{path} is not a readable .npy array: {exc}") from None
+            raise InvalidInput(f"{name} is not a readable .npy array: {exc}") from None
         return as_images(array, preprocess)
-    if path.suffix == ".parquet":
-        import pandas as pd
+    import pandas as pd
 
+    try:
+        frame = pd.read_parquet(io.BytesIO(payload))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types
+        raise InvalidInput(f"{name} is not a readable parquet file: {exc}") from None
+    if "pixels" in frame.columns:
         try:
-            frame = pd.read_parquet(path)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types
-            raise InvalidInput(f"{path} is not a readable parquet file: {exc}") from None
-        if "pixels" in frame.columns:
-            try:
-                cells = np.stack([_nested(v) for v in frame["pixels"]])
-            except ValueError:
-                raise InvalidInput(f"{path}: the `pixels` rows must be images of one shape") from None
-            return as_images(cells, preprocess)
-        if "image" in frame.columns:
-            try:
-                inputs = np.stack([preprocess.decode(bytes(b)) for b in frame["image"]])
-            except UndecodableImage as exc:
-                raise InvalidInput(f"{path}: {exc}") from None
-            return raw_pixels(inputs, preprocess)
-        raise InvalidInput(f"{path} needs a column `pixels` (flattened values) or `image` (bytes); "
-                           f"it has {list(frame.columns)}")
-    raise InvalidInput(f"window file {path} must be .npy or .parquet")
+            cells = np.stack([_nested(v) for v in frame["pixels"]])
+        except ValueError:
+            raise InvalidInput(f"{name}: the `pixels` rows must be images of one shape") from None
+        return as_images(cells, preprocess)
+    if "image" in frame.columns:
+        try:
+            inputs = np.stack([preprocess.decode(bytes(b)) for b in frame["image"]])
+        except UndecodableImage as exc:
+            raise InvalidInput(f"{name}: {exc}") from None
+        return raw_pixels(inputs, preprocess)
+    raise InvalidInput(f"{name} needs a column `pixels` (flattened values) or `image` (bytes); "
+                       f"it has {list(frame.columns)}")
+
+
+def _read_window(location: str, settings: Settings | None) -> bytes:
+    """The bytes of a window file or storage object (S3 through the storage endpoint setting)."""
+    from flowops.storage import filesystem_for
+
+    endpoint = settings.storage_endpoint_url if settings is not None else None
+    try:
+        filesystem, path = filesystem_for(location, endpoint)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise InvalidInput(f"window file {location} does not exist") from None
+    except (OSError, ValueError) as exc:
+        if "://" not in location and not Path(location).exists():
+            raise InvalidInput(f"window file {location} does not exist") from None
+        raise InvalidInput(f"window {location} cannot be read: {str(exc).splitlines()[0]}") from None
 
 
 def _nested(value: Any) -> np.ndarray:

@@ -27,6 +27,7 @@ from flowops.drift import (
     build_reference,
     check_window,
     drift_dir,
+    list_windows,
     load_window,
     raw_pixels,
     save_report,
@@ -43,8 +44,10 @@ class DriftMonitorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    window: Path | None = Field(None, description="One window file (.npy or .parquet) to check.")
-    watch: Path | None = Field(None, description="A folder to watch for new window files.")
+    window: str | None = Field(None, description="One window (.npy or .parquet): a file, or a URI "
+                               "in the storage (s3://…).")
+    watch: str | None = Field(None, description="A folder or storage prefix to watch for new windows "
+                              "(the serving app's: drift.windows_location).")
     model_uri: str | None = Field(None, description="Default: models:/<model_name>@production.")
     data_version: str | None = Field(None, description="Reference data version (default: the "
                                      "model's training data version, else the latest).")
@@ -123,7 +126,7 @@ def _training_data_version(settings: Settings, name: str, version: str) -> str |
 
 def run_drift_check(
     settings: Settings,
-    window: Path,
+    window: str | Path,
     *,
     model_uri: str | None = None,
     data_version: str | None = None,
@@ -143,7 +146,7 @@ def run_drift_check(
     config = config or DriftConfig()
     model_uri = model_uri or ModelRef.production(settings.model_name).uri
     reference, loaded = load_reference(settings, model_uri, data_version, config)
-    images = load_window(Path(window), reference.preprocess)
+    images = load_window(window, reference.preprocess, settings)
     report = check_window(reference, images, model=loaded, config=config)
     record = report.to_dict() | {"window": str(window), "model_uri": model_uri, "model": loaded.name}
     save_report(settings, record)
@@ -197,7 +200,7 @@ def _emit_drift_event(settings: Settings, report: DriftReport, model_name: str, 
     events.emit(settings, "drift_detected", version=report.model_version, **fields)
 
 
-def watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks: int | None = None,
+def watch(settings: Settings, window_dir: str, *, interval_s: float, max_checks: int | None = None,
           stop_after_s: float | None = None, **kwargs: Any) -> list[DriftReport]:
     """Periodically check the newest unchecked window file in `window_dir` (the scheduled monitor).
 
@@ -214,18 +217,18 @@ def watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks
                       stop_after_s=stop_after_s, **kwargs)
 
 
-def _watch(settings: Settings, window_dir: Path, *, interval_s: float, max_checks: int | None,
+def _watch(settings: Settings, window_dir: str, *, interval_s: float, max_checks: int | None,
            stop_after_s: float | None, **kwargs: Any) -> list[DriftReport]:
     seen: set[str] = set()
     reports: list[DriftReport] = []
     deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
 
-    def newest_unseen() -> Path | None:
+    def newest_unseen() -> str | None:
         """The newest window not seen yet; the older unseen ones are skipped (marked seen)."""
-        pending = sorted((p for p in Path(window_dir).glob("*") if p.suffix in (".npy", ".parquet")
-                          and p.name not in seen), key=lambda p: p.stat().st_mtime)
-        seen.update(p.name for p in pending)
-        return pending[-1] if pending else None
+        pending = sorted(((mtime, w) for w, mtime in list_windows(settings, window_dir)
+                          if w not in seen))
+        seen.update(w for _, w in pending)
+        return pending[-1][1] if pending else None
 
     while max_checks is None or len(reports) < max_checks:
         left = None if deadline is None else deadline - time.monotonic()

@@ -4,6 +4,7 @@ model and a data version; the report lands in MLflow, the exporter and the loop'
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,14 +110,15 @@ def test_live_traffic_becomes_windows_that_the_monitor_checks(stack, dataset, re
 
     uri, version = registered
     serving.deploy(stack, stable=version, model_name=MODEL, input_window_s=1.0, input_window_min=40)
-    before = set(drift.windows_dir(stack).glob("*.npy"))
+    windows = Path(drift.windows_location(stack))  # the storage URI: a folder on this stack
+    before = set(windows.glob("*.npy"))
     inverted = _window(stack, dataset, lambda w: 1.0 - w)  # 120 images, sent 40 per request
     for i in range(0, len(inverted), 40):
         body = {"instances": [{"b64": png_b64(np.round(img[0] * 255))} for img in inverted[i:i + 40]]}
         assert httpx.post(f"{stack.serve_url}/predict", json=body, timeout=60).status_code == 200
 
     def written() -> int:
-        return sum(len(np.load(p)) for p in set(drift.windows_dir(stack).glob("*.npy")) - before)
+        return sum(len(np.load(p)) for p in set(windows.glob("*.npy")) - before)
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and written() < len(inverted):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,9 @@ from flowops import drift, drift_monitor
 from flowops.errors import InvalidInput
 from flowops.image_model import Preprocess
 from flowops.model import LoadedModel, to_batch
+from flowops.settings import get_settings
 from flowops.tasks import resnet, small_cnn
+from tests.s3_server import s3_endpoint  # noqa: F401 - the fixture
 
 WINDOW = 100
 CLASSES = [str(i) for i in range(10)]
@@ -272,8 +275,9 @@ def test_live_input_window_is_a_bounded_uniform_sample_written_atomically(tmp_pa
     window.add([np.zeros((3, 4, 4), dtype=np.float32)], Preprocess(size=4, channels=3))
     assert len(window.images) == 1 and window.seen == 1  # a new stable model: a new window
     paths = [drift.write_window(s, sample, f"r{i}", keep=3) for i in range(5)]
-    kept = sorted(drift.windows_dir(s).glob("*"))
-    assert [p.name for p in kept] == [p.name for p in paths[-3:]]  # the newest 3, no temp files
+    kept = sorted(Path(drift.windows_location(s)).glob("*"))
+    assert Path(drift.windows_location(s)) == s.home / "storage" / "drift" / "windows"
+    assert [p.name for p in kept] == [Path(p).name for p in paths[-3:]]  # the newest 3, no temp files
     assert drift.newest_window(s) == paths[-1]
     assert drift.load_window(paths[-1], DIGITS).shape == (100, 1, 8, 8)
 
@@ -294,3 +298,29 @@ def test_one_drifted_window_does_not_tell_the_loop_but_a_persisting_drift_does(t
     assert not drift_monitor.persisted(s, "digits-classifier", 2)  # the drift went away
     assert drift_monitor.persisted(s, "other-model", 1) is False
     assert events.read_events(s) == []
+
+
+def test_windows_live_in_the_storage_uri_so_any_node_reads_them(tmp_path, s3_endpoint):  # noqa: F811
+    """A replica on any node writes its windows to the storage URI (here S3, moto's server); the
+    monitor, elsewhere, lists and reads them through the same URI."""
+    from flowops.drift_monitor import DriftMonitorConfig
+
+    bucket = s3_endpoint.bucket("drift-windows")
+    s = get_settings(home=tmp_path / "replica-home", storage_uri=f"s3://{bucket}/platform",
+                     storage_endpoint_url=s3_endpoint.url)
+    sample = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
+    written = [drift.write_window(s, sample, f"r{i}", keep=2) for i in range(3)]
+    assert written[-1].startswith(f"s3://{bucket}/platform/drift/windows/")
+    keys = sorted(o["Key"] for o in s3_endpoint.client().list_objects_v2(
+        Bucket=bucket, Prefix="platform/drift/windows/")["Contents"] if o["Key"].endswith(".npy"))
+    assert [k.rsplit("/", 1)[1] for k in keys] == [w.rsplit("/", 1)[1] for w in written[-2:]]
+    assert not (tmp_path / "replica-home").exists()  # nothing on this node's disk
+
+    monitor = get_settings(home=tmp_path / "monitor-home", storage_uri=f"s3://{bucket}/platform",
+                           storage_endpoint_url=s3_endpoint.url)
+    assert drift.newest_window(monitor) == written[-1]
+    assert sorted(w for w, _ in drift.list_windows(monitor, drift.windows_location(monitor))) == written[-2:]
+    assert np.allclose(drift.load_window(written[-1], DIGITS, monitor), sample, atol=1 / 255)
+    assert DriftMonitorConfig(watch=drift.windows_location(monitor)).watch == f"s3://{bucket}/platform/drift/windows"
+    with pytest.raises(InvalidInput, match="does not exist"):
+        drift.load_window(f"s3://{bucket}/platform/drift/windows/nope.npy", DIGITS, monitor)

@@ -26,8 +26,9 @@ def register(app: typer.Typer) -> None:
 
 @monitor_app.command("drift")
 def drift(
-    window: Path = typer.Option(None, "--window", help="Window of live inputs: .npy (N,S,S) or "
-                                ".parquet (default: the newest window the serving app wrote)."),
+    window: str = typer.Option(None, "--window", help="Window of live inputs: .npy (N,S,S) or "
+                               ".parquet, a file or a storage URI (default: the newest window the "
+                               "serving app wrote)."),
     watch: bool = typer.Option(False, "--watch", help="Start the scheduled monitor: a Ray job that "
                                "checks each new live-input window the serving app writes."),
     interval: float = typer.Option(60.0, "--interval", help="Seconds between polls (--watch)."),
@@ -59,19 +60,21 @@ def drift(
             raise InvalidInput("--watch checks the serving app's windows; it takes no --window")
         if interval <= 0:
             raise InvalidInput(f"--interval must be > 0 seconds, got {interval}")
-        job_config = DriftMonitorConfig(watch=drift_mod.windows_dir(cfg), interval_s=interval, **common)
-        drift_mod.windows_dir(cfg).mkdir(parents=True, exist_ok=True)
+        job_config = DriftMonitorConfig(watch=drift_mod.windows_location(cfg), interval_s=interval,
+                                        **common)
         job_id = jobs.submit(cfg, "drift_monitor", job_config)
         if as_json:
             print_json(jobs.outcome(cfg, jobs.info(cfg, job_id)))
             return
         console.print(f"drift monitor running as Ray job [bold]{job_id}[/bold] (every {interval:g} s "
-                      f"over {drift_mod.windows_dir(cfg)}); stop it with `flowops jobs stop {job_id}`")
+                      f"over {drift_mod.windows_location(cfg)}); stop it with `flowops jobs stop {job_id}`")
         return
     window = window or drift_mod.newest_window(cfg)
+    if "://" not in window:
+        window = str(Path(window).resolve())  # a job may run in another folder
     job = None
     if as_job:
-        job_id = jobs.submit(cfg, "drift_monitor", DriftMonitorConfig(window=window.resolve(), **common))
+        job_id = jobs.submit(cfg, "drift_monitor", DriftMonitorConfig(window=window, **common))
         notes(as_json).print(f"submitted [bold]{job_id}[/bold]")
         job = jobs.wait(cfg, job_id, on_log=log_printer(sys.stderr if as_json else None))
         if job.status != "SUCCEEDED":
@@ -80,7 +83,7 @@ def drift(
             raise JobFailed(jobs.failure_message(cfg, job))
         report = drift_mod.latest_report(cfg)
     else:
-        with err_console.status(f"checking {window.name} for drift…"):
+        with err_console.status(f"checking {window.rsplit('/', 1)[-1]} for drift…"):
             report = run_drift_check(cfg, window, model_uri=model, data_version=data_version,
                                      config=config, trigger=not no_trigger).to_dict()
     if as_json:

@@ -57,6 +57,10 @@ class ServeAppConfig(BaseModel):
     api_key_file: str | None = Field(None, description="File holding the prediction API key.")
     home: str | None = Field(None, description="FLOWOPS_HOME for the replicas (default: env).")
     tracking_uri: str | None = Field(None, description="MLflow URI for the replicas (default: env).")
+    storage_uri: str | None = Field(None, description="FLOWOPS_STORAGE_URI for the replicas (live-input "
+                                    "windows; default: env).")
+    storage_endpoint_url: str | None = Field(None, description="FLOWOPS_STORAGE_ENDPOINT_URL for the "
+                                             "replicas (default: env).")
     input_window_s: float = Field(60.0, ge=0, le=86_400, description="Seconds of traffic per "
                                   "live-input window written for drift detection (0: none).")
     input_window_max: int = Field(2000, ge=10, le=100_000, description="Images kept per window "

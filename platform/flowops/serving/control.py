@@ -157,6 +157,8 @@ def deploy(settings: Settings, stable: str | None = None, canary: str | None = N
     args.setdefault("model_name", settings.model_name)
     args.setdefault("home", str(settings.home))
     args.setdefault("tracking_uri", settings.tracking_uri)
+    args.setdefault("storage_uri", settings.storage)
+    args.setdefault("storage_endpoint_url", settings.storage_endpoint_url)
     cfg = parse_app_config(args)
     _check_versions(settings, cfg)
 

@@ -101,8 +101,9 @@ class ClassifierReplica:
 
         torch.set_num_threads(1)
         self.cfg = cfg = ServeAppConfig.model_validate(config)
-        self.settings = settings = get_settings(home=cfg.home, mlflow_tracking_uri=cfg.tracking_uri,
-                                                model_name=cfg.model_name)
+        self.settings = settings = get_settings(
+            home=cfg.home, mlflow_tracking_uri=cfg.tracking_uri, model_name=cfg.model_name,
+            storage_uri=cfg.storage_uri, storage_endpoint_url=cfg.storage_endpoint_url)
         device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.http = HttpPolicy(admin_key=read_key(settings, ADMIN, cfg.admin_key_file),
                                api_key=read_key(settings, API, cfg.api_key_file),
@@ -370,8 +371,8 @@ class ClassifierReplica:
             try:
                 images = self.window.take()
                 await asyncio.to_thread(write_window, self.settings, images, self.replica_id)
-            except OSError as exc:  # a full disk
-                log.warning("could not write a live-input window: %s", type(exc).__name__)
+            except OSError as exc:  # a full disk, an unreachable store
+                log.warning("could not write a live-input window: %s", str(exc).splitlines()[0][:200])
 
     # Label Studio ML backend ----------------------------------------------------------------------
 

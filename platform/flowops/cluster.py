@@ -117,9 +117,7 @@ def platform_cluster() -> dict[str, Any]:
     spec = manifests.RayClusterInput(
         image="flowops-runtime", head_cpus=2, head_memory="8Gi", autoscaling=True, idle_timeout_s=300,
         head_service_account="flowops-controller", worker_service_account="flowops-ray",
-        mounts=[manifests.Mount(name="ray-logs", path="/tmp/ray"),
-                manifests.Mount(name="dvc-config", path="/home/ray/.config/dvc",
-                                config_map="flowops-dvc-remote")],
+        mounts=[manifests.Mount(name="ray-logs", path="/tmp/ray")],
         workers=[
             manifests.WorkerGroup(name="cpu", cpus=4, memory="16Gi", replicas=1, min_replicas=1,
                                   max_replicas=8),
@@ -183,7 +181,8 @@ PLATFORM_COMMENTS = {
     _HEAD_C + "env/FLOWOPS_ADMIN_KEY": "the classifier app's admin key: the controller steers routing "
                                        "with it",
     _HEAD_C + "env/FLOWOPS_API_KEY": "prediction key, when the app requires one (optional key)",
-    _HEAD_C + "env/AWS_ACCESS_KEY_ID": "S3 credentials for DVC",
+    _HEAD_C + "env/AWS_ACCESS_KEY_ID": "S3 credentials (storage URI, DVC remote): the Secret "
+                                       "flowops-s3; optional for IRSA",
     _HEAD_C + "env/GRPC_ENABLE_FORK_SUPPORT": "Ray Client forks+execs a server per IDE connection; gRPC's "
                                               "fork handlers can abort\nthat child "
                                               "(ray-project/ray#63202). A fork followed by exec needs none.",
@@ -192,7 +191,6 @@ PLATFORM_COMMENTS = {
     _HEAD_C + "securityContext/allowPrivilegeEscalation": "no setuid escalation",
     _HEAD_C + "securityContext/capabilities": "Ray needs no Linux capabilities",
     _HEAD_C + "volumeMounts/ray-logs": "Ray's session dir (logs, sockets)",
-    _HEAD_C + "volumeMounts/dvc-config": "DVC remote (config-map.dvc-remote.yaml)",
     _HEAD + "volumes/ray-logs": "scratch: gone with the pod",
     _CPU + "groupName": "data preparation, evaluation, batch inference, Serve replicas",
     _CPU + "replicas": "start with one",

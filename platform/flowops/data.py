@@ -13,8 +13,12 @@ Layout of a data version (the DVC-tracked folder `data/`):
 Every change is a new data version: a git tag `vN` on a commit of `data.dvc` plus `VERSION.json`
 (counts per pool and class), pushed to the DVC remote. Workloads read a version through DVC's API
 by its id, so any machine that reaches the git repository and the DVC remote reads exactly that
-version. A workload opens a version once (`open_version`) into a `DataVersion` handle carrying its
-tag, manifest and metadata; the files are fetched on first use of `handle.root`.
+version.
+
+Where they live (flowops.data_repo): the home folder by default; on a cluster a git URL every node
+reaches (FLOWOPS_DATA_REPO) and `<FLOWOPS_STORAGE_URI>/dvc` on S3, so a version cut on any node
+opens on every other. A workload opens a version once (`open_version`) into a `DataVersion` handle
+carrying its tag, manifest and metadata; the files are fetched on first use of `handle.root`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -36,8 +38,9 @@ from typing import Any
 
 import pandas as pd
 
+from flowops import data_repo
 from flowops.durable import atomic_write_text, file_lock
-from flowops.errors import FlowOpsError, InvalidInput, NotFound
+from flowops.errors import ClusterUnavailable, FlowOpsError, InvalidInput, NotFound
 from flowops.settings import Settings
 
 MANIFEST_COLUMNS = ["id", "path", "label", "split", "source", "label_source"]
@@ -66,24 +69,7 @@ class VersionInfo:
         return asdict(self)
 
 
-# git / dvc plumbing -------------------------------------------------------------------------------
-
-
-def _run(args: list[str], cwd: Path, what: str, timeout: float = 600) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
-    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
-    if out.returncode != 0:
-        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
-        raise FlowOpsError(f"{what} failed: {msg[-1] if msg else 'exit ' + str(out.returncode)}")
-    return out.stdout
-
-
-def _git(ws: Path, *args: str) -> str:
-    return _run(["git", *args], ws, f"git {args[0]}")
-
-
-def _dvc(ws: Path, *args: str) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], ws, f"dvc {args[0]}")
+# The workspace -----------------------------------------------------------------------------------
 
 
 def data_lock(settings: Settings):
@@ -92,27 +78,50 @@ def data_lock(settings: Settings):
 
 
 def init_workspace(settings: Settings) -> bool:
-    """Create the git + DVC workspace with a local default remote. Returns True if created now."""
+    """Create the git + DVC workspace: a clone of the shared data repository when one is set (the
+    first node to use an empty one initialises and pushes it), else a new repository. Returns True
+    if created now."""
     ws = settings.workspace
     if (ws / ".dvc").is_dir() and (ws / ".git").is_dir():
         return False
-    ws.mkdir(parents=True, exist_ok=True)
+    origin = data_repo.origin(settings)
     if "://" not in settings.remote:
         Path(settings.remote).mkdir(parents=True, exist_ok=True)
+    if origin and not (ws / ".git").is_dir():
+        ws.parent.mkdir(parents=True, exist_ok=True)
+        data_repo.shared_git(settings, "clone", "-q", origin, str(ws))
+        data_repo.git(ws, "config", "user.name", "flowops")
+        data_repo.git(ws, "config", "user.email", "flowops@localhost")
+        if data_repo.git(ws, "for-each-ref", "refs/remotes/origin/main").strip():
+            data_repo.git(ws, "checkout", "-q", "-B", "main", "origin/main")  # whatever its HEAD
+            data_repo.pin_remote(settings)
+            return True
+        data_repo.git(ws, "symbolic-ref", "HEAD", "refs/heads/main")  # an empty repository
+    ws.mkdir(parents=True, exist_ok=True)
     if not (ws / ".git").is_dir():
-        _git(ws, "init", "-q", "-b", "main")
-    _git(ws, "config", "user.name", "flowops")
-    _git(ws, "config", "user.email", "flowops@localhost")
-    _dvc(ws, "init", "-q", "--force")
-    _dvc(ws, "config", "core.analytics", "false")
-    _dvc(ws, "config", "core.autostage", "true")
-    _dvc(ws, "remote", "add", "-d", "-f", "storage", settings.remote)
+        data_repo.git(ws, "init", "-q", "-b", "main")
+    data_repo.git(ws, "config", "user.name", "flowops")
+    data_repo.git(ws, "config", "user.email", "flowops@localhost")
+    data_repo.dvc(settings, "init", "-q", "--force")
+    data_repo.dvc(settings, "config", "core.analytics", "false")
+    data_repo.dvc(settings, "config", "core.autostage", "true")
+    # Versioned for people who clone the repository; FlowOps itself follows the settings.
+    data_repo.dvc(settings, "remote", "add", "-d", "-f", data_repo.REMOTE, settings.remote)
+    if "endpointurl" in (config := data_repo.remote_config(settings)):
+        data_repo.dvc(settings, "remote", "modify", data_repo.REMOTE, "endpointurl", config["endpointurl"])
+    data_repo.pin_remote(settings)
     (ws / "README.md").write_text(
         "# FlowOps data workspace\n\nManaged by `flowops data`. Each git tag vN is a data version;\n"
         "`data/` is tracked by DVC and pushed to the remote in `.dvc/config`.\n"
     )
-    _git(ws, "add", "-A")
-    _git(ws, "commit", "-q", "-m", "Initialise FlowOps data workspace")
+    data_repo.git(ws, "add", "-A")
+    data_repo.git(ws, "commit", "-q", "-m", "Initialise FlowOps data workspace")
+    if origin:
+        try:
+            data_repo.shared_git(settings, "push", "-q", "origin", "HEAD:refs/heads/main")
+        except ClusterUnavailable:
+            shutil.rmtree(ws, ignore_errors=True)  # the next call clones what another node pushed
+            raise
     return True
 
 
@@ -121,46 +130,35 @@ def workspace_status(settings: Settings) -> dict[str, Any]:
     healthy = (ws / ".git").is_dir() and (ws / ".dvc").is_dir()
     report: dict[str, Any] = {"healthy": healthy, "path": str(ws), "remote": settings.remote}
     if healthy:
-        tags = _version_tags(settings)
+        tags = data_repo.version_tags(settings)
         report["versions"] = len(tags)
         report["latest"] = tags[-1] if tags else None
     return report
-
-
-def _version_tags(settings: Settings) -> list[str]:
-    """Data version ids (tags vN), from the local workspace or the configured data repository."""
-    if settings.data_repo and Path(settings.data_repo) != settings.workspace:
-        out = _run(["git", "ls-remote", "--tags", settings.data_repo], settings.home
-                   if settings.home.is_dir() else Path("/"), "git ls-remote")
-        names = [line.split("refs/tags/")[-1] for line in out.splitlines() if "refs/tags/" in line]
-    elif (settings.workspace / ".git").is_dir():
-        names = _git(settings.workspace, "tag", "--list", "v*").split()
-    else:
-        return []
-    tags = {t for t in names if t.startswith("v") and t[1:].isdigit()}
-    return sorted(tags, key=lambda t: int(t[1:]))
 
 
 # Versions ------------------------------------------------------------------------------------------
 
 
 def list_versions(settings: Settings) -> list[VersionInfo]:
+    if data_repo.origin(settings):  # read the versions from a clone that has every tag
+        init_workspace(settings)
+        data_repo.shared_git(settings, "fetch", "-q", "--tags", "origin")
     versions = []
-    for tag in _version_tags(settings):
-        raw = json.loads(_git(settings.workspace, "show", f"{tag}:VERSION.json"))
-        raw["commit"] = _git(settings.workspace, "rev-list", "-n", "1", tag).strip()
+    for tag in data_repo.version_tags(settings):
+        raw = json.loads(data_repo.git(settings.workspace, "show", f"{tag}:VERSION.json"))
+        raw["commit"] = data_repo.git(settings.workspace, "rev-list", "-n", "1", tag).strip()
         versions.append(VersionInfo(**raw))
     return versions
 
 
 def latest_version(settings: Settings) -> str | None:
-    tags = _version_tags(settings)
+    tags = data_repo.version_tags(settings)
     return tags[-1] if tags else None
 
 
 def resolve_version(settings: Settings, version: str | None) -> str:
     """A version id that exists: the one asked for, or the latest. Clear error otherwise."""
-    tags = _version_tags(settings)
+    tags = data_repo.version_tags(settings)
     if not tags:
         raise NotFound("no data version exists yet: run `flowops data init` first")
     if version in (None, "", "latest"):
@@ -235,7 +233,8 @@ def _read_file(settings: Settings, tag: str, name: str) -> str:
         return local.read_text()
     import dvc.api
 
-    return dvc.api.read(f"{DATA_DIR}/{name}", repo=settings.repo, rev=tag)
+    return dvc.api.read(f"{DATA_DIR}/{name}", repo=settings.repo, rev=tag,
+                        **data_repo.api_options(settings))
 
 
 def _parse_manifest(text: str) -> pd.DataFrame:
@@ -266,7 +265,7 @@ def _fetch(settings: Settings, tag: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=target.parent))
     try:
-        fs = DVCFileSystem(url=settings.repo, rev=tag)
+        fs = DVCFileSystem(url=settings.repo, rev=tag, **data_repo.api_options(settings))
         fs.get(DATA_DIR, str(staging / DATA_DIR), recursive=True)
         try:
             os.rename(staging / DATA_DIR, target)
@@ -305,17 +304,28 @@ def cut_version(
 
     The staging copy hard-links the current files, so `apply` must replace files (write a new
     file, then rename) rather than modify them in place. If `apply`, DVC or git fails, the
-    workspace and the previous versions are left exactly as they were.
+    workspace and the previous versions are left exactly as they were. With a shared data
+    repository the cut starts from its newest commit and ends by pushing the commit and the tag
+    there (after the data went to the DVC remote): a version is cut everywhere or nowhere.
     """
     ws = settings.workspace
     if not (ws / ".dvc").is_dir():
         init_workspace(settings)
+    origin = data_repo.origin(settings)
     with data_lock(settings):
+        data_repo.pin_remote(settings)
+        if origin:
+            data_repo.shared_git(settings, "fetch", "-q", "--tags", "origin")
+            data_repo.git(ws, "checkout", "-q", "main")
+            data_repo.git(ws, "reset", "-q", "--hard", "origin/main")
         parent = latest_version(settings) if base else None
         if parent:
-            _git(ws, "checkout", "-q", "main")
-            _git(ws, "reset", "-q", "--hard", parent)
-            _dvc(ws, "checkout", "-q", "--force", f"{DATA_DIR}.dvc")
+            data_repo.git(ws, "checkout", "-q", "main")
+            data_repo.git(ws, "reset", "-q", "--hard", parent)
+            # A clone's cache may lack the parent's files (another node cut it): pull them.
+            data_repo.dvc(settings, "pull" if origin else "checkout", "-q", "--force",
+                          f"{DATA_DIR}.dvc")
+        head = data_repo.git(ws, "rev-parse", "HEAD").strip()
         current = ws / DATA_DIR
         staging = ws / f".{DATA_DIR}.staging"
         backup = ws / f".{DATA_DIR}.previous"
@@ -336,7 +346,7 @@ def cut_version(
             shutil.rmtree(staging, ignore_errors=True)
             raise FlowOpsError(f"could not build the new data version: {exc}") from exc
 
-        tags = _version_tags(settings)
+        tags = data_repo.version_tags(settings)
         new_id = f"v{int(tags[-1][1:]) + 1 if tags else 1}"
         counts, class_counts = summarize(manifest, meta["classes"])
         info = VersionInfo(
@@ -348,23 +358,24 @@ def cut_version(
             os.rename(current, backup)
         os.rename(staging, current)
         try:
-            _dvc(ws, "add", "-q", DATA_DIR)
+            data_repo.dvc(settings, "add", "-q", DATA_DIR)
             (ws / "VERSION.json").write_text(json.dumps(info.to_dict(), indent=2))
-            _git(ws, "add", "-A")
-            _git(ws, "commit", "-q", "-m", f"{new_id}: {message}")
-            _dvc(ws, "push", "-q")
-            _git(ws, "tag", new_id)
+            data_repo.git(ws, "add", "-A")
+            data_repo.git(ws, "commit", "-q", "-m", f"{new_id}: {message}")
+            data_repo.push_data(settings, new_id)
+            data_repo.git(ws, "tag", new_id)
+            if origin:
+                data_repo.push_tag(settings, new_id)
         except Exception:
             shutil.rmtree(current, ignore_errors=True)
             if backup.exists():
                 os.rename(backup, current)
-            if parent:
-                _git(ws, "reset", "-q", "--hard", parent)
-            else:
-                _git(ws, "reset", "-q", "--hard")
+            if new_id in data_repo.git(ws, "tag", "--list", new_id).split():
+                data_repo.git(ws, "tag", "-d", new_id)
+            data_repo.git(ws, "reset", "-q", "--hard", head)
             raise
         shutil.rmtree(backup, ignore_errors=True)
-        info.commit = _git(ws, "rev-parse", "HEAD").strip()
+        info.commit = data_repo.git(ws, "rev-parse", "HEAD").strip()
         return info
 
 

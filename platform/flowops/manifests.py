@@ -151,11 +151,10 @@ class WorkerGroup(_Strict):
 
 
 class Mount(_Strict):
-    """A volume every Ray container mounts: an emptyDir, or the ConfigMap `config_map`."""
+    """A scratch volume (emptyDir) every Ray container mounts."""
 
     name: str
     path: str
-    config_map: str | None = None
 
 
 class RayClusterInput(_Strict):
@@ -170,6 +169,9 @@ class RayClusterInput(_Strict):
     idle_timeout_s: int = Field(300, ge=1)
     auth_secret: str | None = AUTH_SECRET  # None: KubeRay generates a Secret named after the cluster
     env_config_map: str | None = "flowops-platform"
+    # S3 credentials of the storage URI, the DVC remote and MLflow's artifacts. Optional keys: with
+    # IAM roles for service accounts (IRSA) or a node role, the Secret does not exist and the AWS
+    # SDKs find their credentials themselves.
     s3_secret: str | None = "flowops-s3"
     # The platform's shared state (FLOWOPS_STATE_URL) and the classifier app's keys: every pod reads
     # them from Secrets, so no pod depends on what another pod wrote to its own disk.
@@ -219,8 +221,9 @@ def _container(name: str, spec: RayClusterInput, cpus: int, memory: str, gpus: i
         env.append(secret_env("FLOWOPS_ADMIN_KEY", spec.keys_secret, "admin-key"))
         env.append(secret_env("FLOWOPS_API_KEY", spec.keys_secret, "api-key", optional=True))
     if spec.s3_secret:
-        env.append(secret_env("AWS_ACCESS_KEY_ID", spec.s3_secret, "access-key-id"))
-        env.append(secret_env("AWS_SECRET_ACCESS_KEY", spec.s3_secret, "secret-access-key"))
+        env.append(secret_env("AWS_ACCESS_KEY_ID", spec.s3_secret, "access-key-id", optional=True))
+        env.append(secret_env("AWS_SECRET_ACCESS_KEY", spec.s3_secret, "secret-access-key",
+                              optional=True))
     if env:
         container["env"] = env
     limits: dict[str, str] = {"cpu": str(cpus), "memory": memory}
@@ -245,8 +248,7 @@ def _pod_template(component: str, container: Obj, spec: RayClusterInput, service
     pod["securityContext"] = copy.deepcopy(POD_SECURITY)
     pod["containers"] = [container]
     if spec.mounts:
-        pod["volumes"] = [{"name": m.name, **({"configMap": {"name": m.config_map}} if m.config_map
-                                              else {"emptyDir": {}})} for m in spec.mounts]
+        pod["volumes"] = [{"name": m.name, "emptyDir": {}} for m in spec.mounts]
     return {"metadata": {"labels": {COMPONENT: component}}, "spec": pod}
 
 

@@ -152,10 +152,13 @@ class Settings(BaseSettings):
     mlflow_port: int = Field(5000, description="Port of the MLflow server (tracking API and UI).")
     mlflow_workers: int = Field(1, ge=1, le=32, description="Worker processes of the MLflow server.")
     data_repo: str | None = Field(
-        None, description="Git repository of the data workspace (path or URL). Default: home/workspace."
+        None, description="Git repository of the data versions (a URL every node reaches, e.g. "
+        "https://git.example.com/ml/data.git, or a bare repository's path): the workspace is a "
+        "clone of it and every cut pushes its tag there. Default: home/workspace itself."
     )
     dvc_remote: str | None = Field(
-        None, description="DVC remote URL. Default: a local folder in the home folder."
+        None, description="DVC remote URL. Default: <storage URI>/dvc when the storage is on S3, "
+        "else a local folder in the home folder."
     )
     storage_uri: str | None = Field(
         None, description="Where images (Parquet shards) and other large outputs live: a folder, "
@@ -326,7 +329,15 @@ class Settings(BaseSettings):
 
     @property
     def remote(self) -> str:
-        return self.dvc_remote or str(self.home / "dvc-remote")
+        """The DVC remote: the setting; else beside the shards when the storage is on S3 (every node
+        reaches it), without credentials (DVC reads them from the AWS_* environment); else a
+        folder in the home."""
+        if self.dvc_remote:
+            return self.dvc_remote
+        parts = urlsplit(self.storage)
+        if parts.scheme in ("s3", "s3a"):
+            return f"s3://{parts.hostname or ''}{parts.path.rstrip('/')}/dvc"
+        return str(self.home / "dvc-remote")
 
     @property
     def storage(self) -> str:

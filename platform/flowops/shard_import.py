@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from flowops import data, data_import, shards, storage
+from flowops import data, data_import, data_repo, shards, storage
 from flowops.durable import append_jsonl, read_jsonl
 from flowops.errors import InvalidInput
 from flowops.settings import Settings
@@ -81,6 +81,7 @@ def import_images(
     shards as a new sharded data version."""
     _check_options(holdout_fraction, unlabeled_fraction, image_size, images_per_shard)
     store = storage.check(settings, "data import")
+    data_repo.check_remote(settings, "data import")
     suffixes = data_import.readable_suffixes()
     rejected: list[tuple[str, str]] = []
     fs, root, shown = _open_source(settings, source, "source")
@@ -323,6 +324,7 @@ def migrate_version(settings: Settings, version: str | None = None, *,
 
     _check_options(0.2, 0.0, None, images_per_shard)
     store = storage.check(settings, "data migrate")
+    data_repo.check_remote(settings, "data migrate")
     opened = data.open_version(settings, version)
     if shards.is_sharded(opened):
         raise InvalidInput(f"data version {opened.tag} is already stored as shards")

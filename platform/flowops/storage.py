@@ -161,20 +161,25 @@ def open_storage(settings: Settings, operation: str = "") -> Storage:
 def check(settings: Settings, operation: str) -> Storage:
     """The storage, after a real write, read-back and delete of a small probe object: a store that
     is unreachable or unwritable fails here, before `operation` does any work."""
-    storage = open_storage(settings, operation)
-    probe = f".flowops-check/{uuid.uuid4().hex}"
-    payload = hashlib.sha256(probe.encode()).hexdigest().encode()
-    where = storage.display + (f" (endpoint {mask(settings.storage_endpoint_url)})"
-                               if settings.storage_endpoint_url and not storage.is_local else "")
+    return probe(open_storage(settings, operation), settings.storage_endpoint_url, operation)
+
+
+def probe(storage: Storage, endpoint_url: str | None, operation: str, what: str = "storage") -> Storage:
+    """`storage` after a real write, read-back and delete of a small object (see `check`); `what`
+    names it in the one-line error (the storage, the DVC remote)."""
+    key = f".flowops-check/{uuid.uuid4().hex}"
+    payload = hashlib.sha256(key.encode()).hexdigest().encode()
+    where = storage.display + (f" (endpoint {mask(endpoint_url)})"
+                               if endpoint_url and not storage.is_local else "")
     try:
         if storage.is_local:
             Path(storage.root).mkdir(parents=True, exist_ok=True)
-        storage.write_bytes(probe, payload)
-        if storage.read_bytes(probe) != payload:
+        storage.write_bytes(key, payload)
+        if storage.read_bytes(key) != payload:
             raise OSError("what was read back differs from what was written")
-        storage.delete(probe)
+        storage.delete(key)
     except Exception as exc:  # noqa: BLE001 - pyarrow, fsspec and the OS raise many kinds
-        raise StorageUnavailable(f"{operation}: storage {where} is unreachable or not writable: "
+        raise StorageUnavailable(f"{operation}: {what} {where} is unreachable or not writable: "
                                  f"{_first_line(exc)}") from None
     return storage
 

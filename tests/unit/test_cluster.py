@@ -108,8 +108,9 @@ def test_every_non_default_field_is_commented():
     pod boilerplate repeated across groups) on the same key elsewhere in the file."""
     structural = {"apiVersion", "kind", "name", "key", "value", "operator", "effect", "mountPath", "path",
                   "port", "protocol", "targetPort", "containerPort", "groupName", "apiGroup", "apiGroups",
-                  "verbs", "selector", "valueFrom", "configMap", "configMapRef", "emptyDir", "rayStartParams",
-                  "policyTypes", "newName", "newTag", "app.kubernetes.io/name", "ray.io/is-ray-node"}
+                  "verbs", "selector", "valueFrom", "secretKeyRef", "configMap", "configMapRef", "emptyDir",
+                  "rayStartParams", "policyTypes", "newName", "newTag", "app.kubernetes.io/name",
+                  "ray.io/is-ray-node"}
     uncommented = []
     for path in sorted((REPO / "cluster" / "base").glob("*.yaml")):
         lines = path.read_text().splitlines()
@@ -127,9 +128,8 @@ def test_every_non_default_field_is_commented():
             item = stripped.lstrip("- ")
             if item.split(":")[0] in structural or item.split(":")[0] in commented:
                 continue
-            blocks = ("ray-service.classifier.yaml", "config-map.dvc-remote.yaml")
-            if line.startswith("    ") and path.name in blocks:
-                continue  # inside a block string (serveConfigV2, DVC's config), explained above it
+            if line.startswith("    ") and path.name == "ray-service.classifier.yaml":
+                continue  # inside a block string (serveConfigV2), explained above it
             uncommented.append(f"{path.name}:{i + 1}: {stripped}")
     assert not uncommented, "\n".join(uncommented)
 
@@ -372,6 +372,34 @@ def test_every_flowops_pod_reaches_the_shared_state(overlay, rendered):
     assert _env(container, config_maps)["MLFLOW_BACKEND_STORE_URI"] == \
         ("secret", "flowops-state", "mlflow-url")
     assert "--serve-artifacts" in container["args"]  # clients reach artifacts through the server only
+
+
+@pytest.mark.parametrize("overlay", cluster.OVERLAYS)
+def test_every_ray_container_reaches_the_storage(overlay, rendered):
+    """Every Ray container (the platform's head and workers, the RayService, the RayJobs) gets the
+    storage URI and its endpoint from the ConfigMap, and the S3 credentials from the Secret
+    flowops-s3 by optional reference: with IAM roles (IRSA) there is no Secret and the pod still
+    starts. The DVC remote is not set: it follows the storage URI (<storage>/dvc)."""
+    objects = rendered[overlay]
+    config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
+    ray_pods = [p for p in _pods(objects) if p[3] is not None]
+    assert len(ray_pods) >= 7
+    for where, _, spec, _ in ray_pods:
+        for c in spec["containers"]:
+            env = _env(c, config_maps)
+            kind, uri = env["FLOWOPS_STORAGE_URI"]
+            assert kind == "value" and uri.startswith("s3://"), where
+            assert env["FLOWOPS_STORAGE_ENDPOINT_URL"][0] == "value", where
+            assert env["FLOWOPS_DATA_REPO"][0] == "value" and "://" in env["FLOWOPS_DATA_REPO"][1], where
+            assert "FLOWOPS_DVC_REMOTE" not in env, where
+            refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]
+                    if "secretKeyRef" in e.get("valueFrom", {})}
+            assert refs["AWS_ACCESS_KEY_ID"] == {"name": "flowops-s3", "key": "access-key-id",
+                                                 "optional": True}, where
+            assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "flowops-s3", "key": "secret-access-key",
+                                                     "optional": True}, where
+            assert get_settings(storage_uri=uri).remote == f"{uri}/dvc"
+    assert "flowops-dvc-remote" not in config_maps  # one source: the settings
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -12,6 +12,11 @@ folder) are covered by empty tmpfs mounts, as a pod on another node would see th
 
 (the /24 is the first of a few private ranges that this machine does not use itself.)
 
+The cluster's state is in PostgreSQL on the head host (head.addr:5432, database `flowops`) when
+PostgreSQL is installed: both hosts get it as FLOWOPS_STATE_URL before their Ray node starts, and
+both get one FLOWOPS_ADMIN_KEY, as a Kubernetes Secret gives every pod (so replicas on either host
+hold the app's keys and write to the one database).
+
 Each host is a network namespace with its own pid 1 (a small reaper) in fresh PID, mount and UTS
 namespaces: the processes of one host cannot see the other's (Ray finds "its" raylet by listing
 processes, as on a real machine), its hostname is the namespace's name (`fo<pid>-head`), and the
@@ -30,9 +35,9 @@ that use them last, so the two hosts live only while they are needed):
         head.home, worker.home   # each host's FLOWOPS_HOME (readable from the test process)
         head.prefix              # `nsenter ...`: prepend it to run any command on that host
 
-    def test_y(two_hosts, head_postgres):   # PostgreSQL on head.addr:5432, the test range trusted
+    def test_y(two_hosts, head_postgres):   # needs the state on PostgreSQL (skips/fails without)
         url = head_postgres.database_url("flowops")  # postgresql+psycopg://postgres@10.213.0.1:5432/flowops
-        two_hosts.head.run([...], env={"FLOWOPS_STATE_URL": url})
+        assert two_hosts.head.env["FLOWOPS_STATE_URL"] == url
 
 `Host.run(cmd, env)` runs `cmd` inside the host (its network, processes, files, hostname) with the
 host's `env` plus `env`, and returns a `subprocess.CompletedProcess` (text; with `check` on, a
@@ -59,6 +64,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -74,6 +80,7 @@ import psutil
 import pytest
 
 from flowops.settings import Settings
+from tests.pg import PostgresServer, pg_bin, start_postgres
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWOPS = [sys.executable, "-m", "flowops.cli.main"]
@@ -196,6 +203,7 @@ class TwoHosts:
     subnet: str
     head: Host
     worker: Host
+    postgres: PostgresServer | None = None  # the state database, when PostgreSQL is installed
     timings: dict[str, float] = field(default_factory=dict)
     _netns: list[str] = field(default_factory=list)
 
@@ -227,7 +235,16 @@ class TwoHosts:
             _sh("ip", "-n", host.netns, "link", "set", "lo", "up")
 
     def start_head(self) -> None:
+        """Boot the head host, start PostgreSQL there (when installed) with the database `flowops`
+        as both hosts' FLOWOPS_STATE_URL, as a Secret gives every pod, then `flowops up`."""
         self.head.boot()
+        if pg_bin() is not None:
+            self.postgres = start_postgres(self.base / "head", host=self.head.addr, port=5432,
+                                           prefix=self.head.prefix, allow=[self.subnet])
+            self.head.python(f"import psycopg; psycopg.connect({pg_dsn(self.postgres.url)!r}, "
+                             "autocommit=True).execute('CREATE DATABASE flowops')")
+            for host in (self.head, self.worker):
+                host.env["FLOWOPS_STATE_URL"] = self.postgres.database_url("flowops")
         self.head.run([*FLOWOPS, "up", "--num-cpus", str(HEAD_CPUS)], timeout=600)
 
     def start_worker(self) -> None:
@@ -275,6 +292,8 @@ class TwoHosts:
         if self.head.init_pid and (self.head.home / "state.json").exists():
             with contextlib.suppress(Exception):
                 self.head.run([*FLOWOPS, "down"], timeout=120, check=False)
+        if self.postgres is not None and self.head.init_pid:
+            self.postgres.stop()
         for host in (self.worker, self.head):
             host.shutdown()
         for netns in self._netns:  # anything else still inside our namespaces is ours too
@@ -349,7 +368,9 @@ def build_two_hosts() -> TwoHosts:
     for path in (head_home, worker_home):
         path.mkdir(parents=True)
     ports = {f"FLOWOPS_{k}": str(v) for k, v in PORTS.items()}
-    common = {**ports, "RAY_AUTH_MODE": "token"}
+    # The classifier app's admin key as a Kubernetes Secret gives it to every pod: in the
+    # environment of both hosts' drivers and Ray nodes (so of every replica), no key file.
+    common = {**ports, "RAY_AUTH_MODE": "token", "FLOWOPS_ADMIN_KEY": secrets.token_urlsafe(24)}
     head = Host(
         "head", f"{tag}-head", str(hosts[0]), head_home,
         {**common, "FLOWOPS_HOME": str(head_home), "FLOWOPS_RAY_HOST": str(hosts[0]),
@@ -395,23 +416,13 @@ def two_hosts(request):
 
 @pytest.fixture(scope="session")
 def head_postgres(two_hosts):
-    """PostgreSQL on the head host (head.addr:5432; clients from the test range trusted) with an
-    empty database `flowops`: `head_postgres.database_url("flowops")` is a FLOWOPS_STATE_URL.
+    """PostgreSQL on the head host (head.addr:5432; clients from the test range trusted) holding
+    the cluster's state: `head_postgres.database_url("flowops")` is both hosts' FLOWOPS_STATE_URL.
     (Its `create_database` connects from the test process, which cannot reach the head host:
-    create more from a host, as done here.)"""
-    from tests.pg import pg_bin, start_postgres
-
-    if pg_bin() is None:
+    create more from a host.)"""
+    if two_hosts.postgres is None:
         raise _unavailable(HarnessUnavailable("PostgreSQL is not installed (Debian: postgresql)"))
-    head = two_hosts.head
-    pg = start_postgres(two_hosts.base / "head", host=head.addr, port=5432, prefix=head.prefix,
-                        allow=[two_hosts.subnet])
-    try:
-        head.python(f"import psycopg; psycopg.connect({pg_dsn(pg.url)!r}, autocommit=True)"
-                    ".execute('CREATE DATABASE flowops')")
-        yield pg
-    finally:
-        pg.stop()
+    return two_hosts.postgres
 
 
 def pg_dsn(url: str) -> str:

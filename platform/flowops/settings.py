@@ -252,7 +252,7 @@ class Settings(BaseSettings):
     def _derived_serve_url(self) -> Settings:
         """The Serve address drivers use: given, or the head's Serve port."""
         if self.serve_url is None:
-            self.serve_url = f"http://{_url_host(self.head_host)}:{self.serve_port}"
+            self.serve_url = f"http://{url_host(self.head_host)}:{self.serve_port}"
         return self
 
     # Derived locations -------------------------------------------------------------------------
@@ -315,7 +315,7 @@ class Settings(BaseSettings):
         host = self.mlflow_listen_host
         if host in WILDCARD_HOSTS:
             host = self.head_host
-        return f"http://{_url_host(host)}:{self.mlflow_port}"
+        return f"http://{url_host(host)}:{self.mlflow_port}"
 
     @property
     def workspace(self) -> Path:
@@ -354,15 +354,15 @@ class Settings(BaseSettings):
 
     @property
     def job_api(self) -> str:
-        return self.ray_address or f"http://{_url_host(self.head_host)}:{self.dashboard_port}"
+        return self.ray_address or f"http://{url_host(self.head_host)}:{self.dashboard_port}"
 
     @property
     def gcs_address(self) -> str:
-        return f"{_url_host(self.head_host)}:{self.ray_port}"
+        return f"{url_host(self.head_host)}:{self.ray_port}"
 
     @property
     def client_address(self) -> str:
-        return f"ray://{_url_host(self.head_host)}:{self.client_port}"
+        return f"ray://{url_host(self.head_host)}:{self.client_port}"
 
     def ray_auth_env(self) -> dict[str, str]:
         """What Ray's clients need to send the token: an explicit RAY_AUTH_TOKEN wins, else our file."""
@@ -441,7 +441,7 @@ def _is_bare_host(value: str) -> bool:
     )
 
 
-def _url_host(host: str) -> str:
+def url_host(host: str) -> str:
     """`host` as written in a URL (an IPv6 address in brackets)."""
     return f"[{host}]" if ":" in host else host
 

@@ -141,3 +141,19 @@ def test_the_deployment_hash_survives_the_round_trip_to_the_replica():
     assert replica.deployment_hash() == deployed.deployment_hash()
     assert parse_app_config({"stable": "5"}).deployment_hash() == \
         parse_app_config({"stable": "7", "weight": 50}).deployment_hash()  # routing is not in it
+
+
+def test_replicas_need_the_custom_resources_asked_for():
+    """`--resource worker_host=0.01` places the replicas on the nodes that have that resource."""
+    from flowops.serving.app import replica_options
+    from flowops.serving.config import parse_resources
+
+    asked = parse_resources(["worker_host=0.01", " node:10.0.0.2 = 1"])
+    cfg = serving.parse_app_config({"resources": asked})
+    assert replica_options(cfg)["resources"] == {"worker_host": 0.01, "node:10.0.0.2": 1.0}
+    assert "resources" not in replica_options(serving.parse_app_config({}))
+    assert cfg.deployment_hash() != serving.parse_app_config({}).deployment_hash()
+    with pytest.raises(InvalidInput, match="'worker_host' must be NAME=AMOUNT"):
+        parse_resources(["worker_host"])
+    with pytest.raises(InvalidInput, match="resources"):
+        serving.parse_app_config({"resources": {"worker_host": 0}})

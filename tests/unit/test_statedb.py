@@ -308,3 +308,25 @@ def test_relative_sqlite_paths_become_absolute(tmp_path, monkeypatch):
     assert s.job_env()["FLOWOPS_STATE_URL"] == s.state_url
     labels.record_labels(s, [labels.Label("t1", "img1", "3")])
     assert (tmp_path / "state" / "here.db").exists()
+
+
+def test_a_restarted_state_actor_adopts_the_routing_its_replicas_serve(tmp_path):
+    """The routing is not in the database: after a restart the first replica's routing and epoch
+    come back (that replica is then up to date); a later replica's cannot overwrite it."""
+    from flowops.serving.state import ServingState
+    from flowops.settings import get_settings
+
+    actor_class = ServingState.__ray_metadata__.modified_class
+    config = get_settings(home=tmp_path).model_dump_json()
+    routing = {"stable": "1", "canary": "2", "weight": 40}
+
+    async def restart():
+        restarted = actor_class("classifier", config)
+        assert (await restarted.wait_change(7, 0.1)) == (0, None)
+        adopted = await restarted.adopt_routing(routing, "hash", 7)
+        again = await restarted.adopt_routing({"stable": "9"}, "hash", 3)
+        return adopted, again, await restarted.status()
+
+    adopted, again, status = asyncio.run(restart())
+    assert adopted == again == (7, routing)
+    assert (status["epoch"], status["routing"], status["deployment_hash"]) == (7, routing, "hash")

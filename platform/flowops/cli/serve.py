@@ -44,6 +44,9 @@ def deploy_cmd(
     replicas: int = typer.Option(None, "--replicas", min=1, help="Replicas (default 1)."),
     num_cpus: float = typer.Option(None, "--num-cpus", help="CPUs per replica (default 0.2)."),
     num_gpus: float = typer.Option(None, "--num-gpus", help="GPUs per replica (default 0)."),
+    resource: list[str] = typer.Option([], "--resource", help="NAME=AMOUNT: a custom Ray resource "
+                                       "each replica needs, which places the replicas on the nodes "
+                                       "that have it (repeatable; node:<ip> names one node)."),
     require_api_key: bool = typer.Option(None, "--require-api-key/--no-require-api-key",
                                          help="Prediction routes need FLOWOPS_API_KEY."),
     redeploy: bool = typer.Option(False, "--redeploy", help="Redeploy even if only routing changed."),
@@ -51,6 +54,7 @@ def deploy_cmd(
 ) -> None:
     """Deploy the classifier app (or change its routing at runtime when it already runs)."""
     from flowops import serving
+    from flowops.serving.config import parse_resources
 
     s = settings()
     with err_console.status("deploying the classifier app..."):
@@ -58,6 +62,7 @@ def deploy_cmd(
             s, stable=stable, canary=canary, weight=weight, redeploy=redeploy, shadow_pct=shadow,
             sticky_images=sticky_images, num_replicas=replicas, num_cpus=num_cpus,
             num_gpus=num_gpus, require_api_key=require_api_key,
+            resources=parse_resources(resource) or None,
         )
     if not as_json:
         console.print(f"serving at {s.serve_url}/predict (docs {s.serve_url}/docs)")

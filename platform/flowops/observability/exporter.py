@@ -31,13 +31,14 @@ from flowops import drift, events, jobs, labels, serving
 from flowops.errors import ClusterUnavailable, Conflict, NotFound
 from flowops.job_events import read_job_events
 from flowops.ray_client import connect, port_in_use
-from flowops.settings import Settings
+from flowops.settings import WILDCARD_HOSTS, Settings, url_host
 
 EXPORTER_ACTOR = "flowops-metrics-exporter"
 EXPORTER_NAMESPACE = "flowops"
 LOOP_EVENTS = ("retrain_triggered", "rolled_back", "promoted", "drift_detected")
 JOB_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 PORT_HINT = "set FLOWOPS_MONITOR_EXPORTER_PORT"
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node
 
 
 class PlatformCollector:
@@ -329,6 +330,8 @@ def start_exporter(settings: Settings, port: int | None = None, host: str | None
     """Start the platform exporter as a detached Ray actor (a no-op when it already runs).
 
     Port and interface default to `settings.monitor` (0.0.0.0 in a pod, so Prometheus reaches it).
+    It runs on the head node, where the URL (and Prometheus' scrape target) says it is, whichever
+    node the starting driver is on.
     """
     port = port or settings.monitor.exporter_port
     host = host or settings.monitor.exporter_host
@@ -340,7 +343,7 @@ def start_exporter(settings: Settings, port: int | None = None, host: str | None
             raise Conflict(f"exporter port {port} is already in use; {PORT_HINT}") from None
         actor = _exporter_actor_class().options(
             name=EXPORTER_ACTOR, namespace=EXPORTER_NAMESPACE, lifetime="detached",
-            get_if_exists=True,
+            get_if_exists=True, resources={HEAD_NODE: 0.001},
         ).remote(settings.model_dump_json(), port, host)
     try:
         address = ray.get(actor.address.remote(), timeout=60)
@@ -348,7 +351,8 @@ def start_exporter(settings: Settings, port: int | None = None, host: str | None
         with contextlib.suppress(Exception):
             ray.kill(actor)
         raise ClusterUnavailable(f"the metrics exporter did not start: {str(exc).splitlines()[-1]}") from None
-    return {"url": f"http://{host}:{address['port']}/metrics", **address}
+    shown = settings.head_host if host in WILDCARD_HOSTS else host
+    return {"url": f"http://{url_host(shown)}:{address['port']}/metrics", **address}
 
 
 def stop_exporter(settings: Settings) -> bool:

@@ -179,6 +179,8 @@ def replica_options(cfg: ServeAppConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": env}}
     if cfg.num_gpus:
         opts["num_gpus"] = cfg.num_gpus
+    if cfg.resources:
+        opts["resources"] = dict(cfg.resources)
     return opts
 
 

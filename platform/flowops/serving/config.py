@@ -47,6 +47,9 @@ class ServeAppConfig(BaseModel):
     num_replicas: int = Field(1, ge=1, le=64)
     num_cpus: float = Field(0.2, gt=0, le=64, description="CPUs per replica (fractional).")
     num_gpus: float = Field(0, ge=0, le=8, description="GPUs per replica (models run on cuda).")
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs: places the "
+        "replicas on the nodes that have them (a worker group's resource, or node:<ip>).")
     max_ongoing_requests: int = Field(64, ge=1, le=10_000)
     max_batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=1)
@@ -78,6 +81,18 @@ class ServeAppConfig(BaseModel):
 
     def routing(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in ROUTING_FIELDS}
+
+
+def parse_resources(pairs: list[str]) -> dict[str, str]:
+    """`NAME=AMOUNT` pairs (`--resource worker_host=0.01`) -> {name: amount}; the app config
+    checks the amounts."""
+    resources = {}
+    for pair in pairs:
+        name, sep, amount = pair.partition("=")
+        if not sep or not name.strip() or not amount.strip():
+            raise InvalidInput(f"resource {pair!r} must be NAME=AMOUNT, e.g. worker_host=0.01")
+        resources[name.strip()] = amount.strip()
+    return resources
 
 
 def parse_app_config(args: dict[str, Any] | None) -> ServeAppConfig:

@@ -141,6 +141,9 @@ class ClassifierReplica:
         while True:
             try:
                 epoch, routing = await self.state.wait_change.remote(self.epoch, 5.0)
+                if routing is None:  # the state actor restarted: it gets the routing back
+                    epoch, routing = await self.state.adopt_routing.remote(
+                        self.versions.routing, self.cfg.deployment_hash(), self.epoch)
                 if epoch != self.epoch and routing is not None:
                     self.versions.follow(routing)  # weights now; a new canary once loaded
                     await self._apply(routing)

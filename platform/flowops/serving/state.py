@@ -8,6 +8,8 @@ The ledger's totals (what the canary analysis reads: requests, errors, feedback,
 agreement, the latency histogram) are saved to the state database at every flush
 (`save_totals`), and an actor that Ray restarts loads them back (`load_totals`): a dead actor
 loses no counts, only its window of recent raw latencies and the predictions awaiting feedback.
+Nor its routing: the first replica to find it gone hands back the routing it serves
+(`adopt_routing`).
 """
 
 from __future__ import annotations
@@ -119,6 +121,15 @@ class ServingState:
         """A replica starting: a new deployment's arguments win; a restart keeps runtime changes."""
         if self.routing is None or self.deployment_hash != deployment_hash:
             self.deployment_hash = deployment_hash
+            await self.set_routing(routing)
+        return self.epoch, self.routing
+
+    async def adopt_routing(self, routing: dict[str, Any], deployment_hash: str,
+                            epoch: int) -> tuple[int, dict]:
+        """After a restart (the routing is not in the database, it lives here and in the
+        replicas): the first replica to notice hands back the routing it serves, at its epoch."""
+        if self.routing is None:
+            self.deployment_hash, self.epoch = deployment_hash, epoch - 1
             await self.set_routing(routing)
         return self.epoch, self.routing
 

@@ -21,7 +21,8 @@ def colour_home(tmp_path_factory):
     out = run_cli("data", "init", "--from", str(tmp / "photos"), "--name", "colours",
                   env={"FLOWOPS_HOME": str(home)}, timeout=300)
     assert out.returncode == 0, out.stderr
-    return get_settings(home=home)
+    # Tracked to an MLflow store of its own (no server runs in a unit-test session).
+    return get_settings(home=home, mlflow_tracking_uri=f"sqlite:///{home}/mlflow.db")
 
 
 def _holdout_accuracy(settings, task: str, **options) -> float:

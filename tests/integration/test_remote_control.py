@@ -97,3 +97,48 @@ def test_a_connected_driver_steers_through_a_ray_handle(app):
         serving.set_canary(nowhere, "999", 10)
     assert serving.rollback(nowhere)["canary"] is None
     assert str(serving.routing_status(nowhere)["stable"]) == stable
+
+
+def test_a_job_steers_the_app_without_secrets_in_its_metadata(app, monkeypatch):
+    """A submitter holding the admin key and storage credentials: its Ray job (the runtime env
+    every workload gets, jobs.runtime_env) steers routing with the key it finds on its node (the
+    home's 0600 key file here; a Secret on Kubernetes), and the Jobs API, which shows runtime envs
+    to anyone who can list jobs, shows none of those values."""
+    import httpx
+
+    from flowops import jobs, serving
+    from flowops.ray_client import auth_headers
+    from flowops.settings import get_settings
+
+    stack = app[0]
+    secrets = {"FLOWOPS_ADMIN_KEY": (stack.home / "serve" / "admin_key").read_text().strip(),
+               "FLOWOPS_API_KEY": "api-key-never-in-metadata",
+               "AWS_SECRET_ACCESS_KEY": "aws-secret-never-in-metadata"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    settings = get_settings()
+    stable = str(serving.routing_status(settings)["stable"])
+    other = next(v for v in app[1:] if v != stable)
+    code = ("import os; from flowops import serving; from flowops.settings import get_settings; "
+            "assert not os.environ.get('FLOWOPS_ADMIN_KEY'); "
+            f"print('weight', serving.set_canary(get_settings(), {other!r}, 35)['weight'])")
+    client = jobs.client(settings)
+    with jobs.ray_default_excludes_off():
+        sid = client.submit_job(entrypoint=f"python -c {json.dumps(code)}",
+                                runtime_env=jobs.runtime_env(settings))
+    done = jobs.wait(settings, sid, timeout_s=240)
+    assert done.status == "SUCCEEDED", client.get_job_logs(sid)
+    assert "weight 35" in client.get_job_logs(sid)
+    routed = serving.routing_status(settings)
+    assert (str(routed["canary"]), routed["weight"]) == (other, 35)
+    serving.rollback(settings)
+
+    seen = [client.get_job_info(sid).model_dump_json(),
+            *(details.model_dump_json() for details in client.list_jobs())]
+    for path in (f"/api/jobs/{sid}", "/api/jobs/"):
+        resp = httpx.get(f"{settings.job_api}{path}", headers=auth_headers(settings), timeout=30)
+        assert resp.status_code == 200
+        seen.append(resp.text)
+    assert sid in seen[0] and "FLOWOPS_STORAGE_URI" in seen[0]  # the runtime env is shown
+    for name, value in secrets.items():
+        assert not any(value in text for text in seen), f"{name} shown by the Jobs API"

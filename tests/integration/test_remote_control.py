@@ -32,9 +32,9 @@ def app(stack):
     serving.rollback(stack)
 
 
-def _remote_cli(stack, *args: str, home: str) -> dict:
+def _remote_cli(stack, *args: str, home: str, **extra: str) -> dict:
     """`flowops <args> --json` as a driver elsewhere would run it: an empty home, the cluster's
-    addresses and keys from the environment only."""
+    addresses and keys (and `extra` variables) from the environment only."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FLOWOPS_", "RAY_AUTH", "MLFLOW_"))}
     env.update({
@@ -45,6 +45,7 @@ def _remote_cli(stack, *args: str, home: str) -> dict:
         "FLOWOPS_RAY_PORT": str(stack.ray_port),
         "RAY_AUTH_TOKEN": stack.token_path.read_text().strip(),
         "FLOWOPS_ADMIN_KEY": (stack.home / "serve" / "admin_key").read_text().strip(),
+        **extra,
     })
     out = subprocess.run([*FLOWOPS, *args, "--json"], capture_output=True, text=True, cwd=REPO,
                          env=env, timeout=300)
@@ -77,6 +78,25 @@ def test_a_driver_elsewhere_steers_the_app_through_the_settings(app):
     assert (str(promoted["stable"]), promoted["canary"]) == (following, None)
     assert _remote_cli(stack, "serve", "status", home=home)["stable"] == promoted["stable"]
     assert os.listdir(home) == []  # the driver needed none of the head's files
+
+
+def test_a_driver_elsewhere_sees_the_shared_loop_state(app):
+    """With the platform's state database (FLOWOPS_STATE_URL), a driver with its own home finds
+    the same controller job and the same rollout timeline as the head's home."""
+    from flowops import loop
+    from flowops.settings import get_settings
+
+    home = tempfile.mkdtemp(prefix="fo-remote-", dir="/tmp")
+    # The platform's database: a fresh one, so the rollout queued here reaches no other test.
+    shared = {"FLOWOPS_STATE_URL": f"sqlite:///{home}-state.db"}
+    head = get_settings(state_url=shared["FLOWOPS_STATE_URL"])
+    status = _remote_cli(app[0], "loop", "status", home=home, **shared)
+    assert status["controller"]["job_id"] == loop.controller_submission_id(head), status
+    loop.submit_candidate(head, str(app[1]))  # queued, never driven: no controller runs
+    report = subprocess.run([*FLOWOPS, "loop", "report", "--json"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120, env={**os.environ, "FLOWOPS_HOME": home,
+                                                        **shared})
+    assert json.loads(report.stdout) == loop.timeline(head) != [], report.stderr
 
 
 def test_a_connected_driver_steers_through_a_ray_handle(app):

@@ -96,7 +96,7 @@ def test_a_driver_elsewhere_sees_the_shared_loop_state(app):
     report = subprocess.run([*FLOWOPS, "loop", "report", "--json"], capture_output=True, text=True,
                             cwd=REPO, timeout=120, env={**os.environ, "FLOWOPS_HOME": home,
                                                         **shared})
-    assert json.loads(report.stdout) == loop.timeline(head) != [], report.stderr
+    assert json.loads(report.stdout) == loop.timeline.timeline(head) != [], report.stderr
 
 
 def test_a_connected_driver_steers_through_a_ray_handle(app):

@@ -239,7 +239,7 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
     prod = registry.production_version(settings)
     if prod is None:
         say(f"3/8 training model v1 on {cfg.workers} Ray Train workers (a Ray job)")
-        prod = _train_job(settings, f"demo-v1-{loop.home_tag(settings)}",
+        prod = _train_job(settings, f"demo-v1-{loop.platform_tag(settings)}",
                           TrainConfig(epochs=cfg.epochs_v1, lr=cfg.lr_v1, workers=cfg.workers,
                                       cpus_per_worker=cfg.cpus_per_worker), say)
         report = registry.validate_version(settings, prod)
@@ -278,7 +278,7 @@ def run_demo(settings: Settings, say: Callable[[str], None] = print,
 
         say("7/8 a deliberately bad model: trained from scratch for 2 epochs at a tiny learning "
             f"rate, validated against a lowered gate ({cfg.bad_gate:.2f})")
-        bad = _train_job(settings, f"demo-bad-{loop.home_tag(settings)}-{int(time.time())}",
+        bad = _train_job(settings, f"demo-bad-{loop.platform_tag(settings)}-{int(time.time())}",
                          TrainConfig(epochs=2, lr=0.001, workers=1), say)
         rid = loop.submit_candidate(settings, bad, gate=_lowered_gate(cfg.bad_gate),
                                     reason="demo: a bad model goes through the canary")

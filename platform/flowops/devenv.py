@@ -304,7 +304,7 @@ def create_local(settings: Settings, request: DevenvRequest) -> dict[str, Any]:
     ports = {"gcs": _port(used), "dashboard": _port(used), "client": _port(used), "metrics": _port(used)}
     digest = hashlib.sha1(f"{settings.home}/{request.name}".encode()).hexdigest()[:10]
     temp_dir = Path("/tmp") / f"flowops-dev-{digest}"
-    env = settings.job_env()
+    env = settings.head_env()
     env.update({
         "FLOWOPS_RAY_ADDRESS": f"http://127.0.0.1:{ports['dashboard']}",
         "FLOWOPS_RAY_PORT": str(ports["gcs"]), "FLOWOPS_DASHBOARD_PORT": str(ports["dashboard"]),

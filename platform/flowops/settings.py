@@ -77,9 +77,12 @@ class DevenvSettings(_Section):
 SECTIONS = ("gate", "monitor", "cluster", "devenv")
 # Interfaces that mean "listen everywhere": a server bound there is reached at the head's address.
 WILDCARD_HOSTS = ("0.0.0.0", "::")
-# The usual S3 credential variables: a job sees the storage with the same identity as its client.
-STORAGE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                       "AWS_DEFAULT_REGION")
+# Credentials (and where they are kept) that a Ray job must never receive in its runtime env: Ray's
+# dashboard and Jobs API show a job's runtime env to anyone who can list jobs. A job inherits them
+# from its node's environment instead: a Kubernetes Secret in every Ray pod, the environment of
+# `flowops up` in the embedded head (Settings.head_env), else the 0600 key files in the home.
+SECRET_ENV = ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY", "FLOWOPS_API_KEY_FILE",
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # What HAProxy retries on another replica: nothing reached a replica, or the replica died without
 # a (valid) answer. Not 5xx answers: those are the app's own.
 HAPROXY_RETRY_ON = "conn-failure empty-response junk-response response-timeout"
@@ -396,7 +399,11 @@ class Settings(BaseSettings):
         }
 
     def job_env(self) -> dict[str, str]:
-        """Environment variables that make a Ray job see the same platform as this process."""
+        """Environment variables that make a Ray job see the same platform as this process.
+
+        Only settings that are not secret: this goes into runtime envs, which Ray shows to anyone
+        who can list jobs. A state URL with a password is left out, like SECRET_ENV: the job gets
+        them from its node (`head_env`)."""
         env = {
             "FLOWOPS_HOME": str(self.home),
             "FLOWOPS_DATA_REPO": self.repo,
@@ -415,8 +422,8 @@ class Settings(BaseSettings):
         }
         if "model_name" in self.model_fields_set:  # unset: a job names the model after its task/data
             env["FLOWOPS_MODEL_NAME"] = self.model_name
-        if self.state_url:  # else the default, SQLite in FLOWOPS_HOME, follows from the home
-            env["FLOWOPS_STATE_URL"] = self.state_url
+        if self.state_url and not _has_password(self.state_url):  # else: SQLite in FLOWOPS_HOME, or
+            env["FLOWOPS_STATE_URL"] = self.state_url             # the node's own (head_env)
         for section in SECTIONS:
             values = getattr(self, section).model_dump(mode="json", exclude_defaults=True)
             for key, value in values.items():
@@ -424,9 +431,19 @@ class Settings(BaseSettings):
         env["FLOWOPS_STORAGE_URI"] = self.storage
         if self.storage_endpoint_url:
             env["FLOWOPS_STORAGE_ENDPOINT_URL"] = self.storage_endpoint_url
-        for key in ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY", *STORAGE_CREDENTIALS):
+        for key in ("AWS_REGION", "AWS_DEFAULT_REGION"):  # where the bucket is; not a credential
             if os.environ.get(key):
                 env[key] = os.environ[key]
+        return env
+
+    def head_env(self) -> dict[str, str]:
+        """The process environment of a Ray head FlowOps starts (`flowops up`, a local dev
+        cluster): `job_env` and the secrets of this process, which every job, worker and replica
+        of that cluster inherits from its raylet without them ever appearing in job metadata."""
+        env = self.job_env()
+        env.update({key: os.environ[key] for key in SECRET_ENV if os.environ.get(key)})
+        if self.state_url:
+            env["FLOWOPS_STATE_URL"] = self.state_url
         return env
 
     def python_bin_dir(self) -> str:
@@ -439,6 +456,12 @@ def _is_bare_host(value: str) -> bool:
     return value in WILDCARD_HOSTS or (
         not any(c in value for c in "/@ []") and (":" not in value or value.count(":") >= 2)
     )
+
+
+def _has_password(url: str) -> bool:
+    """A database URL with a password in it (user:password@host, or ?password=)."""
+    parts = urlsplit(url)
+    return bool(parts.password) or "password=" in parts.query
 
 
 def url_host(host: str) -> str:

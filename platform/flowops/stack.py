@@ -319,7 +319,7 @@ def _up_ray(settings: Settings, state: dict[str, Any], result: UpResult,
         num_cpus=settings.num_cpus,
         num_gpus=settings.num_gpus,
         host=settings.head_host,
-        env={**settings.job_env(), **_serve_env(settings),
+        env={**settings.head_env(), **_serve_env(settings),
              **({"RAY_PROMETHEUS_HOST": prometheus_url} if prometheus_url else {})},
     )
     if port_in_use(settings.serve_port, settings.head_host):

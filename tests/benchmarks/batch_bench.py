@@ -9,8 +9,9 @@ ResNet task (64x64 RGB, ImageNet normalisation, width 8) on synthetic colour PNG
 (task_bench.py's images), 12,000 by default; the plain loop decodes with the model's
 `Preprocess` (Pillow: open, EXIF, convert, resize, normalise) as the pipeline does.
 
-Starts its own Ray head (temp home, free ports, token auth) with --cpus CPUs, writes the images
-once (augmented digits, one PNG each, read by a manifest), then runs the variants interleaved
+Starts its own platform (`flowops up` without Serve in a temp home, free ports: a Ray head with
+--cpus CPUs and the MLflow server the model is registered in and the actors load it from), writes
+the images once (augmented digits, one PNG each, read by a manifest), then runs the variants interleaved
 `--rounds` times (other work shares the CPU: compare the ratios of one run, not absolute rates)
 and writes batch_bench.json beside this file. Both paths include reading the files, decoding,
 inference and writing predictions.parquet with the same writer.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench_ray import start_ray
+from bench_ray import start_platform, stop_platform
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "platform"))
@@ -68,7 +69,7 @@ def make_images(root: Path, count: int, task: str = "digits") -> pd.DataFrame:
 
 def fit_model(settings, task_name: str = "digits", width: int = 8):
     """The task's network fitted briefly (digits: the small CNN; resnet: the ResNet task on 64x64
-    colour images), registered in the benchmark's own (sqlite) MLflow, where the Ray Data actors
+    colour images), registered in the benchmark platform's MLflow server, where the Ray Data actors
     load it from: (loaded model, its models:/ URI)."""
     import torch
 
@@ -156,20 +157,16 @@ def main() -> None:
     import torch
 
     from flowops import pseudo_label as pl
-    from flowops.ray_client import kill_session
-    from flowops.settings import get_settings
 
     work = Path(tempfile.mkdtemp(prefix="fo-batch-bench-", dir="/tmp"))
-    sid = None
+    settings = None
     try:
         t0 = time.perf_counter()
         rows = make_images(work / "data", args.images, args.task)
         write_s = time.perf_counter() - t0
         print(f"wrote {len(rows)} PNG files in {write_s:.1f}s", flush=True)
-        settings = get_settings(home=work / "home")
+        settings = start_platform(work, args.cpus)
         loaded, model_uri = fit_model(settings, args.task, args.width)
-
-        sid = start_ray(work, args.cpus, prefix="fo-bb")
         import ray
 
         classes = loaded.classes
@@ -235,15 +232,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
     finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
-        if sid is not None:
-            kill_session(sid)
+        if settings is not None:
+            stop_platform(settings)
         shutil.rmtree(work, ignore_errors=True)
 
 

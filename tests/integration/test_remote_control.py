@@ -32,9 +32,9 @@ def app(stack):
     serving.rollback(stack)
 
 
-def _remote_cli(stack, *args: str, home: str) -> dict:
+def _remote_cli(stack, *args: str, home: str, **extra: str) -> dict:
     """`flowops <args> --json` as a driver elsewhere would run it: an empty home, the cluster's
-    addresses and keys from the environment only."""
+    addresses and keys (and `extra` variables) from the environment only."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FLOWOPS_", "RAY_AUTH", "MLFLOW_"))}
     env.update({
@@ -45,6 +45,7 @@ def _remote_cli(stack, *args: str, home: str) -> dict:
         "FLOWOPS_RAY_PORT": str(stack.ray_port),
         "RAY_AUTH_TOKEN": stack.token_path.read_text().strip(),
         "FLOWOPS_ADMIN_KEY": (stack.home / "serve" / "admin_key").read_text().strip(),
+        **extra,
     })
     out = subprocess.run([*FLOWOPS, *args, "--json"], capture_output=True, text=True, cwd=REPO,
                          env=env, timeout=300)
@@ -79,6 +80,25 @@ def test_a_driver_elsewhere_steers_the_app_through_the_settings(app):
     assert os.listdir(home) == []  # the driver needed none of the head's files
 
 
+def test_a_driver_elsewhere_sees_the_shared_loop_state(app):
+    """With the platform's state database (FLOWOPS_STATE_URL), a driver with its own home finds
+    the same controller job and the same rollout timeline as the head's home."""
+    from flowops import loop
+    from flowops.settings import get_settings
+
+    home = tempfile.mkdtemp(prefix="fo-remote-", dir="/tmp")
+    # The platform's database: a fresh one, so the rollout queued here reaches no other test.
+    shared = {"FLOWOPS_STATE_URL": f"sqlite:///{home}-state.db"}
+    head = get_settings(state_url=shared["FLOWOPS_STATE_URL"])
+    status = _remote_cli(app[0], "loop", "status", home=home, **shared)
+    assert status["controller"]["job_id"] == loop.controller_submission_id(head), status
+    loop.submit_candidate(head, str(app[1]))  # queued, never driven: no controller runs
+    report = subprocess.run([*FLOWOPS, "loop", "report", "--json"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120, env={**os.environ, "FLOWOPS_HOME": home,
+                                                        **shared})
+    assert json.loads(report.stdout) == loop.timeline.timeline(head) != [], report.stderr
+
+
 def test_a_connected_driver_steers_through_a_ray_handle(app):
     """This process is a Ray driver of the cluster (it deployed the app): routing goes through a
     Serve handle, so it works even where the Serve URL leads nowhere."""
@@ -97,3 +117,48 @@ def test_a_connected_driver_steers_through_a_ray_handle(app):
         serving.set_canary(nowhere, "999", 10)
     assert serving.rollback(nowhere)["canary"] is None
     assert str(serving.routing_status(nowhere)["stable"]) == stable
+
+
+def test_a_job_steers_the_app_without_secrets_in_its_metadata(app, monkeypatch):
+    """A submitter holding the admin key and storage credentials: its Ray job (the runtime env
+    every workload gets, jobs.runtime_env) steers routing with the key it finds on its node (the
+    home's 0600 key file here; a Secret on Kubernetes), and the Jobs API, which shows runtime envs
+    to anyone who can list jobs, shows none of those values."""
+    import httpx
+
+    from flowops import jobs, serving
+    from flowops.ray_client import auth_headers
+    from flowops.settings import get_settings
+
+    stack = app[0]
+    secrets = {"FLOWOPS_ADMIN_KEY": (stack.home / "serve" / "admin_key").read_text().strip(),
+               "FLOWOPS_API_KEY": "api-key-never-in-metadata",
+               "AWS_SECRET_ACCESS_KEY": "aws-secret-never-in-metadata"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    settings = get_settings()
+    stable = str(serving.routing_status(settings)["stable"])
+    other = next(v for v in app[1:] if v != stable)
+    code = ("import os; from flowops import serving; from flowops.settings import get_settings; "
+            "assert not os.environ.get('FLOWOPS_ADMIN_KEY'); "
+            f"print('weight', serving.set_canary(get_settings(), {other!r}, 35)['weight'])")
+    client = jobs.client(settings)
+    with jobs.ray_default_excludes_off():
+        sid = client.submit_job(entrypoint=f"python -c {json.dumps(code)}",
+                                runtime_env=jobs.runtime_env(settings))
+    done = jobs.wait(settings, sid, timeout_s=240)
+    assert done.status == "SUCCEEDED", client.get_job_logs(sid)
+    assert "weight 35" in client.get_job_logs(sid)
+    routed = serving.routing_status(settings)
+    assert (str(routed["canary"]), routed["weight"]) == (other, 35)
+    serving.rollback(settings)
+
+    seen = [client.get_job_info(sid).model_dump_json(),
+            *(details.model_dump_json() for details in client.list_jobs())]
+    for path in (f"/api/jobs/{sid}", "/api/jobs/"):
+        resp = httpx.get(f"{settings.job_api}{path}", headers=auth_headers(settings), timeout=30)
+        assert resp.status_code == 200
+        seen.append(resp.text)
+    assert sid in seen[0] and "FLOWOPS_STORAGE_URI" in seen[0]  # the runtime env is shown
+    for name, value in secrets.items():
+        assert not any(value in text for text in seen), f"{name} shown by the Jobs API"

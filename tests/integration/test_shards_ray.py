@@ -28,8 +28,8 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray(stack, s3_endpoint):  # noqa: F811
-    """This process as a driver of the session's cluster; its tasks carry the S3 credentials (as
-    a job's do through Settings.job_env)."""
+    """This process as a driver of the session's cluster; its tasks carry the S3 credentials (a
+    job inherits them from the head, which has them from `flowops up`'s environment)."""
     return ray_client.connect(stack, runtime_env={"env_vars": CREDENTIALS})
 
 

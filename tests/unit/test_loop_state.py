@@ -93,3 +93,16 @@ def test_config_round_trip_and_one_line_errors(tmp_path):
         statedb.put_document(conn, "loop.config", {"threshold": 0})
     with pytest.raises(InvalidInput, match="saved loop config: threshold"):
         load_config(s)
+
+
+def test_the_controller_is_named_after_the_shared_state_not_the_home(state_backend, tmp_path):
+    """A driver elsewhere (its own home) that shares the state database finds the same controller
+    job and the loop's pipelines; a platform with another database has another name."""
+    from flowops.loop import controller_submission_id, platform_tag
+
+    url = statedb.state_url(state_backend)
+    here = controller_submission_id(state_backend)
+    elsewhere = get_settings(home=tmp_path / "elsewhere", state_url=url)
+    assert controller_submission_id(elsewhere) == here == f"flowops-loop-{platform_tag(elsewhere)}"
+    other = get_settings(home=tmp_path / "other", state_url=f"sqlite:///{tmp_path}/other.db")
+    assert controller_submission_id(other) != here

@@ -50,6 +50,29 @@ def test_env_overrides_and_job_env(monkeypatch, tmp_path):
     assert get_settings().tracking_uri == s.tracking_uri
 
 
+def test_secrets_reach_a_ray_head_never_a_runtime_env(monkeypatch, tmp_path):
+    """Ray shows a job's runtime env to anyone who can list jobs: keys, storage credentials and a
+    state URL with a password go only into the environment of a head FlowOps starts."""
+    monkeypatch.setenv("FLOWOPS_HOME", str(tmp_path / "h"))
+    secrets = {"FLOWOPS_ADMIN_KEY": "adm1n", "FLOWOPS_API_KEY": "ap1", "AWS_ACCESS_KEY_ID": "AKIA1",
+               "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t0k3n"}
+    for key, value in {**secrets, "AWS_REGION": "eu-west-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FLOWOPS_STATE_URL", "postgresql+psycopg://flowops:pw0rd@db:5432/flowops")
+    s = get_settings()
+    job = s.job_env()
+    assert not set(secrets) & set(job) and "FLOWOPS_STATE_URL" not in job
+    assert not any(v in text for v in [*secrets.values(), "pw0rd"] for text in job.values())
+    assert job["AWS_REGION"] == "eu-west-1"  # where the bucket is, not a credential
+    head = s.head_env()
+    assert {k: head[k] for k in secrets} == secrets and head["FLOWOPS_STATE_URL"] == s.state_url
+    # Without a password the URL is a plain setting: a job gets it directly.
+    monkeypatch.setenv("FLOWOPS_STATE_URL", "postgresql+psycopg://flowops@db:5432/flowops")
+    assert get_settings().job_env()["FLOWOPS_STATE_URL"].endswith("@db:5432/flowops")
+    monkeypatch.setenv("FLOWOPS_STATE_URL", "postgresql+psycopg://db/flowops?password=x")
+    assert "FLOWOPS_STATE_URL" not in get_settings().job_env()
+
+
 def test_a_job_names_its_model_itself_unless_a_name_was_set(monkeypatch, tmp_path):
     """Unset, the job's training names the model after the task or the dataset."""
     monkeypatch.setenv("FLOWOPS_HOME", str(tmp_path / "h"))

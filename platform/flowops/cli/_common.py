@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -27,6 +28,30 @@ _json_out: IO[str] | None = None  # the real stdout while json_stdout() is activ
 
 def settings(**overrides: Any) -> Settings:
     return get_settings(**overrides)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def platform_settings(*, state: bool = False, data: bool = False) -> Settings:
+    """Settings of a command that reads the platform's shared state (`state`: labels, the loop) or
+    its data versions (`data`). Pointed at a cluster on another host (FLOWOPS_RAY_ADDRESS), a state
+    database or data repository left to its default is this machine's, in the home folder, not the
+    cluster's: a note on stderr says so, so the local home is never silently shown as the
+    platform's."""
+    cfg = get_settings()
+    host = urlsplit(cfg.ray_address).hostname if cfg.ray_address else None
+    if not host or host in LOOPBACK:
+        return cfg
+    if state and not cfg.state_url:
+        err_console.print(f"note: the cluster is at {host}, but the state database is this "
+                          f"machine's (in {cfg.home}); set FLOWOPS_STATE_URL to the platform's",
+                          soft_wrap=True)
+    if data and not cfg.data_repo:
+        err_console.print(f"note: the cluster is at {host}, but data versions come from this "
+                          f"machine's workspace ({cfg.workspace}); set FLOWOPS_DATA_REPO to the "
+                          "platform's data repository", soft_wrap=True)
+    return cfg
 
 
 @contextlib.contextmanager

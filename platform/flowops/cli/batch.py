@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from flowops.cli._common import console, err_console, follow_job, notes, print_json, settings
+from flowops.cli._common import (
+    console,
+    err_console,
+    follow_job,
+    notes,
+    platform_settings,
+    print_json,
+    settings,
+)
 from flowops.errors import InvalidInput, validated
 
 labels_app = typer.Typer(help="Labels: the review queue, pseudo-labels, the label inbox.",
@@ -85,7 +93,8 @@ def queue(
     fmt, path = (export[0], Path(export[1])) if export else (None, None)
     if fmt is not None and fmt != "labelstudio":
         raise InvalidInput(f"--export format {fmt!r} is not supported; allowed: labelstudio")
-    rows = queue_lib.review_queue(settings(), top=top, data_version=data_version)
+    cfg = platform_settings(state=True, data=True)
+    rows = queue_lib.review_queue(cfg, top=top, data_version=data_version)
     exported = None
     if fmt:
         exported = queue_lib.export_labelstudio(
@@ -116,7 +125,7 @@ def accept_pseudo(
     """Cut a data version whose pseudo_labels.csv holds the confident predictions."""
     from flowops.pseudo_label import accept_pseudo_labels
 
-    info, accepted = accept_pseudo_labels(settings(), threshold, data_version)
+    info, accepted = accept_pseudo_labels(platform_settings(data=True), threshold, data_version)
     if as_json:
         print_json({"version": info.id, "accepted": accepted, "threshold": threshold})
         return
@@ -132,7 +141,7 @@ def labelstudio_config(
     from flowops import data
     from flowops import queue as queue_lib
 
-    classes = data.open_version(settings(), data_version).classes
+    classes = data.open_version(platform_settings(data=True), data_version).classes
     typer.echo(queue_lib.labelstudio_config(classes), nl=False)
 
 
@@ -147,7 +156,7 @@ def synth(
 
     cfg = validated(SynthConfig, "synth config", count=count, data_version=data_version, seed=seed)
     with err_console.status(f"writing {count} augmented images…"):
-        info = synthesize(settings(), cfg)
+        info = synthesize(platform_settings(data=True), cfg)
     if as_json:
         print_json(info.to_dict())
         return

@@ -14,12 +14,17 @@ from flowops.cli._common import (
     console,
     err_console,
     notes,
+    platform_settings,
     print_json,
-    settings,
     submit_and_follow,
 )
 
-data_app = typer.Typer(help="Versioned datasets (git + DVC).", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Versioned datasets (git + DVC). The data repository is this machine's workspace in the "
+         "home folder unless FLOWOPS_DATA_REPO names a shared one (a git URL; its DVC remote in "
+         "FLOWOPS_DVC_REMOTE, images in FLOWOPS_STORAGE_URI): against a cluster elsewhere, set "
+         "them, or these commands read and write local files that the cluster's jobs never see.",
+    no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -58,7 +63,7 @@ def init(
     """Write the default dataset (scikit-learn digits) or your folder as a new data version.
 
     A folder's files that do not decode are skipped and listed in the version's errors.csv."""
-    cfg = settings()
+    cfg = platform_settings(data=True)
     with err_console.status("reading the images, writing the dataset and pushing it to the DVC "
                             "remote…"):
         info = data.init_dataset(
@@ -81,7 +86,7 @@ def init(
 @data_app.command("versions")
 def versions(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List data versions with counts per pool and class."""
-    cfg = settings()
+    cfg = platform_settings(data=True)
     found = data.list_versions(cfg)
     if as_json:
         print_json([v.to_dict() for v in found])
@@ -106,7 +111,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show one data version: commit, counts per pool and class."""
-    info = data.show_version(settings(), version)
+    info = data.show_version(platform_settings(data=True), version)
     if as_json:
         print_json(info.to_dict())
         return
@@ -134,7 +139,7 @@ def check(
     Exits 7 when the version is invalid (the job fails)."""
     from flowops.data_check import DataCheckConfig
 
-    cfg = settings()
+    cfg = platform_settings(data=True)
     tag = data.resolve_version(cfg, data_version)
     submit_and_follow(cfg, "data_check", DataCheckConfig(data_version=tag), no_wait=no_wait,
                       as_json=as_json, metadata={"data_version": tag})
@@ -202,7 +207,7 @@ def import_(
     skipped. Files that do not decode are listed in the version's errors.csv."""
     from flowops import shard_import
 
-    cfg = settings()
+    cfg = platform_settings(data=True)
     with _image_progress("importing") as progress:
         result = shard_import.import_images(
             cfg, source, unlabeled=unlabeled, name=name, holdout_fraction=holdout_fraction,
@@ -221,7 +226,7 @@ def migrate(
     with the same ids, labels and splits."""
     from flowops import shard_import
 
-    cfg = settings()
+    cfg = platform_settings(data=True)
     with _image_progress("migrating") as progress:
         result = shard_import.migrate_version(cfg, version, images_per_shard=images_per_shard,
                                               progress=progress)

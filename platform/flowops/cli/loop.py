@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flowops.cli._common import console, print_json, settings
+from flowops.cli._common import console, platform_settings, print_json
 from flowops.cli.batch import labels_app
 
 loop_app = typer.Typer(help="The continuous training loop: labels → retrain → canary → promote.",
@@ -27,7 +27,7 @@ def labels_add(
     """Record human labels from a CSV (validated against the latest data version; latest wins)."""
     from flowops import labels
 
-    cfg = settings()
+    cfg = platform_settings(state=True, data=True)
     n = labels.add_labels_from_file(cfg, file, annotator)
     result = {"recorded": n, "inbox": labels.counts(cfg)}
     if as_json:
@@ -45,7 +45,7 @@ def labels_simulate(
     """Reveal the true labels of the COUNT most uncertain unlabeled images (from answers.csv)."""
     from flowops import queue
 
-    result = queue.simulate_labels(settings(), count, wrong=wrong)
+    result = queue.simulate_labels(platform_settings(state=True, data=True), count, wrong=wrong)
     if as_json:
         print_json(result)
     else:
@@ -79,7 +79,8 @@ def start(
     as_json: bool = typer.Option(False, "--json", help="Print the controller's job id and status "
                                  "as JSON."),
 ) -> None:
-    """Start the controller as a Ray job (one per home; refuses if one is running)."""
+    """Start the controller as a Ray job (one per platform, i.e. per state database, whichever
+    machine starts it; refuses if one is running)."""
     from flowops import jobs, loop
     from flowops.errors import InvalidInput
 
@@ -95,7 +96,7 @@ def start(
                         "accuracy_margin": accuracy_margin, "error_margin": error_margin,
                         "max_duration_s": max_analysis_s}}
     config = loop.parse_config(raw)
-    cfg = settings()
+    cfg = platform_settings(state=True, data=True)
     sid = loop.start_controller(cfg, config)
     if as_json:
         print_json(jobs.outcome(cfg, jobs.info(cfg, sid)))
@@ -109,7 +110,7 @@ def stop(as_json: bool = typer.Option(False, "--json", help="Print the final sta
     """Stop the controller; a rollout in progress resumes where it was at the next start."""
     from flowops import loop
 
-    cfg = settings()
+    cfg = platform_settings(state=True)
     status = loop.stop_controller(cfg)
     if as_json:
         print_json({"job_id": loop.controller_submission_id(cfg), "status": status})
@@ -122,7 +123,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
     """The controller, the inbox, the last rollouts and their pipelines."""
     from flowops import loop
 
-    report = loop.loop_status(settings())
+    report = loop.loop_status(platform_settings(state=True))
     if as_json:
         print_json(report)
         return
@@ -157,11 +158,11 @@ def report(
     from flowops.loop import timeline
 
     if html is not None:
-        rid, page = timeline.rollout_page(settings(), rollout)
+        rid, page = timeline.rollout_page(platform_settings(state=True), rollout)
         atomic_write_text(html, page)
         console.print(f"wrote the report of rollout {rid} to {html}")
         return
-    rows = timeline.timeline(settings())
+    rows = timeline.timeline(platform_settings(state=True))
     if as_json:
         print_json(rows)
         return
@@ -184,7 +185,7 @@ def canary(
     from flowops import loop
 
     gate = {} if min_accuracy is None else {"min_accuracy": min_accuracy, "max_regression": 1.0}
-    rid = loop.submit_candidate(settings(), model_version, gate=gate)
+    rid = loop.submit_candidate(platform_settings(state=True), model_version, gate=gate)
     if as_json:
         print_json({"rollout_id": rid, "model_version": model_version, "gate": gate})
         return

@@ -23,15 +23,15 @@ from flowops.loop.state import (
     LoopConfig,
     RolloutRecord,
     RolloutStore,
-    home_tag,
     load_config,
     parse_config,
+    platform_tag,
     save_config,
 )
 
 __all__ = [
     "LoopConfig", "RolloutRecord", "RolloutStore", "controller_submission_id", "drive_rollout",
-    "home_tag", "load_config", "loop_status", "parse_config", "pipeline_id", "run_controller",
+    "load_config", "loop_status", "parse_config", "pipeline_id", "platform_tag", "run_controller",
     "save_config", "should_retrain", "snapshot_labels", "start_controller", "stop_controller",
     "submit_candidate", "timeline",
 ]

@@ -22,16 +22,16 @@ from flowops.loop.state import (
     Gate,
     LoopConfig,
     RolloutStore,
-    home_tag,
     load_config,
+    platform_tag,
     save_config,
 )
 from flowops.settings import Settings
 
 
 def controller_submission_id(settings: Settings) -> str:
-    """The controller's Ray job id: fixed per home, so two controllers cannot run at once."""
-    return f"flowops-loop-{home_tag(settings)}"
+    """The controller's Ray job id: fixed per platform, so two controllers cannot run at once."""
+    return f"flowops-loop-{platform_tag(settings)}"
 
 
 # When to retrain ------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def loop_status(settings: Settings) -> dict[str, Any]:
         controller = {"job_id": sid, "status": "NOT STARTED"}
     beat = store.heartbeat().heartbeat
     controller["heartbeat_age_s"] = round(time.time() - beat, 1) if beat else None
-    prefix = f"loop-{home_tag(settings)}-"
+    prefix = f"loop-{platform_tag(settings)}-"
     pipelines = [{"id": p.id, "status": p.status,
                   "steps": [(s.name, s.status, s.job_id) for s in p.steps]}
                  for p in jobs.list_pipelines(settings) if p.id.startswith(prefix)]

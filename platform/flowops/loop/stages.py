@@ -26,7 +26,7 @@ from flowops import data, events, jobs, labels, registry, serving
 from flowops.durable import atomic_write_text
 from flowops.errors import FlowOpsError, GateFailed, InvalidInput, validated
 from flowops.loop import timeline
-from flowops.loop.state import AnalysisProgress, LoopConfig, RolloutRecord, RolloutStore, home_tag
+from flowops.loop.state import AnalysisProgress, LoopConfig, RolloutRecord, RolloutStore, platform_tag
 from flowops.pseudo_label import PseudoLabelConfig
 from flowops.refs import ModelRef
 from flowops.rollout import Decision, decide
@@ -39,7 +39,7 @@ ROLLOUT_EXPERIMENT = "rollouts"
 
 def pipeline_id(settings: Settings, rid: str, stage: str) -> str:
     """The pipeline of a rollout's Ray job: fixed, so a restarted controller adopts the job."""
-    return f"loop-{home_tag(settings)}-{rid}-{stage}"
+    return f"loop-{platform_tag(settings)}-{rid}-{stage}"
 
 
 # Snapshot -------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def stage_train(settings: Settings, config: LoopConfig, rid: str) -> RolloutReco
     if record.base_version is None:  # pinned, so a restart trains from the same base
         record = store.update(rid, base_version=registry.production_version(settings))
     base = record.base_version
-    run_name = f"loop-{home_tag(settings)}-{rid}"
+    run_name = f"loop-{platform_tag(settings)}-{rid}"
     train_config = validated(TrainConfig, "loop train config", **{
         "data_version": record.data_version, "epochs": config.epochs, "workers": config.workers,
         "cpus_per_worker": config.cpus_per_worker, "run_name": run_name,

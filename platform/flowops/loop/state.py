@@ -12,7 +12,7 @@ fields; a stage changes one through `RolloutStore.update`, which validates the r
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -25,6 +25,7 @@ from flowops.settings import Settings
 
 CONFIG_DOCUMENT = "loop.config"
 CONTROLLER_DOCUMENT = "loop.controller"
+PLATFORM_DOCUMENT = "platform.tag"
 # A rollout's stages in the order the controller drives them; `done` ends it.
 Stage = Literal["snapshot", "train", "validate", "canary", "analysis", "pseudo_label", "done"]
 # `running` until decided; a finished rollout was promoted, rolled back, rejected at the gate, or
@@ -149,9 +150,21 @@ class LoopState(BaseModel):
     controller: Heartbeat = Field(default_factory=Heartbeat)
 
 
-def home_tag(settings: Settings) -> str:
-    """A short id of the home folder: job and pipeline ids of two homes never collide."""
-    return hashlib.sha1(str(settings.home).encode()).hexdigest()[:6]
+def platform_tag(settings: Settings) -> str:
+    """A short id of the platform, kept in its state database: every machine that shares the state
+    (a driver elsewhere, the controller's job) names the controller job and the loop's pipelines
+    alike, whatever its home folder; two platforms' ids never collide. Made by the first asker."""
+    from flowops import statedb
+
+    with statedb.reading(settings) as conn:
+        tag = statedb.get_document(conn, PLATFORM_DOCUMENT)
+    if tag is None:
+        with statedb.transaction(settings) as conn:
+            stmt = statedb.insert(conn, statedb.documents).values(
+                name=PLATFORM_DOCUMENT, body=secrets.token_hex(3))
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
+            tag = statedb.get_document(conn, PLATFORM_DOCUMENT)
+    return str(tag)
 
 
 def save_config(settings: Settings, config: LoopConfig) -> None:

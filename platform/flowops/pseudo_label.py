@@ -132,15 +132,16 @@ def load_images(batch: dict[str, np.ndarray], preprocess: Preprocess, size_rule:
     height, width = preprocess.size
     for i, raw in enumerate(batch["bytes"]):
         try:
+            pixels[i] = preprocess.decode(raw)  # first: an undecodable file says so, clearly
             if size_rule == "exact":
                 with Image.open(io.BytesIO(raw)) as img:
                     w, h = img.size
                     if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
                         w, h = h, w  # shown rotated by a quarter turn
                 if (w, h) != (width, height):
+                    pixels[i] = 0
                     errors.append(f"wrong size {w}x{h}, expected {width}x{height}")
                     continue
-            pixels[i] = preprocess.decode(raw)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes this file a bad file
             errors.append(str(exc).splitlines()[0][:200] or type(exc).__name__)
             continue

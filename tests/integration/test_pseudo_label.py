@@ -180,7 +180,7 @@ def test_job_scores_good_files_and_lists_bad_ones(batch_env, job_result):
     assert sorted(errors["id"]) == sorted(BAD)
     reasons = errors.set_index("id")["error"]
     assert reasons["bad-size"] == "wrong size 16x16, expected 8x8"
-    assert all(reasons[i] for i in BAD)
+    assert all(reasons[i].startswith("not a decodable image") for i in BAD if i != "bad-size")
     # the manifest is not touched by a pseudo-label run
     before = data.open_version(settings, batch_env["data"]).manifest
     assert data.open_version(settings, out).manifest.equals(before)

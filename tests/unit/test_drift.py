@@ -294,3 +294,21 @@ def test_one_drifted_window_does_not_tell_the_loop_but_a_persisting_drift_does(t
     assert not drift_monitor.persisted(s, "digits-classifier", 2)  # the drift went away
     assert drift_monitor.persisted(s, "other-model", 1) is False
     assert events.read_events(s) == []
+
+
+def test_the_reference_images_of_a_sharded_version_are_those_of_its_folder_version(tmp_path):
+    """The drift reference reads a version's training images where they are: the shards a folder
+    version migrated to give the same pixels and labels."""
+    from flowops import data, shard_import
+    from flowops.settings import get_settings
+
+    s = get_settings(home=tmp_path / "home")
+    data.init_dataset(s)
+    sharded = shard_import.migrate_version(s, "v1", images_per_shard=300).version
+    pre = Preprocess(size=8, channels=1)
+    got = {}
+    for tag in ("v1", sharded):
+        x, y, classes = drift_monitor.reference_images(data.open_version(s, tag), pre)
+        assert len(x) == len(y) == len(data.open_version(s, tag).rows("train", labeled=True))
+        got[tag] = sorted(zip(y.tolist(), (row.tobytes() for row in x), strict=True))
+    assert got["v1"] == got[sharded]

@@ -12,7 +12,11 @@ folder) are covered by empty tmpfs mounts, as a pod on another node would see th
 
 (the /24 is the first of a few private ranges that this machine does not use itself.)
 
-The cluster's state is in PostgreSQL on the head host (head.addr:5432, database `flowops`) when
+The cluster's storage URI is an S3 bucket on the head host (moto's server mode on head.addr:9000,
+`s3://flowops/platform`): both hosts get FLOWOPS_STORAGE_URI, its endpoint and the (test) AWS
+credentials in their environment before their Ray node starts, as a ConfigMap and a Secret give
+them to every pod (`two_hosts.s3_url` is the endpoint: boto3 inside `head.python` reaches it). The
+cluster's state is in PostgreSQL on the head host (head.addr:5432, database `flowops`) when
 PostgreSQL is installed: both hosts get it as FLOWOPS_STATE_URL before their Ray node starts, and
 both get one FLOWOPS_ADMIN_KEY, as a Kubernetes Secret gives every pod (so replicas on either host
 hold the app's keys and write to the one database).
@@ -88,6 +92,10 @@ SUBNETS = ("10.213.0.0/24", "192.168.213.0/24", "10.214.0.0/24", "172.31.213.0/2
 PORTS = {"RAY_PORT": 6380, "DASHBOARD_PORT": 8265, "CLIENT_PORT": 10001, "SERVE_PORT": 8000,
          "METRICS_PORT": 8090, "MLFLOW_PORT": 5000}  # each host has its own ports: defaults fit
 HEAD_CPUS, WORKER_CPUS = 2, 2
+S3_PORT = 9000
+STORAGE_URI = "s3://flowops/platform"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flowops-test", "AWS_SECRET_ACCESS_KEY": "flowops-test-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}  # moto takes any
 
 
 class HarnessUnavailable(RuntimeError):
@@ -204,6 +212,7 @@ class TwoHosts:
     head: Host
     worker: Host
     postgres: PostgresServer | None = None  # the state database, when PostgreSQL is installed
+    s3: subprocess.Popen | None = None  # moto's S3 server on the head host (the storage URI)
     timings: dict[str, float] = field(default_factory=dict)
     _netns: list[str] = field(default_factory=list)
 
@@ -238,6 +247,7 @@ class TwoHosts:
         """Boot the head host, start PostgreSQL there (when installed) with the database `flowops`
         as both hosts' FLOWOPS_STATE_URL, as a Secret gives every pod, then `flowops up`."""
         self.head.boot()
+        self.start_s3()
         if pg_bin() is not None:
             self.postgres = start_postgres(self.base / "head", host=self.head.addr, port=5432,
                                            prefix=self.head.prefix, allow=[self.subnet])
@@ -246,6 +256,32 @@ class TwoHosts:
             for host in (self.head, self.worker):
                 host.env["FLOWOPS_STATE_URL"] = self.postgres.database_url("flowops")
         self.head.run([*FLOWOPS, "up", "--num-cpus", str(HEAD_CPUS)], timeout=600)
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{self.head.addr}:{S3_PORT}"
+
+    def start_s3(self) -> None:
+        """moto's S3 server on the head host with the bucket `flowops`: the storage URI of both
+        hosts (set in their environments, with the credentials, before any Ray node starts)."""
+        binary = Path(sys.executable).parent / "moto_server"
+        self.s3 = self.head.popen([str(binary), "-H", self.head.addr, "-p", str(S3_PORT)],
+                                  self.base / "head-s3.log")
+        self.head.python(textwrap.dedent(f"""
+            import time, boto3, httpx
+            deadline = time.time() + 60
+            while True:
+                try:
+                    httpx.get("{self.s3_url}/moto-api/", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    assert time.time() < deadline, "moto_server did not start"
+                    time.sleep(0.2)
+            boto3.client("s3", endpoint_url="{self.s3_url}").create_bucket(Bucket="flowops")
+        """), env=S3_CREDENTIALS, timeout=120)
+        for host in (self.head, self.worker):
+            host.env.update({**S3_CREDENTIALS, "FLOWOPS_STORAGE_URI": STORAGE_URI,
+                             "FLOWOPS_STORAGE_ENDPOINT_URL": self.s3_url})
 
     def start_worker(self) -> None:
         """Boot the worker host once the head's files exist (to hide them), copy the token into

@@ -454,38 +454,3 @@ def init_dataset(
 
     source = "scikit-learn digits" if from_dir is None else f"image folder {from_dir}"
     return cut_version(settings, f"dataset from {source}", write, base=None)
-
-
-# Checks ------------------------------------------------------------------------------------------
-
-
-def check_version(settings: Settings, version: str | None = None) -> dict[str, Any]:
-    """Validate a data version: manifest schema, every image decodes, counts per class and pool."""
-    from PIL import Image, UnidentifiedImageError
-
-    opened = open_version(settings, version)
-    root, manifest, meta = opened.root, opened.manifest, opened.meta
-    problems: list[str] = []
-    classes = set(meta.get("classes", []))
-    if manifest["id"].duplicated().any():
-        problems.append(f"{int(manifest['id'].duplicated().sum())} duplicate id(s)")
-    bad_split = sorted(set(manifest["split"]) - set(SPLITS) - {"pseudo"})
-    if bad_split:
-        problems.append(f"unknown split(s) {bad_split}; allowed {list(SPLITS)}")
-    labeled = manifest[manifest["split"].isin(["train", "holdout"])]
-    bad_labels = sorted(set(labeled["label"]) - classes)
-    if bad_labels:
-        problems.append(f"label(s) {bad_labels} not among classes {sorted(classes)}")
-    undecodable = []
-    for rel in manifest["path"]:
-        try:
-            with Image.open(root / rel) as img:
-                img.load()
-        except (FileNotFoundError, UnidentifiedImageError, OSError):
-            undecodable.append(rel)
-    if undecodable:
-        problems.append(f"{len(undecodable)} image(s) missing or not decodable, "
-                        f"e.g. {', '.join(undecodable[:3])}")
-    counts, class_counts = summarize(manifest, meta["classes"])
-    return {"version": opened.tag, "ok": not problems, "problems": problems, "images": len(manifest),
-            "counts": counts, "class_counts": class_counts, "classes": meta["classes"]}

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops import data, events, jobs, labels, loop, queue, registry, serving, stack
+from flowops import data, events, images, jobs, labels, loop, queue, registry, serving, stack
 from flowops.durable import wait_until
 from flowops.errors import ClusterUnavailable, FlowOpsError, GateFailed, JobFailed
 from flowops.pseudo_label import PseudoLabelConfig
@@ -142,17 +142,22 @@ class TrafficGenerator:
 
 
 def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str]]:
+    """The latest version's holdout images (read where they are) as pixel lists, and labels."""
+    import io
+
     from PIL import Image
 
     version = data.open_version(settings)
-    images, truth = [], []
-    for row in version.rows("holdout").itertuples(index=False):
-        with Image.open(version.root / row.path) as img:
-            images.append(np.asarray(img.convert("L"), dtype=np.uint8).tolist())
-        truth.append(row.label)
-    if not images:
+    holdout = version.rows("holdout")
+    label_of = dict(zip(holdout["id"], holdout["label"], strict=True))
+    pixels, truth = [], []
+    for image_id, payload in images.iter_bytes(settings, version, holdout["id"]):
+        with Image.open(io.BytesIO(payload)) as img:
+            pixels.append(np.asarray(img.convert("L"), dtype=np.uint8).tolist())
+        truth.append(label_of[image_id])
+    if not pixels:
         raise FlowOpsError("the latest data version has no holdout images to send as traffic")
-    return images, truth
+    return pixels, truth
 
 
 # The story -----------------------------------------------------------------------------------

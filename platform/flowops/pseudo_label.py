@@ -1,25 +1,30 @@
 """Batch pseudo-labeling: run a registered model over a pool of a data version with Ray Data.
 
-    manifest rows of the pool (id, path)          streamed in blocks of --batch-size rows
-      -> map_batches(load_images)                 Ray tasks: read + decode (the model's own
+    images.dataset(version, pool rows)            (id, label, split, bytes): shards read from the
+                                                  storage URI by Ray tasks on any node (a folder
+                                                  version's files by the driver, via the object
+                                                  store)
+      -> map_batches(load_images)                 Ray tasks: decode (the model's own
                                                   preprocessing) + size rule
       -> map_batches(Predictor, ActorPoolStrategy) stateful model actors, each loading the
                                                   version (GPUs if asked)
       -> driver streams the result into predictions.parquet (+ errors.csv for bad files)
 
-Only the (id, path) list is held in memory; images are read inside the pipeline, so pools larger
-than memory work. Bad files (unreadable, corrupt, truncated, not an image, wrongly sized under
-`size_rule="exact"`) become rows of `errors.csv`; they never fail the job.
+No task opens a path on the head's disk, so actors on any node score the same images. Bad files
+(corrupt, truncated, not an image, wrongly sized under `size_rule="exact"`) become rows of
+`errors.csv`; they never fail the job.
 
-The output is versioned: a new data version adds `data/predictions.parquet` and
-`data/predictions_errors.csv` (and, with `accept_threshold`, `data/pseudo_labels.csv`). The run is
-logged to MLflow (experiment `pseudo-labeling`).
+The output is stored in the storage URI (`pseudo-labels/<run>/`) and versioned: a new data
+version adds `data/predictions.parquet` and `data/predictions_errors.csv` (and, with
+`accept_threshold`, `data/pseudo_labels.csv`). The run is logged to MLflow (experiment
+`pseudo-labeling`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,7 +36,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops import data, ray_client
+from flowops import data, images, ray_client, storage
 from flowops.data import DataVersion
 from flowops.durable import atomic_write_bytes, atomic_write_text
 from flowops.errors import InvalidInput, NotFound
@@ -45,6 +50,7 @@ EXPERIMENT = "pseudo-labeling"
 PREDICTIONS_FILE = "predictions.parquet"
 ERRORS_FILE = "predictions_errors.csv"
 PSEUDO_LABELS_FILE = "pseudo_labels.csv"
+OUTPUT_PREFIX = "pseudo-labels"  # <storage>/pseudo-labels/<run>/: every run's output
 PSEUDO_COLUMNS = ["id", "label", "score", "model_version"]
 EXIF_ORIENTATION = 0x0112
 POOLS = ("unlabeled", "train", "holdout", "all")
@@ -69,7 +75,6 @@ class PseudoLabelConfig(BaseModel):
         None, gt=0, le=1, description="Also accept predictions with score >= this as pseudo-labels."
     )
     version_output: bool = Field(True, description="Cut a data version holding the predictions.")
-    output_dir: Path | None = Field(None, description="Where to write (default: home/batch/<run>).")
     limit: int | None = Field(None, ge=1, description="Score only the first N images of the pool.")
 
 
@@ -103,19 +108,20 @@ def default_model_uri(settings: Settings) -> str:
     return ModelRef.production(settings.model_name).uri
 
 
-def pool_rows(manifest: pd.DataFrame, pool: str) -> pd.DataFrame:
+def pool_rows(version: DataVersion, pool: str) -> pd.DataFrame:
+    """The manifest rows of a pool, in manifest order."""
     if pool not in POOLS:
         raise InvalidInput(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
-    rows = manifest if pool == "all" else manifest[manifest["split"] == pool]
-    return rows[["id", "path"]].reset_index(drop=True)
+    return images.select(version, None if pool == "all" else [pool]).reset_index(drop=True)
 
 
 # The Ray Data pipeline ----------------------------------------------------------------------------
 
 
-def load_images(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess, size_rule: str) -> dict:
-    """Read and decode a batch of files with the model's own preprocessing into (N, C, H, W);
-    a bad file gets a zero image and an error message (an error row, never a failed job)."""
+def load_images(batch: dict[str, np.ndarray], preprocess: Preprocess, size_rule: str) -> dict:
+    """Decode a batch of images (their original bytes) with the model's own preprocessing into
+    (N, C, H, W); a bad image gets a zero image and an error message (an error row, never a
+    failed job)."""
     import io
 
     from PIL import Image
@@ -124,28 +130,23 @@ def load_images(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess,
     pixels = np.zeros((n, *preprocess.shape), dtype=np.float32)
     errors = []
     height, width = preprocess.size
-    for i, rel in enumerate(batch["path"]):
+    for i, raw in enumerate(batch["bytes"]):
         try:
-            raw = Path(root, rel).read_bytes()
-        except OSError as exc:
-            errors.append(f"unreadable file: {exc.strerror or exc}")
-            continue
-        try:
+            pixels[i] = preprocess.decode(raw)  # first: an undecodable file says so, clearly
             if size_rule == "exact":
                 with Image.open(io.BytesIO(raw)) as img:
                     w, h = img.size
                     if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
                         w, h = h, w  # shown rotated by a quarter turn
                 if (w, h) != (width, height):
+                    pixels[i] = 0
                     errors.append(f"wrong size {w}x{h}, expected {width}x{height}")
                     continue
-            pixels[i] = preprocess.decode(raw)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes this file a bad file
             errors.append(str(exc).splitlines()[0][:200] or type(exc).__name__)
             continue
         errors.append("")
-    return {"id": batch["id"], "path": batch["path"], "pixels": pixels,
-            "error": np.asarray(errors, dtype=object)}
+    return {"id": batch["id"], "pixels": pixels, "error": np.asarray(errors, dtype=object)}
 
 
 class Predictor:
@@ -166,27 +167,24 @@ class Predictor:
         from flowops.model import predict_proba, to_batch
 
         probs = predict_proba(self.model, to_batch(batch["pixels"]))
-        return {"id": batch["id"], "path": batch["path"], "error": batch["error"],
-                "probabilities": probs.astype(np.float32)}
+        return {"id": batch["id"], "error": batch["error"], "probabilities": probs.astype(np.float32)}
 
 
 def score_batches(
-    settings: Settings, rows: pd.DataFrame, root: Path, model_uri: str, preprocess: Preprocess,
-    cfg: PseudoLabelConfig,
+    settings: Settings, ds: Any, model_uri: str, preprocess: Preprocess, cfg: PseudoLabelConfig,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Stream scored batches (id, path, error, probabilities) of `rows` through Ray Data:
-    `preprocess` (the model's) decodes, actors holding `model_uri` (a numbered version) score."""
+    """Stream scored batches (id, error, probabilities) of a Ray Dataset of images (id, bytes; see
+    `images.dataset`) through Ray Data: `preprocess` (the model's) decodes, actors holding
+    `model_uri` (a numbered version) score."""
     import ray
 
     # Ray Data's progress stays on (RAY_DATA_DISABLE_PROGRESS_BARS=1 turns it off): bars in a
     # terminal, a line every 10 s into a job's log (RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL); the
     # submitting command's `--json` sends that log to stderr.
     ray.data.DataContext.get_current().print_on_execution_start = False
-    chunks = [rows.iloc[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
-    ds = ray.data.from_pandas(chunks or [rows])
     ds = ds.map_batches(
         load_images, batch_size=cfg.batch_size, batch_format="numpy",
-        fn_kwargs={"root": str(root), "preprocess": preprocess, "size_rule": cfg.size_rule},
+        fn_kwargs={"preprocess": preprocess, "size_rule": cfg.size_rule},
         num_cpus=cfg.cpus_per_actor,
     )
     device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
@@ -223,9 +221,11 @@ class _Tally:
 
 def write_predictions(
     batches: Iterator[dict[str, np.ndarray]], classes: list[str], model_version: str,
-    data_version: str, out_dir: Path, on_batch: Callable[[int], None] | None = None,
+    data_version: str, out_dir: Path, paths: dict[str, str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> _Tally:
-    """Stream scored batches into predictions.parquet and bad files into the errors file."""
+    """Stream scored batches into predictions.parquet and bad files into the errors file; `paths`
+    gives each id's manifest path (empty for a sharded version, or when not given)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -233,13 +233,15 @@ def write_predictions(
     schema = _schema()
     tally = _Tally()
     class_arr = np.asarray(classes, dtype=object)
+    paths = paths or {}
     with pq.ParquetWriter(out_dir / PREDICTIONS_FILE, schema) as writer, \
             open(out_dir / ERRORS_FILE, "w") as err_fh:
         err_fh.write("id,path,error\n")
         for batch in batches:
+            ids = np.asarray(batch["id"]).astype(str)
             bad = np.asarray([bool(e) for e in batch["error"]], dtype=bool)
             for i in np.flatnonzero(bad):
-                err_fh.write(_csv_row(batch["id"][i], batch["path"][i], batch["error"][i]))
+                err_fh.write(_csv_row(ids[i], paths.get(ids[i], ""), batch["error"][i]))
             tally.errors += int(bad.sum())
             good = ~bad
             if not good.any():
@@ -252,8 +254,8 @@ def write_predictions(
             labels = class_arr[probs.argmax(axis=1)]
             n = int(good.sum())
             table = pa.table({
-                "id": pa.array(batch["id"][good].astype(str)),
-                "path": pa.array(batch["path"][good].astype(str)),
+                "id": pa.array(ids[good]),
+                "path": pa.array([paths.get(i, "") for i in ids[good]], pa.string()),
                 "label": pa.array(labels.astype(str)),
                 "score": pa.array(score.astype(np.float32)),
                 "probabilities": pa.ListArray.from_arrays(
@@ -358,11 +360,8 @@ def read_predictions(version: DataVersion) -> pd.DataFrame:
 def run_pseudo_label(
     settings: Settings, cfg: PseudoLabelConfig, on_progress: Callable[[str], None] | None = None
 ) -> PseudoLabelResult:
-    """Score a pool with a registered model; write, version and log the predictions."""
-    import mlflow
-
+    """Score a pool with a registered model; store, version and log the predictions."""
     from flowops import model as model_lib
-    from flowops import tracking
 
     say = on_progress or (lambda msg: print(msg, flush=True))
     # 1. The model first: an unknown URI fails before any data is read.
@@ -378,15 +377,14 @@ def run_pseudo_label(
             f"model {name} v{version} predicts classes {loaded.classes}, but data version {tag} "
             f"has classes {source.classes}"
         )
-    root = source.root
-    rows = pool_rows(source.manifest, cfg.pool)
+    rows = pool_rows(source, cfg.pool)
     if cfg.limit:
         rows = rows.iloc[: cfg.limit]
     if rows.empty:
         raise InvalidInput(f"pool {cfg.pool!r} of data version {tag} is empty; nothing to score")
+    store = storage.check(settings, "pseudo-label")  # where the output goes, before any work
 
     run_name = f"pseudo-label-{tag}-m{version}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = cfg.output_dir or settings.home / "batch" / run_name
     ray_client.connect(settings)
     say(f"scoring {len(rows)} images with {cfg.actors} actor(s), batch size {cfg.batch_size}")
     started = time.perf_counter()
@@ -397,47 +395,68 @@ def run_pseudo_label(
             say(f"  {done}/{len(rows)} images")
             next_report[0] = done + max(len(rows) // 5, 1)
 
-    tally = write_predictions(
-        score_batches(settings, rows, root, ModelRef.of(name, version).uri, loaded.preprocess, cfg),
-        loaded.classes, version, tag, out_dir,
-        on_batch=progress,
-    )
-    duration = time.perf_counter() - started
-    rate = (tally.scored + tally.errors) / duration if duration > 0 else 0.0
-    hist = {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": int(n) for i, n in enumerate(tally.histogram)}
-    result = PseudoLabelResult(
-        model_name=name, model_version=version, data_version=tag, pool=cfg.pool,
-        images=len(rows), scored=tally.scored, errors=tally.errors,
-        duration_s=round(duration, 3), images_per_s=round(rate, 1),
-        predictions_path=str(out_dir / PREDICTIONS_FILE), errors_path=str(out_dir / ERRORS_FILE),
-        class_counts={c: int(tally.classes.get(c, 0)) for c in loaded.classes},
-        score_histogram=hist,
-    )
-    say(f"scored {tally.scored} images, {tally.errors} bad file(s), {rate:.0f} images/s")
-
-    if cfg.version_output:
-        predictions = pd.read_parquet(out_dir / PREDICTIONS_FILE)
-
-        def apply(staging: Path) -> None:
-            _replace_file(out_dir / PREDICTIONS_FILE, staging / PREDICTIONS_FILE)
-            _replace_file(out_dir / ERRORS_FILE, staging / ERRORS_FILE)
-            if cfg.accept_threshold is not None:
-                result.accepted = _write_pseudo(
-                    settings, staging, predictions, cfg.accept_threshold
-                )
-
-        info = data.cut_version(
-            settings, f"predictions of {name} v{version} on {tag}/{cfg.pool}: "
-            f"{tally.scored} scored, {tally.errors} bad", apply,
+    with tempfile.TemporaryDirectory(prefix="flowops-pseudo-label-") as scratch:
+        out_dir = Path(scratch)
+        batches = score_batches(settings, images.dataset(settings, source, rows),
+                                ModelRef.of(name, version).uri, loaded.preprocess, cfg)
+        tally = write_predictions(batches, loaded.classes, version, tag, out_dir,
+                                  paths=dict(zip(rows["id"], rows["path"], strict=True)),
+                                  on_batch=progress)
+        duration = time.perf_counter() - started
+        rate = (tally.scored + tally.errors) / duration if duration > 0 else 0.0
+        hist = {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": int(n) for i, n in enumerate(tally.histogram)}
+        stored = f"{OUTPUT_PREFIX}/{run_name}"
+        for file_name in (PREDICTIONS_FILE, ERRORS_FILE):
+            store.write_bytes(f"{stored}/{file_name}", (out_dir / file_name).read_bytes())
+        result = PseudoLabelResult(
+            model_name=name, model_version=version, data_version=tag, pool=cfg.pool,
+            images=len(rows), scored=tally.scored, errors=tally.errors,
+            duration_s=round(duration, 3), images_per_s=round(rate, 1),
+            predictions_path=store.url(f"{stored}/{PREDICTIONS_FILE}"),
+            errors_path=store.url(f"{stored}/{ERRORS_FILE}"),
+            class_counts={c: int(tally.classes.get(c, 0)) for c in loaded.classes},
+            score_histogram=hist,
         )
-        result.output_version = info.id
-        say(f"predictions versioned as data version {info.id}")
+        say(f"scored {tally.scored} images, {tally.errors} bad file(s), {rate:.0f} images/s; "
+            f"stored in {store.url(stored)}")
+        if cfg.version_output:
+            _version_output(settings, cfg, result, out_dir)
+            say(f"predictions versioned as data version {result.output_version}")
+        _log_run(settings, cfg, result, run_name, uri, out_dir / ERRORS_FILE)
+    return result
+
+
+def _version_output(settings: Settings, cfg: PseudoLabelConfig, result: PseudoLabelResult,
+                    out_dir: Path) -> None:
+    """Cut a data version (on top of the latest) holding the predictions and errors files."""
+    predictions = pd.read_parquet(out_dir / PREDICTIONS_FILE)
+
+    def apply(staging: Path) -> None:
+        _replace_file(out_dir / PREDICTIONS_FILE, staging / PREDICTIONS_FILE)
+        _replace_file(out_dir / ERRORS_FILE, staging / ERRORS_FILE)
+        if cfg.accept_threshold is not None:
+            result.accepted = _write_pseudo(settings, staging, predictions, cfg.accept_threshold)
+
+    info = data.cut_version(
+        settings, f"predictions of {result.model_name} v{result.model_version} on "
+        f"{result.data_version}/{cfg.pool}: {result.scored} scored, {result.errors} bad", apply,
+    )
+    result.output_version = info.id
+
+
+def _log_run(settings: Settings, cfg: PseudoLabelConfig, result: PseudoLabelResult,
+             run_name: str, uri: str, errors_file: Path) -> None:
+    import mlflow
+
+    from flowops import tracking
 
     with tracking.start_run(settings, EXPERIMENT, run_name=run_name) as run:
-        mlflow.set_tags({"workload": "pseudo_label", "data_version": tag,
-                         "model_version": version, "model_name": name,
-                         "output_version": result.output_version or ""})
-        mlflow.log_params({"model_uri": uri, "model_version": version, "data_version": tag,
+        mlflow.set_tags({"workload": "pseudo_label", "data_version": result.data_version,
+                         "model_version": result.model_version, "model_name": result.model_name,
+                         "output_version": result.output_version or "",
+                         "predictions": result.predictions_path})
+        mlflow.log_params({"model_uri": uri, "model_version": result.model_version,
+                           "data_version": result.data_version,
                            "pool": cfg.pool, "batch_size": cfg.batch_size, "actors": cfg.actors,
                            "cpus_per_actor": cfg.cpus_per_actor,
                            "gpus_per_actor": cfg.gpus_per_actor, "size_rule": cfg.size_rule,
@@ -448,8 +467,7 @@ def run_pseudo_label(
         if result.accepted is not None:
             mlflow.log_metric("accepted_pseudo_labels", result.accepted)
         mlflow.log_metrics({f"class_{c}": n for c, n in result.class_counts.items()})
-        mlflow.log_dict({"score_histogram": hist, "class_counts": result.class_counts},
-                        "pseudo_label_summary.json")
-        mlflow.log_artifact(str(out_dir / ERRORS_FILE))
+        mlflow.log_dict({"score_histogram": result.score_histogram,
+                         "class_counts": result.class_counts}, "pseudo_label_summary.json")
+        mlflow.log_artifact(str(errors_file))
         result.run_id = run.info.run_id
-    return result

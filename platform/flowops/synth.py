@@ -5,8 +5,10 @@ shift, rotation and pixel noise to each, and adds them to the **unlabeled** pool
 version (`source=synth`). Their true labels go to `answers.csv`, like every unlabeled image, so
 simulated labelers and the benchmark's accuracy check can use them.
 
-Files are written as one small PNG per image under `images/synth/<shard>/<id>.png` (1,000 per
-folder), so every consumer keeps reading images by the manifest's `path`.
+The base version's images are read where they are (`flowops.images`). The new images follow the
+base version's layout: one small PNG per image under `images/synth/<folder>/<id>.png` (1,000 per
+folder) in a folder version; new Parquet shards in the storage URI for a sharded version (its
+existing shards untouched).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from flowops import data
+from flowops import data, images, shards, storage
 from flowops.durable import atomic_write_text
 from flowops.errors import InvalidInput
 from flowops.settings import Settings
 
-SHARD = 1000
+SHARD = 1000  # images per folder of a folder version
+SHARDED_IMAGES = 2000  # images per Parquet shard of a sharded version
 
 
 class SynthConfig(BaseModel):
@@ -68,26 +71,39 @@ def _sources(version: data.DataVersion) -> tuple[list[np.ndarray], list[str]]:
     """Every image of the version that has a known label (manifest label or answers.csv)."""
     from PIL import Image
 
-    root, manifest = version.root, version.manifest
+    manifest = version.manifest
     answers = {}
-    if (root / "answers.csv").exists():
-        ans = pd.read_csv(root / "answers.csv", dtype=str, keep_default_na=False)
+    if (version.root / "answers.csv").exists():
+        ans = pd.read_csv(version.root / "answers.csv", dtype=str, keep_default_na=False)
         answers = dict(zip(ans["id"], ans["label"], strict=True))
     if "source" in manifest.columns:  # augment originals, not earlier synthetic copies
         originals = manifest[manifest["source"] != "synth"]
         manifest = originals if len(originals) else manifest
+    label_of = {i: label or answers.get(i, "") for i, label in zip(manifest["id"], manifest["label"],
+                                                                    strict=True)}
+    wanted = [i for i, label in label_of.items() if label]
     pixels, labels = [], []
-    for row in manifest.itertuples(index=False):
-        label = row.label or answers.get(row.id, "")
-        if not label:
-            continue
+    for image_id, payload in images.iter_bytes(version.settings, version, wanted):
         try:
-            with Image.open(root / row.path) as img:
+            with Image.open(io.BytesIO(payload)) as img:
                 pixels.append(np.asarray(img.convert("L"), dtype=np.uint8))
         except OSError:
             continue  # a broken source image is simply not augmented
-        labels.append(label)
+        labels.append(label_of[image_id])
     return pixels, labels
+
+
+def _store_shards(store: storage.Storage, items: list[tuple[str, str, bytes]]) -> list[str]:
+    """Store new images as shards (SHARDED_IMAGES each) and index them; each image's shard."""
+    names, entries = [], []
+    for start in range(0, len(items), SHARDED_IMAGES):
+        chunk = items[start:start + SHARDED_IMAGES]
+        name, payload = shards.encode_shard(chunk)
+        shards.put_shard(store, name, payload)
+        entries.append({"shard": name, "rows": len(chunk), "bytes": len(payload)})
+        names += [name] * len(chunk)
+    shards.write_index(store, entries)
+    return names
 
 
 def synthesize(settings: Settings, cfg: SynthConfig, on_progress=None) -> data.VersionInfo:
@@ -99,6 +115,9 @@ def synthesize(settings: Settings, cfg: SynthConfig, on_progress=None) -> data.V
     rng = np.random.default_rng(cfg.seed)
     picks = rng.integers(0, len(pixels), size=cfg.count)
 
+    sharded = shards.is_sharded(base)
+    store = storage.check(settings, "data synth") if sharded else None
+
     def write(staging: Path) -> None:
         manifest = pd.read_csv(staging / "manifest.csv", dtype=str, keep_default_na=False)
         answers_path = staging / "answers.csv"
@@ -108,20 +127,31 @@ def synthesize(settings: Settings, cfg: SynthConfig, on_progress=None) -> data.V
         start = 0  # continue numbering after earlier synth rounds
         while f"s{start:07d}" in taken:
             start += SHARD
-        rows, new_answers = [], []
+        rows, new_answers, pending = [], [], []
         for n, src in enumerate(picks):
             image_id = f"s{start + n:07d}"
-            rel = f"images/synth/{(start + n) // SHARD:04d}/{image_id}.png"
-            dest = staging / rel
-            if n % SHARD == 0 or not dest.parent.is_dir():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(_png(augment(pixels[src], rng, cfg)))
-            rows.append((image_id, rel, "", "unlabeled", "synth", ""))
+            payload = _png(augment(pixels[src], rng, cfg))
+            if sharded:
+                pending.append((image_id, "synth", payload))
+                rows.append((image_id, "", "", "unlabeled", "synth", ""))
+            else:
+                rel = f"images/synth/{(start + n) // SHARD:04d}/{image_id}.png"
+                dest = staging / rel
+                if n % SHARD == 0 or not dest.parent.is_dir():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(payload)
+                rows.append((image_id, rel, "", "unlabeled", "synth", ""))
             new_answers.append((image_id, labels[src]))
             if on_progress and (n + 1) % 5000 == 0:
                 on_progress(n + 1, cfg.count)
         added = pd.DataFrame(rows, columns=data.MANIFEST_COLUMNS)
-        data.write_manifest(staging / "manifest.csv", pd.concat([manifest, added], ignore_index=True))
+        if sharded:
+            added["shard"] = _store_shards(store, pending)
+            shards.write_manifest(staging / "manifest.csv",
+                                  pd.concat([manifest, added], ignore_index=True))
+        else:
+            data.write_manifest(staging / "manifest.csv",
+                                pd.concat([manifest, added], ignore_index=True))
         merged = pd.concat([answers, pd.DataFrame(new_answers, columns=["id", "label"])])
         # New files, never edits in place: the staging files are hard links into the cache.
         atomic_write_text(answers_path, merged.to_csv(index=False))

@@ -126,8 +126,7 @@ def plain_batches(rows: pd.DataFrame, root: Path, loaded, batch_size: int):
             except Exception as exc:  # noqa: BLE001
                 arrays.append(np.zeros(pre.shape, np.float32))
                 errors.append(str(exc))
-        yield {"id": chunk["id"].to_numpy(object), "path": chunk["path"].to_numpy(object),
-               "error": np.asarray(errors, dtype=object),
+        yield {"id": chunk["id"].to_numpy(object), "error": np.asarray(errors, dtype=object),
                "probabilities": predict_proba(loaded.model, to_batch(arrays))}
 
 
@@ -178,9 +177,18 @@ def main() -> None:
             return tally.scored
 
         def run_ray(actors: int) -> int:
+            """As `flowops pseudo-label` runs on a folder version: the driver reads the files
+            into Arrow blocks (`images.dataset`), Ray tasks decode, actors score."""
+            import pyarrow as pa
+
             cfg = pl.PseudoLabelConfig(batch_size=args.batch_size, actors=actors,
                                        cpus_per_actor=min(1.0, args.cpus / actors))
-            batches = pl.score_batches(settings, rows, root, model_uri, loaded.preprocess, cfg)
+            blocks = [pa.table({"id": list(chunk["id"]),
+                                "bytes": pa.array([(root / p).read_bytes() for p in chunk["path"]],
+                                                  pa.binary())})
+                      for chunk in (rows.iloc[i:i + 1000] for i in range(0, len(rows), 1000))]
+            batches = pl.score_batches(settings, ray.data.from_arrow(blocks), model_uri,
+                                       loaded.preprocess, cfg)
             tally = pl.write_predictions(batches, classes, "bench", "bench", work / f"out-ray{actors}")
             return tally.scored
 

@@ -22,6 +22,7 @@ from flowops import queue as queue_lib
 from flowops.errors import NotFound
 from flowops.settings import get_settings
 from tests.conftest import run_cli
+from tests.s3_server import s3_endpoint  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -179,10 +180,14 @@ def test_job_scores_good_files_and_lists_bad_ones(batch_env, job_result):
     assert sorted(errors["id"]) == sorted(BAD)
     reasons = errors.set_index("id")["error"]
     assert reasons["bad-size"] == "wrong size 16x16, expected 8x8"
-    assert all(reasons[i] for i in BAD)
+    assert all(reasons[i].startswith("not a decodable image") for i in BAD if i != "bad-size")
     # the manifest is not touched by a pseudo-label run
     before = data.open_version(settings, batch_env["data"]).manifest
     assert data.open_version(settings, out).manifest.equals(before)
+    # the run's output is stored in the storage URI (here the default, home/storage)
+    stored = settings.home / "storage" / "pseudo-labels"
+    assert job_result["predictions_path"].startswith(f"{stored}/pseudo-label-{batch_env['data']}-")
+    assert pd.read_parquet(job_result["predictions_path"]).equals(preds)
 
 
 def test_run_is_logged_to_mlflow(batch_env, job_result):
@@ -267,17 +272,15 @@ def test_ray_data_decodes_every_image_as_training_and_serving_do(stack, tmp_path
     from tests.unit.test_same_tensor import IMAGES, TASKS
 
     ray = ray_client.connect(stack)
-    paths = []
+    paths = [f"img{i}" for i in range(len(IMAGES))]
+    rows = pd.DataFrame({"id": [*paths, "junk"], "bytes": [*IMAGES.values(), b"not an image"]})
     for i, raw in enumerate(IMAGES.values()):
         (tmp_path / f"img{i}").write_bytes(raw)
-        paths.append(f"img{i}")
-    (tmp_path / "junk").write_bytes(b"not an image")
-    rows = pd.DataFrame({"id": [*paths, "junk"], "path": [*paths, "junk"]})
     for spec in TASKS.values():
         pre: Preprocess = load_task(spec).preprocess
         ds = ray.data.from_pandas(rows).map_batches(
             pl.load_images, batch_size=3, batch_format="numpy", num_cpus=0.25,
-            fn_kwargs={"root": str(tmp_path), "preprocess": pre, "size_rule": "resize"})
+            fn_kwargs={"preprocess": pre, "size_rule": "resize"})
         out = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             out.update({i: (x, e) for i, x, e in zip(batch["id"], batch["pixels"], batch["error"],
@@ -290,3 +293,45 @@ def test_ray_data_decodes_every_image_as_training_and_serving_do(stack, tmp_path
             b64 = base64.b64encode((tmp_path / rel).read_bytes()).decode()
             (served,) = PredictRequest(instances=[{"b64": b64}]).images(1).arrays(pre)
             assert np.array_equal(served, want)
+
+
+def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
+        batch_env, job_result, s3_endpoint, tmp_path):  # noqa: F811
+    """The folder version migrated to shards in an S3 bucket (moto's server), scored by a real
+    job whose Ray tasks read the shards from the bucket: the same predictions as the folder
+    version's run, the same bad files and no other error row; the output is stored in the bucket
+    and versioned."""
+    from flowops import shard_import, shards
+
+    settings = batch_env["settings"]
+    bucket = s3_endpoint.bucket("flowops-pseudo-label")
+    env = {**batch_env["env"], **s3_endpoint.env(f"s3://{bucket}/platform")}
+    s3 = get_settings(home=settings.home, storage_uri=env["FLOWOPS_STORAGE_URI"],
+                      storage_endpoint_url=s3_endpoint.url)
+    migrated = shard_import.migrate_version(s3, batch_env["data"], images_per_shard=50).version
+    assert not (settings.home / "storage" / "images").exists()  # the shards are in the bucket
+    proc = run_cli("pseudo-label", "--data-version", migrated, "--model-uri",
+                   f"models:/{settings.model_name}/{batch_env['model']}", "--actors", "2",
+                   "--batch-size", "32", "--size-rule", "exact", "--json", env=env, timeout=420)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)["result"]
+    assert (result["images"], result["scored"], result["errors"]) == (124, 120, 4)
+    print(f"pseudo-label wall time: folder {job_result['duration_s']} s, "
+          f"S3 shards {result['duration_s']} s (124 images)")
+    assert result["predictions_path"].startswith(f"s3://{bucket}/platform/pseudo-labels/")
+
+    folder_root = data.materialize(settings, job_result["output_version"])
+    want = pd.read_parquet(folder_root / "predictions.parquet").set_index("id").sort_index()
+    sharded_root = data.materialize(settings, result["output_version"])
+    got = pd.read_parquet(sharded_root / "predictions.parquet").set_index("id").sort_index()
+    key = result["predictions_path"].removeprefix(f"s3://{bucket}/")
+    in_bucket = s3_endpoint.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert pd.read_parquet(io.BytesIO(in_bucket)).set_index("id").sort_index().equals(got)
+    assert list(got.index) == list(want.index)
+    assert (got["label"] == want["label"]).all() and (got["path"] == "").all()
+    assert np.allclose(np.stack(got["probabilities"]), np.stack(want["probabilities"]), atol=1e-6)
+    assert set(got["data_version"]) == {migrated}
+    errors = pd.read_csv(sharded_root / "predictions_errors.csv").set_index("id").sort_index()
+    folder_errors = pd.read_csv(folder_root / "predictions_errors.csv").set_index("id").sort_index()
+    assert errors["error"].equals(folder_errors["error"])  # only the deliberately bad files
+    assert shards.is_sharded(data.open_version(settings, result["output_version"]))

@@ -9,9 +9,10 @@ import subprocess
 import pytest
 from PIL import Image
 
-from flowops import data
+from flowops import data, data_check
 from flowops.errors import InvalidInput, NotFound
 from flowops.settings import get_settings
+from flowops.storage import StorageUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +156,23 @@ def test_check_version_reports_undecodable_images(tmp_path):
         victim.write_bytes(b"\x89PNG truncated")
 
     data.cut_version(s, "corrupt one image", corrupt)
-    report = data.check_version(s, "v2")
+    report = data_check.check_version(s, "v2")
     assert not report["ok"]
     assert "not decodable" in report["problems"][0]
-    assert data.check_version(s, "v1")["ok"]
+    assert data_check.check_version(s, "v1")["ok"]
     shutil.rmtree(s.cache_dir)
     assert json.dumps(report)  # serialisable for MLflow
+
+    # The same check on the sharded version migrated from it reads the images from the shards.
+    from flowops import shard_import, shards, storage
+
+    sharded = shard_import.migrate_version(s, "v2", images_per_shard=500).version
+    again = data_check.check_version(s, sharded)
+    victim = data.open_version(s, "v2").manifest.iloc[0]  # named by its id: shards have no paths
+    assert again["problems"] == [report["problems"][0].replace(victim.path, victim.id)]
+    # A shard damaged in storage refuses the version (exit 5), naming the shard.
+    store = storage.open_storage(s)
+    shard = shards.open_manifest(s, sharded).manifest["shard"].iloc[0]
+    store.write_bytes(shards.shard_path(shard), b"damaged")
+    with pytest.raises(StorageUnavailable, match=f"{shard}.parquet fails its checksum"):
+        data_check.check_version(s, sharded)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flowops import data
+from flowops import data, data_check
 from flowops.settings import get_settings
 from tests.conftest import run_cli
 from tests.image_folders import write_colour_folder, write_unlabeled_folder
@@ -79,7 +79,7 @@ def test_broken_files_are_listed_with_their_reason(photos, imported):
     assert "truncated" in reasons[str(root / "cool" / "truncated.jpg")]
     assert "not an image file type (.txt)" in reasons[str(root / "cool" / "notes.txt")]
     assert not any(".hidden" in p for p in errors.path)  # hidden files are ignored, not rejected
-    assert data.check_version(get_settings(home=home), "v1")["ok"]
+    assert data_check.check_version(get_settings(home=home), "v1")["ok"]
 
 
 def test_an_unlabeled_folder_fills_the_pool_and_labels_stay(photos, tmp_path):

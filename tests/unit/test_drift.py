@@ -324,3 +324,21 @@ def test_windows_live_in_the_storage_uri_so_any_node_reads_them(tmp_path, s3_end
     assert DriftMonitorConfig(watch=drift.windows_location(monitor)).watch == f"s3://{bucket}/platform/drift/windows"
     with pytest.raises(InvalidInput, match="does not exist"):
         drift.load_window(f"s3://{bucket}/platform/drift/windows/nope.npy", DIGITS, monitor)
+
+
+def test_the_reference_images_of_a_sharded_version_are_those_of_its_folder_version(tmp_path):
+    """The drift reference reads a version's training images where they are: the shards a folder
+    version migrated to give the same pixels and labels."""
+    from flowops import data, shard_import
+    from flowops.settings import get_settings
+
+    s = get_settings(home=tmp_path / "home")
+    data.init_dataset(s)
+    sharded = shard_import.migrate_version(s, "v1", images_per_shard=300).version
+    pre = Preprocess(size=8, channels=1)
+    got = {}
+    for tag in ("v1", sharded):
+        x, y, classes = drift_monitor.reference_images(data.open_version(s, tag), pre)
+        assert len(x) == len(y) == len(data.open_version(s, tag).rows("train", labeled=True))
+        got[tag] = sorted(zip(y.tolist(), (row.tobytes() for row in x), strict=True))
+    assert got["v1"] == got[sharded]

@@ -128,3 +128,31 @@ def test_labels_from_a_csv_are_all_or_nothing_and_simulated_labelers_skip_pendin
     assert result["from"].startswith("unlabeled pool")  # no pseudo-label run: no review queue
     simulated = {r["image_id"] for r in labels.new_labels(s) if r["source"] == "simulated"}
     assert result["recorded"] == len(pool) - 1 and simulated == set(pool[1:])
+
+
+def test_a_snapshot_of_a_sharded_version_rewrites_only_its_manifest(tmp_path):
+    """The loop's snapshot on a sharded version: the labels land in the manifest; the storage
+    (shards and their index) is exactly as before, byte for byte."""
+    from flowops import shard_import, shards, storage
+
+    s = get_settings(home=tmp_path / "home")
+    data.init_dataset(s)
+    sharded = shard_import.migrate_version(s, "v1", images_per_shard=200).version
+    store = storage.open_storage(s)
+    before = {rel: store.read_bytes(rel) for rel in store.list("")}
+    assert any(rel.endswith(".parquet") for rel in before)
+    items = _pool(s, 6)
+    labels.record_labels(s, [labels.Label(f"s-{i}", i, lab, source="file") for i, lab in items])
+    record = loop.snapshot_labels(s, "r100", "test")
+    assert record.stage == "train" and record.data_version == data.latest_version(s) != sharded
+    assert {rel: store.read_bytes(rel) for rel in store.list("")} == before  # no shard touched
+    cut = shards.open_manifest(s, record.data_version)
+    moved = cut.manifest.set_index("id").loc[[i for i, _ in items]]
+    assert set(moved["split"]) == {"train"} and set(moved["label_source"]) == {"human"}
+    assert list(moved["label"]) == [lab for _, lab in items]
+    assert (moved["path"] == "").all() and (moved["shard"] != "").all()
+    unchanged = cut.manifest[~cut.manifest["id"].isin([i for i, _ in items])].reset_index(drop=True)
+    old = shards.open_manifest(s, sharded).manifest
+    assert unchanged.equals(old[~old["id"].isin([i for i, _ in items])].reset_index(drop=True))
+    assert labels.counts(s)["new"] == 0
+    assert not any(i in (cut.root / "answers.csv").read_text() for i, _ in items)

@@ -28,49 +28,45 @@ def _png(size: int = 8, value: int = 128) -> bytes:
 
 
 @pytest.fixture()
-def pool(tmp_path):
+def pool():
+    """A batch as `images.dataset` hands it over: ids and the images' original bytes."""
     files = {
-        "good1.png": _png(8, 255), "good2.png": _png(8, 0),
-        "big.png": _png(16), "corrupt.png": b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10,
-        "truncated.png": _png(8, 77)[:40], "text.png": b"just some text, not an image",
+        "good1": _png(8, 255), "good2": _png(8, 0),
+        "big": _png(16), "corrupt": b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10,
+        "truncated": _png(8, 77)[:40], "text": b"just some text, not an image", "empty": b"",
     }
-    for name, raw in files.items():
-        (tmp_path / name).write_bytes(raw)
-    names = [*files, "missing.png"]
-    return tmp_path, {"id": np.asarray([n.split(".")[0] for n in names], dtype=object),
-                      "path": np.asarray(names, dtype=object)}
+    return {"id": np.asarray(list(files), dtype=object),
+            "bytes": np.asarray(list(files.values()), dtype=object)}
 
 
 def test_load_images_flags_each_bad_file_and_keeps_good_pixels(pool):
-    root, batch = pool
-    out = pl.load_images(batch, str(root), DIGITS, "exact")
+    out = pl.load_images(pool, DIGITS, "exact")
     errors = dict(zip(out["id"], out["error"], strict=True))
     assert errors["good1"] == "" and errors["good2"] == ""
     assert errors["big"] == "wrong size 16x16, expected 8x8"
-    assert errors["missing"].startswith("unreadable file")
-    for bad in ("corrupt", "truncated", "text"):
-        assert errors[bad], bad
-    assert out["pixels"].shape == (7, 1, 8, 8)
+    for bad in ("corrupt", "truncated", "text", "empty"):
+        assert errors[bad].startswith("not a decodable image"), bad
+    assert out["pixels"].shape == (7, 1, 8, 8) and out["pixels"][2].max() == 0.0
     assert out["pixels"][0].max() == pytest.approx(1.0) and out["pixels"][1].max() == 0.0
 
 
 def test_resize_rule_accepts_other_sizes(pool):
-    root, batch = pool
-    out = pl.load_images(batch, str(root), DIGITS, "resize")
+    out = pl.load_images(pool, DIGITS, "resize")
     assert dict(zip(out["id"], out["error"], strict=True))["big"] == ""
 
 
 def test_write_predictions_columns_margin_entropy_and_errors(tmp_path):
     probs = np.asarray([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [1 / 3] * 3], dtype=np.float32)
     batch = {"id": np.asarray(["a", "b", "c"], dtype=object),
-             "path": np.asarray(["p/a", "p/b", "p/c"], dtype=object),
              "error": np.asarray(["", "", "broken"], dtype=object), "probabilities": probs}
-    tally = pl.write_predictions(iter([batch]), ["x", "y", "z"], "7", "v3", tmp_path)
+    paths = {"a": "p/a", "b": "p/b", "c": "p/c"}
+    tally = pl.write_predictions(iter([batch]), ["x", "y", "z"], "7", "v3", tmp_path, paths)
     assert (tally.scored, tally.errors) == (2, 1)
     table = pq.read_table(tmp_path / pl.PREDICTIONS_FILE).to_pandas()
     assert list(table.columns) == ["id", "path", "label", "score", "probabilities", "entropy",
                                    "margin", "model_version", "data_version"]
     assert list(table["id"]) == ["a", "b"] and list(table["label"]) == ["x", "x"]
+    assert list(table["path"]) == ["p/a", "p/b"]
     assert table["margin"].tolist() == pytest.approx([0.5, 0.05], abs=1e-6)
     expected_entropy = -(probs[0] * np.log(probs[0])).sum()
     assert table["entropy"][0] == pytest.approx(expected_entropy, rel=1e-5)

@@ -76,8 +76,8 @@ def _every_path(task, data: bytes, tmp_path) -> dict[str, np.ndarray]:
     (tmp_path / "img.bin").write_bytes(data)
     pre = task.preprocess
     b64 = base64.b64encode(data).decode()
-    batch = {"id": np.asarray(["a"], dtype=object), "path": np.asarray(["img.bin"], dtype=object)}
-    scored = pl.load_images(batch, str(tmp_path), pre, "resize")
+    batch = {"id": np.asarray(["a"], dtype=object), "bytes": np.asarray([data], dtype=object)}
+    scored = pl.load_images(batch, pre, "resize")
     assert scored["error"][0] == ""
     (served,) = PredictRequest(instances=[{"b64": b64}]).images(max_instances=1).arrays(pre)
     (pixels,) = PredictRequest(instances=[_as_pixels(data).tolist()]).images(max_instances=1).arrays(pre)
@@ -115,7 +115,7 @@ def test_exif_orientation_is_honoured_and_alpha_is_composited_on_black():
     assert gray.decode(_encode(Image.fromarray(rgba, mode="RGBA"), "PNG")).max() == 0.0
 
 
-def test_an_image_no_task_can_read_is_one_clear_error_everywhere(tmp_path):
+def test_an_image_no_task_can_read_is_one_clear_error_everywhere():
     task = load_task(TaskSpec())
     junk = b"GIF89a but not really"
     with pytest.raises(InvalidInput, match="not a decodable image"):
@@ -125,19 +125,17 @@ def test_an_image_no_task_can_read_is_one_clear_error_everywhere(tmp_path):
     body = PredictRequest(instances=[{"b64": base64.b64encode(junk).decode()}])
     with pytest.raises(InvalidInput, match=r"instances\[0\]: not a decodable image"):
         body.images(max_instances=1).arrays(task.preprocess)
-    (tmp_path / "junk.png").write_bytes(junk)
-    batch = {"id": np.asarray(["j"], dtype=object), "path": np.asarray(["junk.png"], dtype=object)}
-    out = pl.load_images(batch, str(tmp_path), task.preprocess, "resize")
+    batch = {"id": np.asarray(["j"], dtype=object), "bytes": np.asarray([junk], dtype=object)}
+    out = pl.load_images(batch, task.preprocess, "resize")
     assert "not a decodable image" in out["error"][0] and out["pixels"].shape == (1, 1, 8, 8)
 
 
-def test_the_exact_size_rule_compares_the_upright_size_with_the_model_input(tmp_path):
-    (tmp_path / "rot.jpg").write_bytes(IMAGES["EXIF-rotated JPEG"])  # stored 53x37, shown 37x53
-    (tmp_path / "rgb.png").write_bytes(IMAGES["RGB PNG 37x53"])
-    batch = {"id": np.asarray(["r", "p"], dtype=object),
-             "path": np.asarray(["rot.jpg", "rgb.png"], dtype=object)}
+def test_the_exact_size_rule_compares_the_upright_size_with_the_model_input():
+    batch = {"id": np.asarray(["r", "p"], dtype=object),  # stored 53x37, shown 37x53; 37x53
+             "bytes": np.asarray([IMAGES["EXIF-rotated JPEG"], IMAGES["RGB PNG 37x53"]],
+                                 dtype=object)}
     fits = load_task(TaskSpec(path="flowops.tasks:resnet", options={"size": [53, 37]})).preprocess
-    assert list(pl.load_images(batch, str(tmp_path), fits, "exact")["error"]) == ["", ""]
+    assert list(pl.load_images(batch, fits, "exact")["error"]) == ["", ""]
     other = load_task(TaskSpec(path="flowops.tasks:resnet", options={"size": 37})).preprocess
-    errors = pl.load_images(batch, str(tmp_path), other, "exact")["error"]
+    errors = pl.load_images(batch, other, "exact")["error"]
     assert list(errors) == ["wrong size 37x53, expected 37x37"] * 2

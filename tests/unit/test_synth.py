@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flowops import data, synth
+from flowops import data, data_check, synth
 from flowops.settings import get_settings
 
 
@@ -74,7 +74,7 @@ def test_synth_adds_unlabeled_images_with_answers_as_new_version(settings):
     for rel in new["path"].head(5):
         with Image.open(root / rel) as img:
             assert img.size == (8, 8)
-    assert data.check_version(settings, "v2")["ok"]
+    assert data_check.check_version(settings, "v2")["ok"]
     # the first version is untouched
     assert len(data.open_version(settings, "v1").manifest) == 30
 
@@ -87,3 +87,25 @@ def test_synth_cli_rejects_bad_count_in_one_line(settings):
     assert proc.stderr.strip().startswith("error: synth config: count:")
     assert "Traceback" not in proc.stderr
     assert data.latest_version(settings) == "v2"  # nothing was cut
+
+
+def test_synth_on_a_sharded_version_adds_a_shard_and_leaves_the_others(tmp_path):
+    from flowops import images, shard_import, shards, storage
+
+    s = get_settings(home=tmp_path / ".flowops")
+    _tiny_dataset(s)
+    sharded = shard_import.migrate_version(s, "v1", images_per_shard=8).version
+    store = storage.open_storage(s)
+    before = {rel: store.read_bytes(rel) for rel in store.list("")}
+    info = synth.synthesize(s, synth.SynthConfig(count=12, seed=3))
+    assert info.counts == {"holdout": 5, "train": 10, "unlabeled": 27}
+    after = {rel: store.read_bytes(rel) for rel in store.list("")}
+    assert {rel: after[rel] for rel in before} == before  # the old shards are untouched
+    version = shards.open_manifest(s, info.id)
+    new = version.manifest[version.manifest["source"] == "synth"]
+    assert len(new) == 12 and (new["path"] == "").all()
+    assert set(new["shard"]).isdisjoint(shards.open_manifest(s, sharded).manifest["shard"])
+    for _, payload in images.iter_bytes(s, version, new["id"]):
+        with Image.open(io.BytesIO(payload)) as img:
+            assert img.size == (8, 8)
+    assert data_check.check_version(s, info.id)["ok"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from flowops import data, events, jobs, labels, registry, serving
+from flowops import data, events, jobs, labels, registry, serving, shards, storage
 from flowops.durable import atomic_write_text
 from flowops.errors import FlowOpsError, GateFailed, InvalidInput, validated
 from flowops.loop import timeline
@@ -46,8 +46,9 @@ def pipeline_id(settings: Settings, rid: str, stage: str) -> str:
 
 
 def _apply_labels(chosen: dict[str, str], classes: list[str]) -> Callable[[Path], None]:
-    """cut_version's edit: move labeled images to train (label_source=human), drop their answers
-    and pseudo-labels. Files are replaced (they are hard links), never modified in place."""
+    """cut_version's edit of a folder version: move labeled images to train (label_source=human),
+    drop their answers and pseudo-labels. Files are replaced (they are hard links), never
+    modified in place. (A sharded version: `shards.apply_labels`, the manifest only.)"""
 
     def apply(staging: Path) -> None:
         manifest = pd.read_csv(staging / "manifest.csv", dtype=str, keep_default_na=False)
@@ -106,9 +107,10 @@ def _snapshot_labels(settings: Settings, rid: str, reason: str) -> RolloutRecord
     version = record.data_version or _version_cut_for(settings, rid)
     if version is None:
         by_image = {image: label for image, label in chosen.values()}
-        classes = data.open_version(settings).classes
-        version = data.cut_version(settings, f"loop {rid}: {len(by_image)} human labels",
-                                   _apply_labels(by_image, classes)).id
+        latest = data.open_version(settings)
+        edit = (shards.apply_labels(by_image, storage.open_storage(settings, "label snapshot"))
+                if shards.is_sharded(latest) else _apply_labels(by_image, latest.classes))
+        version = data.cut_version(settings, f"loop {rid}: {len(by_image)} human labels", edit).id
     store.update(rid, data_version=version)
     still = {r["task_id"] for r in labels.new_labels(settings)
              if chosen.get(r["task_id"]) == [r["image_id"], r["label"]]}

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -68,6 +68,9 @@ class PseudoLabelConfig(BaseModel):
     actors: int = Field(1, ge=1, le=256, description="Model actors in the pool.")
     cpus_per_actor: float = Field(0.5, gt=0, le=64, description="CPUs reserved per model actor.")
     gpus_per_actor: float = Field(0.0, ge=0, le=8, description="GPUs per model actor.")
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Custom Ray resources each model actor needs: places "
+        "the actors on the nodes that have them (e.g. a GPU type's node label, node:<ip>).")
     size_rule: Literal["resize", "exact"] = Field(
         "resize", description="resize: any size is resized; exact: other sizes are bad files."
     )
@@ -193,6 +196,7 @@ def score_batches(
         fn_constructor_kwargs={"settings": settings, "model_uri": model_uri, "device": device},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+        resources=cfg.resources or None,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 

@@ -123,3 +123,16 @@ def test_queue_cli_rejects_bad_top_and_missing_predictions(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --top must be at least 1, got 0"
     proc = run_cli("labels", "queue", env=env)
     assert proc.returncode == 3 and "no data version exists yet" in proc.stderr
+
+
+def test_model_actors_take_custom_resources_that_must_be_positive():
+    """`--resource worker_host=0.01` places the model actors; a non-positive amount is refused."""
+    from flowops.cli._common import parse_resources
+    from flowops.errors import InvalidInput, validated
+    from flowops.pseudo_label import PseudoLabelConfig
+
+    cfg = validated(PseudoLabelConfig, "pseudo-label config",
+                    resources=parse_resources(["worker_host=0.01", "node:10.0.0.2=1"]))
+    assert cfg.resources == {"worker_host": 0.01, "node:10.0.0.2": 1.0}
+    with pytest.raises(InvalidInput, match="resources"):
+        validated(PseudoLabelConfig, "pseudo-label config", resources=parse_resources(["gpu_a100=0"]))

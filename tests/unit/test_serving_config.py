@@ -145,8 +145,8 @@ def test_the_deployment_hash_survives_the_round_trip_to_the_replica():
 
 def test_replicas_need_the_custom_resources_asked_for():
     """`--resource worker_host=0.01` places the replicas on the nodes that have that resource."""
+    from flowops.cli._common import parse_resources
     from flowops.serving.app import replica_options
-    from flowops.serving.config import parse_resources
 
     asked = parse_resources(["worker_host=0.01", " node:10.0.0.2 = 1"])
     cfg = serving.parse_app_config({"resources": asked})

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 
+from flowops.errors import InvalidInput
 from flowops.settings import Settings, get_settings
 
 console = Console(highlight=False)
@@ -158,3 +159,16 @@ def epoch_progress(what: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         task = progress.add_task(f"{what}: starting", total=None)
         yield lambda m: progress.update(task, completed=int(m["epoch"]) + 1, total=m.get("epochs"),
                                         description=describe(m))
+
+
+def parse_resources(pairs: list[str]) -> dict[str, str]:
+    """`NAME=AMOUNT` pairs (`--resource worker_host=0.01`) -> {name: amount}: custom Ray
+    resources that place replicas, actors or workers on the nodes that have them; the
+    workload's config checks the amounts."""
+    resources = {}
+    for pair in pairs:
+        name, sep, amount = pair.partition("=")
+        if not sep or not name.strip() or not amount.strip():
+            raise InvalidInput(f"resource {pair!r} must be NAME=AMOUNT, e.g. worker_host=0.01")
+        resources[name.strip()] = amount.strip()
+    return resources

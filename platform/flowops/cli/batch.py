@@ -13,6 +13,7 @@ from flowops.cli._common import (
     err_console,
     follow_job,
     notes,
+    parse_resources,
     platform_settings,
     print_json,
     settings,
@@ -39,6 +40,9 @@ def pseudo_label(
     actors: int = typer.Option(1, help="Number of model actors (ActorPoolStrategy size)."),
     cpus_per_actor: float = typer.Option(0.5, help="CPUs reserved per actor (fractional ok)."),
     gpus_per_actor: float = typer.Option(0.0, help="GPUs per actor (0: CPU inference)."),
+    resource: list[str] = typer.Option([], "--resource", help="NAME=AMOUNT: a custom Ray resource "
+                                       "each model actor needs, which places the actors on the "
+                                       "nodes that have it (repeatable; node:<ip> names one node)."),
     size_rule: str = typer.Option("resize", help="resize: any size; exact: others are bad files."),
     accept_threshold: float = typer.Option(
         None, help="Also accept predictions with score >= this into pseudo_labels.csv."
@@ -59,8 +63,8 @@ def pseudo_label(
     job_cfg = validated(
         PseudoLabelConfig, "pseudo-label config", model_uri=model_uri, data_version=data_version,
         pool=pool, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
-        gpus_per_actor=gpus_per_actor, size_rule=size_rule, accept_threshold=accept_threshold,
-        version_output=not no_version,
+        gpus_per_actor=gpus_per_actor, resources=parse_resources(resource),
+        size_rule=size_rule, accept_threshold=accept_threshold, version_output=not no_version,
     )
     uri = job_cfg.model_uri or default_model_uri(cfg)
     name, version = resolve_model_version(cfg, uri)  # fails here, before any data is read

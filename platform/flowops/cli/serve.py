@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from flowops.cli._common import console, err_console, print_json, settings
+from flowops.cli._common import console, err_console, parse_resources, print_json, settings
 
 serve_app = typer.Typer(help="Serve the classifier: deploy, canary, shadow, promote, rollback.",
                         no_args_is_help=True)
@@ -54,7 +54,6 @@ def deploy_cmd(
 ) -> None:
     """Deploy the classifier app (or change its routing at runtime when it already runs)."""
     from flowops import serving
-    from flowops.serving.config import parse_resources
 
     s = settings()
     with err_console.status("deploying the classifier app..."):

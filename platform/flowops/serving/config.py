@@ -83,18 +83,6 @@ class ServeAppConfig(BaseModel):
         return {key: getattr(self, key) for key in ROUTING_FIELDS}
 
 
-def parse_resources(pairs: list[str]) -> dict[str, str]:
-    """`NAME=AMOUNT` pairs (`--resource worker_host=0.01`) -> {name: amount}; the app config
-    checks the amounts."""
-    resources = {}
-    for pair in pairs:
-        name, sep, amount = pair.partition("=")
-        if not sep or not name.strip() or not amount.strip():
-            raise InvalidInput(f"resource {pair!r} must be NAME=AMOUNT, e.g. worker_host=0.01")
-        resources[name.strip()] = amount.strip()
-    return resources
-
-
 def parse_app_config(args: dict[str, Any] | None) -> ServeAppConfig:
     """The app's arguments, checked (InvalidInput names the first wrong one)."""
     with invalid_input("invalid serve app argument"):

@@ -84,8 +84,14 @@ WILDCARD_HOSTS = ("0.0.0.0", "::")
 SECRET_ENV = ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY", "FLOWOPS_API_KEY_FILE",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # What HAProxy retries on another replica: nothing reached a replica, or the replica died without
-# a (valid) answer. Not 5xx answers: those are the app's own.
-HAPROXY_RETRY_ON = "conn-failure empty-response junk-response response-timeout"
+# a (valid) answer. Not 5xx answers: those are the app's own. HAProxy replays a request only if it
+# held the whole request when it first sent it; a client that writes headers and body apart
+# (httpx, most clients) loses that race, and HAProxy then closes its keep-alive connection with no
+# answer and no log line. So the second line makes HAProxy read the body (up to its 16 KB buffer)
+# before choosing a replica. Ray has no setting for it; it writes this value verbatim after
+# `retry-on` in its `defaults` section, hence the line break (tests/unit/test_settings.py renders it).
+HAPROXY_RETRY_ON = ("conn-failure empty-response junk-response response-timeout\n"
+                    "    option http-buffer-request")
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -385,8 +391,9 @@ class Settings(BaseSettings):
         a local HAProxy to drop it.
 
         A request whose replica dies before answering (an empty or broken response, a connection
-        refused) is retried once more on another replica (HAProxy's L7 retries with redispatch):
-        a prediction has no side effects, so a replica's death costs users no failed request.
+        refused) is retried on another replica (HAProxy's L7 retries with redispatch, the request
+        buffered whole first: HAPROXY_RETRY_ON): a prediction has no side effects, so a replica's
+        death costs users no failed request.
         """
         if not self.serve_fast_path:
             return {}

@@ -415,12 +415,11 @@ def test_promote_makes_the_canary_stable_and_moves_the_alias(served):
     assert nothing.status_code == 409
 
 
-def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(served):
-    """One of the two replicas is SIGKILLed while 16 clients send predictions. HAProxy retries a
-    request whose replica died unanswered on its sibling (settings.HAPROXY_RETRY_ON), and Serve
-    replaces the replica. The goal is zero failed requests; measured here: a handful (6-8 of
-    ~3,300, all "server disconnected" around Ray's HAProxy reload), so this checks the bound that
-    holds: never more than the requests in flight, and traffic flows on."""
+def test_a_replica_killed_under_load_costs_no_failed_request(served):
+    """One of the two replicas is SIGKILLed while 16 clients send predictions. HAProxy replays each
+    request the dead replica held on its sibling (settings.HAPROXY_RETRY_ON: L7 retries on a
+    request buffered whole; without the buffering a few requests per kill were dropped with a
+    silently closed connection), and Serve replaces the replica: no client sees a failure."""
     import os
     import signal
 
@@ -450,6 +449,5 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(served
     before = asyncio.run(scenario())
     assert before > 20 and len(log) > before + 20  # traffic flowed before and after the kill
     failed = [(code, what) for _, code, what in log if code != 200]
-    assert len(failed) <= 16, f"{len(failed)} of {len(log)} requests failed: {failed[:10]}"
-    assert all(code == 200 for _, code, _ in log[-200:]), log[-200:]  # recovered: the tail is clean
+    assert not failed, f"{len(failed)} of {len(log)} requests failed: {failed[:10]}"
 

@@ -128,6 +128,30 @@ def test_serve_fast_path_is_the_default_and_can_be_turned_off(monkeypatch, tmp_p
     assert get_settings().serve_env() == {}
 
 
+def test_ray_writes_the_retry_policy_into_haproxys_defaults_and_haproxy_accepts_it(tmp_path):
+    """HAPROXY_RETRY_ON carries a second line (`option http-buffer-request`) through Ray's only
+    free-form setting in HAProxy's `defaults`. Rendered here with the installed Ray's own template
+    and checked by the bundled HAProxy: a Ray upgrade that escapes or validates the value fails
+    here, not as silently dropped requests when a replica dies."""
+    import subprocess
+
+    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig, get_haproxy_binary
+
+    from flowops.settings import HAPROXY_RETRY_ON
+
+    cfg = HAProxyConfig(retry_on=HAPROXY_RETRY_ON, socket_path=str(tmp_path / "admin.sock"),
+                        server_state_base=str(tmp_path), server_state_file=str(tmp_path / "state"),
+                        metrics_socket_path=str(tmp_path / "metrics.sock"))
+    path = tmp_path / "haproxy.cfg"
+    HAProxyApi(cfg=cfg, config_file_path=str(path))._generate_config_file_internal()
+    defaults = path.read_text().split("\ndefaults\n")[1].split("\nfrontend ")[0].splitlines()
+    assert "    retry-on conn-failure empty-response junk-response response-timeout" in defaults
+    assert "    option http-buffer-request" in defaults
+    check = subprocess.run([get_haproxy_binary(), "-c", "-f", str(path)], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+
+
 def test_a_remote_cluster_is_reached_at_its_own_address(monkeypatch):
     """FLOWOPS_RAY_ADDRESS alone points every address (GCS, Ray Client, Serve, MLflow) at that host:
     no command falls back to 127.0.0.1."""

@@ -170,7 +170,8 @@ def test_killing_the_state_actor_loses_no_ledger_totals(two_hosts, app):
     report = json.loads(head.python(KILL_STATE_ACTOR).strip().splitlines()[-1])
 
     before, after = report["before"], report["after"]
-    assert before[stable]["requests"] >= 10 and before[following]["requests"] >= 5
+    # the routing test's 5 + 5 at least (these 10 split at random by the 40 % canary)
+    assert before[stable]["requests"] >= 5 and before[following]["requests"] >= 5
     assert after == before
     keep = ("stable", "canary", "weight")
     assert [report["routing_after"][k] for k in keep] == [report["routing"][k] for k in keep]

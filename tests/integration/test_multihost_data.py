@@ -1,0 +1,109 @@
+"""Data, checkpoints and predictions in object storage, read on any node (issue 13's proof), on the
+two-host cluster (tests/multihost.py): the storage URI is an S3 bucket on the head host (moto's
+server mode, reached with the product's ordinary S3 clients), the state in PostgreSQL there; the
+worker host has its own empty FLOWOPS_HOME and cannot see the head's files at all.
+
+- a sharded data version in the bucket trains with DDP, one Ray Train worker on each host, its
+  checkpoints in the bucket; the worker on the worker host is killed (SIGKILL) mid-training and
+  the group resumes from the bucket's checkpoint;
+- pseudo-labeling with its model actor on the worker host writes the same predictions as with
+  it on the head, with zero error rows.
+
+The tests run in file order and build on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.multihost import FLOWOPS, STORAGE_URI
+
+pytestmark = pytest.mark.integration
+
+MODEL = "digits-classifier"
+
+
+def cli(host, *args: str, timeout: float = 600) -> dict:
+    """`flowops <args> --json` on `host`; its JSON answer (the last JSON line of stdout)."""
+    done = host.run([*FLOWOPS, *args, "--json"], env={"FLOWOPS_MODEL_NAME": MODEL}, timeout=timeout)
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def s3_keys(two_hosts, prefix: str) -> list[str]:
+    """Keys under `prefix` of the platform's bucket (listed from the head host)."""
+    out = two_hosts.head.python(textwrap.dedent(f"""
+        import json, boto3
+        s3 = boto3.client("s3", endpoint_url={two_hosts.s3_url!r})
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket="flowops", Prefix={prefix!r})
+        print(json.dumps([o["Key"] for page in pages for o in page.get("Contents", [])]))
+    """))
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def s3_predictions(two_hosts, uri: str) -> list[list]:
+    """[id, label, score to 4 places] of a predictions.parquet in the bucket, sorted by id."""
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    out = two_hosts.head.python(textwrap.dedent(f"""
+        import io, json, boto3, pandas as pd
+        s3 = boto3.client("s3", endpoint_url={two_hosts.s3_url!r})
+        frame = pd.read_parquet(io.BytesIO(s3.get_object(Bucket={bucket!r}, Key={key!r})["Body"].read()))
+        print(json.dumps(sorted([r.id, r.label, round(float(r.score), 4)] for r in frame.itertuples())))
+    """))
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sharded(two_hosts, head_postgres):
+    """The digits as a sharded data version in the bucket: `data init` on the head, then `data
+    migrate` (images into Parquet shards in the storage URI, a manifest version over them)."""
+    head = two_hosts.head
+    head.run([*FLOWOPS, "data", "init"], timeout=300)
+    migrated = cli(head, "data", "migrate", "latest", "--images-per-shard", "300")
+    shards = [k for k in s3_keys(two_hosts, "platform/images/") if k.endswith(".parquet")]
+    assert migrated["storage"] == STORAGE_URI and len(shards) == migrated["shards"] >= 6
+    return migrated["version"]
+
+
+def test_ddp_across_hosts_checkpoints_to_the_bucket_and_survives_a_killed_worker(two_hosts, sharded):
+    head, worker = two_hosts.head, two_hosts.worker
+    with ThreadPoolExecutor(1) as pool:
+        training = pool.submit(cli, head, "train", "--data-version", sharded, "--workers", "2",
+                               "--cpus-per-worker", "1", "--placement-strategy", "STRICT_SPREAD",
+                               "--epochs", "6", timeout=900)
+        # Once a checkpoint is in the bucket, kill the Ray Train worker on the worker host.
+        deadline = time.monotonic() + 300
+        while not [k for k in s3_keys(two_hosts, "platform/checkpoints/") if "checkpoint_" in k]:
+            assert not training.done(), training.result()
+            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+            time.sleep(1)
+        killed = worker.run(["pkill", "-9", "-f", "RayTrainWorker"], check=False)
+        assert killed.returncode == 0, "no Ray Train worker ran on the worker host"
+        result = training.result()["result"]
+    assert result["resumed_at"], result  # the restarted group resumed from the bucket's checkpoint
+    assert result["mode"] == "ray" and result["metrics"]["holdout_accuracy"] > 0.8
+    TRAINED.append(f"models:/{result['model_name']}/{result['version']}")
+
+
+TRAINED: list[str] = []  # the model the DDP test registered
+
+
+def test_pseudo_labels_from_an_actor_on_the_worker_host_match_the_head(two_hosts, sharded):
+    """The same model scores the same sharded pool with its actor on either host: same predictions,
+    no error row (the worker host reads the shards from the bucket, never the head's disk)."""
+    assert TRAINED, "needs the DDP test's model"
+    model = TRAINED[0]
+    head, worker = two_hosts.head, two_hosts.worker
+    predictions = {}
+    for host in (worker, head):
+        result = cli(head, "batch", "pseudo-label", "--model-uri", model, "--data-version", sharded,
+                     "--pool", "all", "--resource", f"node:{host.addr}=0.01", "--no-version")
+        assert result["result"]["errors"] == 0, result
+        assert result["result"]["predictions_path"].startswith(f"{STORAGE_URI}/pseudo-labels/")
+        predictions[host.role] = s3_predictions(two_hosts, result["result"]["predictions_path"])
+    assert len(predictions["head"]) > 1000
+    assert predictions["worker"] == predictions["head"]

@@ -1,4 +1,5 @@
-"""Evaluation: a data version's images as arrays, and a model's metrics on them.
+"""Evaluation: a data version's images as arrays (either layout, read through `flowops.images`),
+and a model's metrics on them.
 
 Training (final holdout metrics), the validation gate (candidate vs production on the same
 holdout) and `models reproduce` all measure through here, so the numbers are comparable.
@@ -7,7 +8,6 @@ holdout) and `models reproduce` all measure through here, so the numbers are com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,26 +30,40 @@ class Split:
         return len(self.y)
 
 
-def load_images(root: Path, paths: list[str], preprocess: Preprocess) -> np.ndarray:
-    """Decode image files (relative to a materialized data version) the way serving does."""
-    if not paths:
-        return np.zeros((0, *preprocess.shape), dtype=np.float32)
-    out = np.empty((len(paths), *preprocess.shape), dtype=np.float32)
-    for i, rel in enumerate(paths):
-        try:
-            out[i] = preprocess.decode((root / rel).read_bytes())
-        except UndecodableImage as exc:
-            raise InvalidInput(f"image {rel} of the data version: {exc}") from None
+def decode_image(image_id: str, payload: bytes, preprocess: Preprocess, tag: str) -> np.ndarray:
+    """One image's bytes as the model sees them; an undecodable image is an InvalidInput naming it."""
+    try:
+        return preprocess.decode(payload)
+    except UndecodableImage as exc:
+        raise InvalidInput(f"image {image_id} of data version {tag}: {exc}") from None
+
+
+def read_images(version: DataVersion, ids: list[str], preprocess: Preprocess) -> np.ndarray:
+    """The images `ids` of a version, in that order, decoded the way serving does. Read through
+    `flowops.images` (a folder version's files or a sharded version's shards), so this works for
+    either layout without Ray."""
+    from flowops import images
+
+    out = np.empty((len(ids), *preprocess.shape), dtype=np.float32)
+    at = {image_id: i for i, image_id in enumerate(ids)}
+    found = 0
+    for image_id, payload in images.iter_bytes(version.settings, version, ids):
+        out[at[image_id]] = decode_image(image_id, payload, preprocess, version.tag)
+        found += 1
+    if found != len(at):
+        raise InvalidInput(f"data version {version.tag}: {len(at) - found} asked image(s) not found")
     return out
 
 
-def split_from_rows(root: Path, rows: pd.DataFrame, classes: list[str], preprocess: Preprocess) -> Split:
+def split_from_rows(version: DataVersion, rows: pd.DataFrame, preprocess: Preprocess) -> Split:
+    """Rows (id, label) of a version's manifest, labels possibly replaced (pseudo-labels), as arrays."""
+    classes = version.classes
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(rows["label"]) - set(index))
     if unknown:
         raise InvalidInput(f"labels {unknown} are not among the data version's classes {classes}")
     return Split(
-        x=load_images(root, list(rows["path"]), preprocess),
+        x=read_images(version, list(rows["id"]), preprocess),
         y=np.array([index[label] for label in rows["label"]], dtype=np.int64),
         ids=list(rows["id"]),
     )
@@ -57,8 +71,7 @@ def split_from_rows(root: Path, rows: pd.DataFrame, classes: list[str], preproce
 
 def version_split(version: DataVersion, split: str, preprocess: Preprocess) -> Split:
     """The labeled images of one split of a data version (e.g. `train` for a drift reference)."""
-    rows = version.rows(split, labeled=True)
-    return split_from_rows(version.root, rows, version.classes, preprocess)
+    return split_from_rows(version, version.rows(split, labeled=True), preprocess)
 
 
 def holdout_split(version: DataVersion, preprocess: Preprocess) -> Split:

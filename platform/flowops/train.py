@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowops import ray_client
@@ -100,21 +101,22 @@ class TrainResult:
 
 @dataclass
 class TrainingData:
+    """The run's rows (id, label, split) of the data version: images are read only when trained on."""
+
     classes: list[str]
-    train: Split
-    val: Split
+    train: pd.DataFrame
+    val: pd.DataFrame
     n_pseudo: int = 0
 
 
 # Data ----------------------------------------------------------------------------------------------
 
 
-def load_training_data(version: DataVersion, preprocess, *, include_pseudo: bool, val_fraction: float,
-                       seed: int) -> TrainingData:
-    """The version's train split (minus a seeded validation slice), plus pseudo-labels if asked,
-    preprocessed by the task."""
-    root, classes = version.root, version.classes
-    train_rows = version.rows("train", labeled=True)
+def training_rows(version: DataVersion, *, include_pseudo: bool, val_fraction: float,
+                  seed: int) -> TrainingData:
+    """The version's train split (minus a seeded validation slice), plus pseudo-labels if asked
+    (their label in place of the empty one)."""
+    train_rows = version.rows("train", labeled=True)[["id", "label", "split"]]
     if train_rows.empty:
         raise InvalidInput(f"data version {version.tag} has no labeled training images")
     order = np.random.default_rng(seed).permutation(len(train_rows))
@@ -122,25 +124,27 @@ def load_training_data(version: DataVersion, preprocess, *, include_pseudo: bool
     val_rows, fit_rows = train_rows.iloc[order[:n_val]], train_rows.iloc[order[n_val:]]
     n_pseudo = 0
     if include_pseudo:
-        pseudo = pseudo_rows(root, version.manifest, classes)
+        pseudo = pseudo_rows(version.root, version.manifest, version.classes)
         n_pseudo = len(pseudo)
-        fit_rows = fit_rows._append(pseudo[["id", "path", "label"]], ignore_index=True)
-    return TrainingData(
-        classes=classes,
-        train=split_from_rows(root, fit_rows, classes, preprocess),
-        val=split_from_rows(root, val_rows, classes, preprocess),
-        n_pseudo=n_pseudo,
-    )
+        fit_rows = pd.concat([fit_rows, pseudo], ignore_index=True)
+    return TrainingData(version.classes, fit_rows.reset_index(drop=True),
+                        val_rows.reset_index(drop=True), n_pseudo)
 
 
-def pseudo_rows(root: Path, manifest, classes: list[str]):
-    """Rows of `pseudo_labels.csv` (id, label, score, model_version) with the image path from the
-    manifest. Ids already labeled by a person, or unknown to the manifest, are skipped."""
-    import pandas as pd
+def training_arrays(p: TrainPlan) -> dict[str, np.ndarray]:
+    """The run's images decoded in this process (`--local`, Tune trials): x/y of train and val."""
+    train = split_from_rows(p.data_version, p.data.train, p.task.preprocess)
+    val = split_from_rows(p.data_version, p.data.val, p.task.preprocess)
+    return {"x_train": train.x, "y_train": train.y, "x_val": val.x, "y_val": val.y}
 
+
+def pseudo_rows(root: Path, manifest, classes: list[str]) -> pd.DataFrame:
+    """Rows (id, label, split) of `pseudo_labels.csv` (id, label, score, model_version) over the
+    manifest's unlabeled images. Ids already labeled by a person, or unknown to the manifest, are
+    skipped."""
     path = root / "pseudo_labels.csv"
     if not path.exists():
-        return pd.DataFrame(columns=["id", "path", "label"])
+        return pd.DataFrame(columns=["id", "label", "split"])
     pseudo = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {"id", "label"} - set(pseudo.columns)
     if missing:
@@ -148,7 +152,7 @@ def pseudo_rows(root: Path, manifest, classes: list[str]):
     bad = sorted(set(pseudo["label"]) - set(classes))
     if bad:
         raise InvalidInput(f"pseudo_labels.csv has labels {bad[:5]} outside the classes {classes}")
-    unlabeled = manifest[manifest["label"] == ""][["id", "path"]]
+    unlabeled = manifest[manifest["label"] == ""][["id", "split"]]
     return pseudo[["id", "label"]].merge(unlabeled, on="id", how="inner")
 
 
@@ -185,7 +189,8 @@ def check_resources(config: TrainConfig, total: dict[str, float], per_node_max: 
 
 @dataclass
 class TrainPlan:
-    """Checked inputs of a run: the config, the opened data version, the loaded images, the base."""
+    """Checked inputs of a run: the config, the opened data version, its rows, the decoded holdout,
+    the task, the base."""
 
     config: TrainConfig
     data_version: DataVersion
@@ -229,7 +234,7 @@ def with_project_task(settings: Settings, config: TrainConfig) -> TrainConfig:
 
 
 def plan(settings: Settings, config: TrainConfig) -> TrainPlan:
-    """Check every input and load the data; nothing has started yet when this raises."""
+    """Check every input and select the rows; nothing has started yet when this raises."""
     from flowops import data
     from flowops.evaluate import holdout_split
 
@@ -260,22 +265,22 @@ def plan(settings: Settings, config: TrainConfig) -> TrainPlan:
 
         if not torch.cuda.is_available():
             raise InvalidInput(f"--gpus-per-worker {config.gpus_per_worker:g} asked, but torch sees no GPU")
-    training = load_training_data(version, task.preprocess, include_pseudo=config.include_pseudo,
-                                  val_fraction=config.val_fraction, seed=config.seed)
+    training = training_rows(version, include_pseudo=config.include_pseudo,
+                             val_fraction=config.val_fraction, seed=config.seed)
     return TrainPlan(config, version, training, holdout_split(version, task.preprocess), task,
                      model_name_for(settings, config, task, version), init_state, base)
 
 
 def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None, checkpoint_dir: Path) -> dict[str, Any]:
-    """The plain dict `train_loop` runs on (arrays, hyperparameters, where to report)."""
+    """The plain dict `train_loop` runs on (hyperparameters, where to report). No images: under
+    Ray Train they come through `datasets=`, in one process the caller adds `training_arrays`."""
     c = p.config
     return {
         "mode": mode, "seed": c.seed, "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr,
         "freeze_epochs": c.freeze_epochs, "classes": p.data.classes, "precision": c.precision,
         "task": p.task.spec.model_dump(mode="json"), "task_code": pack_package(p.task),
         "init_state": p.init_state,
-        "x_train": p.data.train.x, "y_train": p.data.train.y,
-        "x_val": p.data.val.x, "y_val": p.data.val.y,
+        "train_samples": len(p.data.train), "val_samples": len(p.data.val),
         "threads": max(1, int(c.cpus_per_worker)), "fault_marker": c.fault_marker,
         "mlflow": mlflow_info, "checkpoint_dir": str(checkpoint_dir),
     }
@@ -344,13 +349,20 @@ def train(settings: Settings, config: TrainConfig,
     gets each epoch's metrics (epoch, epochs, train_loss, val_accuracy) as it ends: progress."""
     import mlflow
 
+    from flowops import storage as storage_lib
     from flowops.tracking import configure_mlflow, start_run
+    from flowops.train_data import training_datasets
 
     p = plan(settings, config)
     mode = "local" if config.local else "ray"
-    if not config.local:
+    if config.local:
+        arrays = training_arrays(p)
+    else:
+        store = storage_lib.check(settings, "training")  # checkpoints go there
         ray_client.connect(settings, log_to_driver=True, runtime_env={"env_vars": settings.job_env()})
         check_resources(config, *ray_client.cluster_resources())
+        datasets = training_datasets(settings, p.data_version, {"train": p.data.train, "val": p.data.val},
+                                     p.task.preprocess)
     model_name = p.model_name
     configure_mlflow(settings)
     run_name = config.run_name or f"train-{p.data_version.tag}-s{config.seed}"
@@ -364,19 +376,19 @@ def train(settings: Settings, config: TrainConfig,
                       holdout_samples=len(p.holdout), pseudo_samples=p.data.n_pseudo)
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         mlflow_info = {"tracking_uri": settings.tracking_uri, "run_id": run_id}
-        storage = settings.home / "train-runs"
         name = f"{run_name}-{run_id[:8]}"
-        looped = loop_config(p, "local" if config.local else "train", mlflow_info, storage / name)
+        looped = loop_config(p, "local" if config.local else "train", mlflow_info,
+                             settings.home / "train-runs" / name)
         started = time.perf_counter()
         progress = None if on_epoch is None else (lambda m: on_epoch({**m, "epochs": config.epochs}))
         if config.local:
-            state = run_local(train_loop, {**looped, "on_epoch": progress})
+            state = run_local(train_loop, {**looped, **arrays, "on_epoch": progress})
         else:
             with follow_epochs(settings.tracking_uri, run_id, progress):
                 state = run_ray_train(
-                    train_loop, looped, workers=config.workers,
+                    train_loop, looped, datasets=datasets, workers=config.workers,
                     cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker,
-                    max_failures=config.max_failures, storage=storage, name=name)
+                    max_failures=config.max_failures, storage=store, name=name)
         mlflow.log_metric("train_wall_s", time.perf_counter() - started)
         resumed = list(state.get("resumed_at", []))
         if resumed:

@@ -3,8 +3,9 @@
 `train_loop(config)` builds the task's network and hands a `TaskContext` to the task's own loop or
 to FlowOps's `fit`: plain single-device PyTorch. The session behind the context is the only place
 distribution plugs in: under Ray Train `ray.train.torch.prepare_model(model)`,
-`ray.train.torch.prepare_data_loader(loader)` and `ray.train.report(metrics, checkpoint=...)`
-every epoch (restored through `ray.train.get_checkpoint()` when a failed worker group restarts).
+`ray.train.torch.prepare_data_loader(loader)`, the data from `ray.train.get_dataset_shard`
+(`flowops.train_data`) and `ray.train.report(metrics, checkpoint=...)` every epoch, to the storage
+URI (restored through `ray.train.get_checkpoint()` when a failed worker group restarts).
 `run_local` and `run_ray_train` are the driver's two ways to run the loop; both return the state
 of the last checkpoint.
 """
@@ -71,6 +72,15 @@ class Session:
 
     def prepare_data_loader(self, loader):
         return loader
+
+    def datasets(self):
+        """(train, val) in one process: TensorDatasets of the arrays the driver decoded."""
+        import torch
+        from torch.utils.data import TensorDataset
+
+        tensors = {k: torch.from_numpy(self.config[k]) for k in ("x_train", "y_train", "x_val", "y_val")}
+        return (TensorDataset(tensors["x_train"], tensors["y_train"]),
+                TensorDataset(tensors["x_val"], tensors["y_val"]))
 
     def maybe_fail(self, epoch: int) -> None:
         """Test-only fault hook: rank 1 exits hard once at FAULT_EPOCH (a real worker failure)."""
@@ -161,6 +171,13 @@ class TrainSession(Session):
 
         # move_to_device=False: the loop moves batches itself, exactly as on one device.
         return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def datasets(self):
+        """(this worker's shard of "train", all of "val" or None): Ray Data iterators."""
+        import ray.train
+
+        val = ray.train.get_dataset_shard("val") if self.config.get("val_samples") else None
+        return ray.train.get_dataset_shard("train"), val
 
     def restore(self):
         import ray.train
@@ -260,11 +277,16 @@ def follow_epochs(tracking_uri: str, run_id: str,
 
 
 def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *,
-                  workers: int, cpus_per_worker: float, gpus_per_worker: float, max_failures: int,
-                  storage: Path, name: str) -> dict[str, Any]:
-    """Run the loop on `workers` Ray Train workers; returns the last checkpoint's state."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                  datasets: dict[str, Any], workers: int, cpus_per_worker: float,
+                  gpus_per_worker: float, max_failures: int, storage, name: str) -> dict[str, Any]:
+    """Run the loop on `workers` Ray Train workers, "train" of `datasets` split among them, "val"
+    whole to each; checkpoints under `<storage URI>/checkpoints/<name>` (a `flowops.storage.Storage`),
+    where a worker group restarted on any node finds them. Returns the last checkpoint's state."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from flowops.train_data import input_error
 
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
@@ -272,10 +294,14 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        datasets=datasets,
+        # "train" split among the workers; the same order every epoch (a seeded shuffle on top)
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, storage_path=storage.path("checkpoints"), storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -283,6 +309,9 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError and friends
+        bad_input = input_error(exc)  # an undecodable image, met while streaming
+        if bad_input is not None:
+            raise bad_input from None
         first = str(exc).strip().splitlines()
         raise JobFailed(f"training failed on Ray Train: {first[0] if first else type(exc).__name__}") from exc
     if result.checkpoint is None:
@@ -373,7 +402,6 @@ class TaskContext:
 
     def __init__(self, session: Session, task, model, config: dict[str, Any]):
         import torch
-        from torch.utils.data import TensorDataset
 
         self.session, self.task, self.model, self.config = session, task, model, config
         self.classes: list[str] = list(config["classes"])
@@ -384,9 +412,9 @@ class TaskContext:
         self.freeze_epochs: int = int(config.get("freeze_epochs", 0))
         self.rank = session.rank
         self.device = session.device()
-        tensors = {k: torch.from_numpy(config[k]) for k in ("x_train", "y_train", "x_val", "y_val")}
-        self.train_set = TensorDataset(tensors["x_train"], tensors["y_train"])
-        self.val_set = TensorDataset(tensors["x_val"], tensors["y_val"])
+        # TensorDatasets in one process; under Ray Train this worker's Ray Data iterators
+        self.train_set, self.val_set = session.datasets()
+        self.epoch = 0
         self.generator = torch.Generator().manual_seed(self.seed)
         self.amp_dtype = amp_dtype(config.get("precision", "auto"), self.device)
         self.channels_last = self.device.type == "cuda"
@@ -410,12 +438,14 @@ class TaskContext:
         return self.session.prepare_data_loader(loader)
 
     def data_loader(self, dataset=None, shuffle: bool = True):
-        """Batches of the training set (or `dataset`, a TensorDataset): this worker's shard when
-        distributed, a seeded shuffle (the same order for an epoch, resumed or not).
+        """Batches (x, y) of the training set (or `dataset`, a TensorDataset): this worker's shard
+        when distributed, a seeded shuffle (the same order for an epoch, resumed or not).
 
-        A batch is one indexed gather, not a stack of single samples, and on a GPU a training set
-        that fits in a fifth of the free memory is moved there once: the GPU is not left waiting
-        for the loader (measured in tests/benchmarks/train_gpu_bench.py)."""
+        Under Ray Train the training set is this worker's shard of a Ray Dataset: its batches
+        stream through a local shuffle buffer seeded with seed + epoch (`train_data.ShardBatches`).
+        Otherwise a batch is one indexed gather, not a stack of single samples, and on a GPU a
+        training set that fits in a fifth of the free memory is moved there once: the GPU is not
+        left waiting for the loader (measured in tests/benchmarks/train_gpu_bench.py)."""
         import torch
         from torch.utils.data import (
             BatchSampler,
@@ -427,6 +457,13 @@ class TaskContext:
         )
 
         dataset = dataset or self.train_set
+        if not isinstance(dataset, torch.utils.data.Dataset):  # a Ray Data iterator
+            from flowops.train_data import ShardBatches, shuffle_buffer_rows
+
+            return ShardBatches(dataset, batch_size=self.batch_size,
+                                buffer_rows=shuffle_buffer_rows(self.task.preprocess, self.batch_size)
+                                if shuffle else None,
+                                seed=lambda: self.seed + self.epoch, device=self.device)
         if self.device.type == "cuda" and isinstance(dataset, TensorDataset):
             free, _ = torch.cuda.mem_get_info(self.device)
             if sum(t.nbytes for t in dataset.tensors) < free / 5:
@@ -479,6 +516,7 @@ class TaskContext:
         """The epochs to run; each one reseeds the shuffle and, distributed, the sampler."""
         for epoch in range(start, self.epochs):
             self.session.maybe_fail(epoch)
+            self.epoch = epoch
             self.generator.manual_seed(self.seed + epoch)
             sampler = getattr(loader, "sampler", None)
             sampler = getattr(sampler, "sampler", sampler)  # inside a BatchSampler
@@ -495,9 +533,15 @@ class TaskContext:
         """Accuracy on the validation slice (0 when it is empty)."""
         import torch
 
-        if len(self.val_set) == 0:
+        if self.val_set is None or (isinstance(self.val_set, torch.utils.data.Dataset)
+                                    and len(self.val_set) == 0):
             return 0.0
         model.eval()
+        if not isinstance(self.val_set, torch.utils.data.Dataset):  # a Ray Data iterator
+            from flowops.train_data import count_correct
+
+            correct, seen = count_correct(model, self.val_set, self.to_device, self.autocast)
+            return correct / max(seen, 1)
         correct = 0
         with torch.no_grad(), self.autocast():
             for start in range(0, len(self.val_set), 512):

@@ -58,7 +58,15 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
 
     from flowops.task import TaskSpec, load_task
     from flowops.tracking import ensure_experiment, start_run
-    from flowops.train import TrainConfig, check_resources, finish_run, loop_config, plan, run_tags
+    from flowops.train import (
+        TrainConfig,
+        check_resources,
+        finish_run,
+        loop_config,
+        plan,
+        run_tags,
+        training_arrays,
+    )
     from flowops.train_session import load_checkpoint
 
     train_config = TrainConfig(data_version=config.data_version, epochs=config.epochs,
@@ -79,7 +87,8 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
         mlflow_info = {"tracking_uri": settings.tracking_uri, "experiment_id": experiment_id,
                        "parent_run_id": parent.info.run_id, "run_id": None,
                        "tags": {"data_version": data_version, "seed": str(config.seed)}}
-        base = loop_config(p, "tune", mlflow_info, settings.home / "tune-runs")
+        # each trial gets the decoded images through the object store (tune.with_parameters)
+        base = {**loop_config(p, "tune", mlflow_info, settings.home / "tune-runs"), **training_arrays(p)}
         base["threads"] = max(1, int(config.cpus_per_trial))
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base),
                                         {"cpu": config.cpus_per_trial})

@@ -110,11 +110,19 @@ def flowops_local(loop: dict) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def ray_train(loop: dict, storage: Path, name: str, threads: int) -> list[dict]:
+def ray_train(loop: dict, arrays: dict, storage: Path, name: str, threads: int) -> list[dict]:
     """(c): the TorchTrainer `run_ray_train` builds (same scaling, checkpoint and failure config,
     1 worker); the records are the metrics rank 0 reported, every epoch's (the Result keeps only
     those of the retained checkpoints), collected by a callback on the Ray Train controller."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+    import ray
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        UserCallback,
+    )
     from ray.train.torch import TorchTrainer
 
     from flowops.train_session import train_loop
@@ -129,6 +137,11 @@ def ray_train(loop: dict, storage: Path, name: str, threads: int) -> list[dict]:
 
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop,
+        # the decoded images as the (x, y) Ray Datasets `flowops train` hands Ray Train
+        datasets={part: ray.data.from_items([{"x": x, "y": y} for x, y in
+                                             zip(arrays[f"x_{part}"], arrays[f"y_{part}"], strict=True)])
+                  .materialize() for part in ("train", "val")},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
                                      resources_per_worker={"CPU": threads}),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -172,9 +185,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
 
+    import pandas as pd
     import torch
 
-    from flowops.evaluate import Split
     from flowops.ray_client import kill_session
     from flowops.task import load_task
     from flowops.train import TrainConfig, TrainingData, TrainPlan, loop_config
@@ -189,7 +202,8 @@ def main() -> None:
     n_val = args.images // 10
     config = TrainConfig(task="flowops.tasks:resnet", task_options=task_options, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, cpus_per_worker=args.threads)
-    data = TrainingData(classes, Split(x[n_val:], y[n_val:]), Split(x[:n_val], y[:n_val]))
+    arrays = {"x_train": x[n_val:], "y_train": y[n_val:], "x_val": x[:n_val], "y_val": y[:n_val]}
+    data = TrainingData(classes, pd.DataFrame(index=range(len(x) - n_val)), pd.DataFrame(index=range(n_val)))
     p = TrainPlan(config, None, data, None, task, "bench", None, None)
     print(f"{args.images} images decoded to {x.shape[1:]} in {prepare_s:.1f}s", flush=True)
 
@@ -202,15 +216,15 @@ def main() -> None:
         import ray
 
         def run_plain() -> list[dict]:
-            return plain_loop(task, classes, data.train.x, data.train.y, data.val.x, data.val.y,
+            return plain_loop(task, classes, *(arrays[k] for k in ("x_train", "y_train", "x_val", "y_val")),
                               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               seed=config.seed, threads=args.threads)
 
         def run_local(r: int) -> list[dict]:
-            return flowops_local(loop_config(p, "local", None, work / f"local-{r}"))
+            return flowops_local({**loop_config(p, "local", None, work / f"local-{r}"), **arrays})
 
         def run_ray(r: int) -> list[dict]:
-            return ray_train(loop_config(p, "train", None, Path("/unused")), work / "train-runs",
+            return ray_train(loop_config(p, "train", None, Path("/unused")), arrays, work / "train-runs",
                              f"bench-{r}", args.threads)
 
         variants = {"plain": lambda r: run_plain(), "flowops_local": run_local,

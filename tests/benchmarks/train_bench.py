@@ -102,19 +102,20 @@ def main() -> None:
 
 
 def run(settings, args) -> dict:
-    import numpy as np
+    import pandas as pd
     import ray
     import torch
 
     from flowops import ray_client
-    from flowops.train import TrainConfig, loop_config, plan
+    from flowops.train import TrainConfig, loop_config, plan, training_arrays
+    from flowops.train_data import training_datasets
     from flowops.train_session import run_local, train_loop
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, cpus_per_worker=1,
                          register_version=False)
     p = plan(settings, config)
-    p.data.train.x = np.concatenate([p.data.train.x] * args.repeat_data)
-    p.data.train.y = np.concatenate([p.data.train.y] * args.repeat_data)
+    p.data.train = pd.concat([p.data.train] * args.repeat_data, ignore_index=True)
+    arrays = training_arrays(p)
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "ray": ray.__version__, "platform": platform.platform(),
@@ -126,7 +127,7 @@ def run(settings, args) -> dict:
     }
 
     with tempfile.TemporaryDirectory() as tmp:  # (a) the plain loop in this process
-        loop = loop_config(p, "local", None, Path(tmp) / "a")
+        loop = {**loop_config(p, "local", None, Path(tmp) / "a"), **arrays}
         started = time.time()
         run_local(train_loop, loop)
         finished = time.time()
@@ -135,14 +136,18 @@ def run(settings, args) -> dict:
     print("plain loop", results["runs"]["plain"], flush=True)
 
     ray_client.connect(settings, log_to_driver=True, runtime_env={"env_vars": settings.job_env()})
+    # the Ray Datasets `flowops train` hands Ray Train (decoded once: digits fit the object store)
+    datasets = training_datasets(settings, p.data_version, {"train": p.data.train, "val": p.data.val},
+                                 p.task.preprocess)
     for workers in (1, 2):  # (b), (c): Ray Train
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import DataConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         loop = loop_config(p, "train", None, Path("/unused"))
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop,
+            datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
             scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name=f"bench-{workers}w-{int(time.time())}",
                                  storage_path=str(settings.home / "train-runs")),

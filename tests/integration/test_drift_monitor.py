@@ -42,12 +42,12 @@ def _window(stack, dataset, transform) -> np.ndarray:
     """Holdout images of the data version (never in the reference) as the digits task sees them
     ((N, 1, 8, 8) in [0, 1]), transformed."""
     from flowops import data
-    from flowops.evaluate import load_images
+    from flowops.evaluate import read_images
     from flowops.task import TaskSpec, load_task
 
     version = data.open_version(stack, dataset)
     rows = version.rows("holdout").head(120)
-    return transform(load_images(version.root, list(rows["path"]), load_task(TaskSpec()).preprocess))
+    return transform(read_images(version, list(rows["id"]), load_task(TaskSpec()).preprocess))
 
 
 def test_drift_job_flags_inverted_window_and_reports_everywhere(stack, dataset, registered, tmp_path):

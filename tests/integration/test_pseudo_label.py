@@ -86,14 +86,15 @@ def register_digits_model(settings, versions_tag: str, epochs: int = 30, alias="
 
     from flowops import model as model_lib
     from flowops import tracking
-    from flowops.evaluate import load_images
+    from flowops.evaluate import read_images
     from flowops.task import TaskSpec, load_task
 
     root = data.materialize(settings, versions_tag)
     manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
     train = manifest[manifest["split"] == "train"]
     task = load_task(TaskSpec(options={"width": 16}))
-    x = model_lib.to_batch(load_images(root, list(train["path"]), task.preprocess))
+    x = model_lib.to_batch(read_images(data.open_version(settings, versions_tag), list(train["id"]),
+                                       task.preprocess))
     y = torch.tensor([int(v) for v in train["label"]])
     torch.manual_seed(0)
     classes = [str(c) for c in range(10)]
@@ -286,7 +287,7 @@ def test_ray_data_decodes_every_image_as_training_and_serving_do(stack, tmp_path
             out.update({i: (x, e) for i, x, e in zip(batch["id"], batch["pixels"], batch["error"],
                                                       strict=True)})
         assert "not a decodable image" in out["junk"][1]  # an error row, the others scored
-        trained = evaluate.load_images(tmp_path, paths, pre)
+        trained = [evaluate.decode_image(rel, (tmp_path / rel).read_bytes(), pre, "test") for rel in paths]
         for rel, want in zip(paths, trained, strict=True):
             pixels, error = out[rel]
             assert error == "" and np.array_equal(pixels, want), (spec, rel)

@@ -1,10 +1,11 @@
-"""The same image gives the same tensor everywhere a model sees one: training (`evaluate.load_images`,
-`Task.decode`), Ray Data batch scoring (`pseudo_label.load_images`), online serving (a base64
-instance, and the same image as a pixel array), the Label Studio backend (`labelstudio.decode`)
-and the self-contained model (`image_model.image_bytes` + its preprocessing) -- bit for bit, for
-colour, grayscale, odd-sized, EXIF-rotated and transparent images, through a 1-channel and a
-3-channel task. (tests/integration/test_pseudo_label.py runs the Ray Data path in a real
-pipeline; tests/integration/test_serving.py sends such images over HTTP.)"""
+"""The same image gives the same tensor everywhere a model sees one: training (the Ray Data decode
+`train_data.decode_batch`, `Task.decode`), the holdout (`evaluate.decode_image`), Ray Data batch
+scoring (`pseudo_label.load_images`), online serving (a base64 instance, and the same image as a
+pixel array), the Label Studio backend (`labelstudio.decode`) and the self-contained model
+(`image_model.image_bytes` + its preprocessing) -- bit for bit, for colour, grayscale, odd-sized,
+EXIF-rotated and transparent images, through a 1-channel and a 3-channel task.
+(tests/integration/test_pseudo_label.py runs the Ray Data path in a real pipeline;
+tests/integration/test_serving.py sends such images over HTTP.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from flowops import evaluate, labelstudio
+from flowops import evaluate, labelstudio, train_data
 from flowops import pseudo_label as pl
 from flowops.errors import InvalidInput
 from flowops.image_model import image_bytes
@@ -82,7 +83,10 @@ def _every_path(task, data: bytes, tmp_path) -> dict[str, np.ndarray]:
     (served,) = PredictRequest(instances=[{"b64": b64}]).images(max_instances=1).arrays(pre)
     (pixels,) = PredictRequest(instances=[_as_pixels(data).tolist()]).images(max_instances=1).arrays(pre)
     return {
-        "training (evaluate.load_images)": evaluate.load_images(tmp_path, ["img.bin"], pre)[0],
+        "training (train_data.decode_batch)": train_data.decode_batch(
+            {"id": np.asarray(["a"], dtype=object), "label": np.asarray(["c"], dtype=object),
+             "bytes": np.asarray([data], dtype=object)}, pre, ["c"], "v1")["x"][0],
+        "holdout (evaluate.decode_image)": evaluate.decode_image("a", data, pre, "v1"),
         "Task.decode": task.decode(data),
         "Ray Data (pseudo_label.load_images)": scored["pixels"][0],
         "serving, base64 instance": served,
@@ -97,7 +101,7 @@ def _every_path(task, data: bytes, tmp_path) -> dict[str, np.ndarray]:
 def test_the_same_image_gives_the_same_tensor_everywhere(task_name, image_name, tmp_path):
     task = load_task(TASKS[task_name])
     tensors = _every_path(task, IMAGES[image_name], tmp_path)
-    reference = tensors.pop("training (evaluate.load_images)")
+    reference = tensors.pop("training (train_data.decode_batch)")
     assert reference.shape == task.preprocess.shape and reference.dtype == np.float32
     for path, tensor in tensors.items():
         assert tensor.dtype == np.float32 and np.array_equal(tensor, reference), path
@@ -122,6 +126,10 @@ def test_an_image_no_task_can_read_is_one_clear_error_everywhere():
         task.decode(junk)
     with pytest.raises(InvalidInput, match="not a decodable image"):
         labelstudio.decode(junk, task.preprocess)
+    batch = {"id": np.asarray(["img-7"], dtype=object), "label": np.asarray(["3"], dtype=object),
+             "bytes": np.asarray([junk], dtype=object)}
+    with pytest.raises(InvalidInput, match="image img-7 of data version v2: not a decodable image"):
+        train_data.decode_batch(batch, task.preprocess, [str(i) for i in range(10)], "v2")
     body = PredictRequest(instances=[{"b64": base64.b64encode(junk).decode()}])
     with pytest.raises(InvalidInput, match=r"instances\[0\]: not a decodable image"):
         body.images(max_instances=1).arrays(task.preprocess)

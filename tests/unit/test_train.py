@@ -120,14 +120,14 @@ def test_a_job_exits_2_with_one_line_on_a_bad_config():
         "error: --config (DataCheckConfig): version: Extra inputs are not permitted"]
 
 
-def test_pseudo_rows_take_the_path_from_the_manifest_and_skip_labeled_ids(tmp_path):
+def test_pseudo_rows_take_unlabeled_manifest_rows_and_skip_labeled_ids(tmp_path):
     manifest = pd.DataFrame({
         "id": ["u1", "u2", "t1"], "path": ["images/unlabeled/u1.png", "images/unlabeled/u2.png", "x.png"],
         "label": ["", "", "3"], "split": ["unlabeled", "unlabeled", "train"],
     })
     (tmp_path / "pseudo_labels.csv").write_text("id,label,score,model_version\nu1,4,0.99,2\nt1,3,0.9,2\n")
     rows = pseudo_rows(tmp_path, manifest, [str(i) for i in range(10)])
-    assert rows[["id", "path", "label"]].values.tolist() == [["u1", "images/unlabeled/u1.png", "4"]]
+    assert rows[["id", "label", "split"]].values.tolist() == [["u1", "4", "unlabeled"]]
     (tmp_path / "pseudo_labels.csv").write_text("id,label,score,model_version\nu1,cat,0.99,2\n")
     with pytest.raises(InvalidInput, match="outside the classes"):
         pseudo_rows(tmp_path, manifest, [str(i) for i in range(10)])

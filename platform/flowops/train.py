@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -62,6 +62,12 @@ class TrainConfig(BaseModel):
     workers: int = Field(1, ge=1, le=256, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0, le=512)
     gpus_per_worker: float = Field(0.0, ge=0, le=16)
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Custom Ray resources each worker needs: places the "
+        "workers on the nodes that have them (a GPU type's node label, node:<ip>).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: PACK fills few nodes, STRICT_SPREAD puts "
+        "each worker on its own node.")
     init_from: str | None = Field(None, description="models:/<name>@<alias> or models:/<name>/<N>.")
     freeze_epochs: int = Field(0, ge=0, description="Epochs with the feature extractor frozen.")
     seed: int = Field(0, ge=0)
@@ -388,6 +394,7 @@ def train(settings: Settings, config: TrainConfig,
                 state = run_ray_train(
                     train_loop, looped, datasets=datasets, workers=config.workers,
                     cpus_per_worker=config.cpus_per_worker, gpus_per_worker=config.gpus_per_worker,
+                    resources=config.resources, placement_strategy=config.placement_strategy,
                     max_failures=config.max_failures, storage=store, name=name)
         mlflow.log_metric("train_wall_s", time.perf_counter() - started)
         resumed = list(state.get("resumed_at", []))

@@ -278,7 +278,8 @@ def follow_epochs(tracking_uri: str, run_id: str,
 
 def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *,
                   datasets: dict[str, Any], workers: int, cpus_per_worker: float,
-                  gpus_per_worker: float, max_failures: int, storage, name: str) -> dict[str, Any]:
+                  gpus_per_worker: float, resources: dict[str, float], placement_strategy: str,
+                  max_failures: int, storage, name: str) -> dict[str, Any]:
     """Run the loop on `workers` Ray Train workers, "train" of `datasets` split among them, "val"
     whole to each; checkpoints under `<storage URI>/checkpoints/<name>` (a `flowops.storage.Storage`),
     where a worker group restarted on any node finds them. Returns the last checkpoint's state."""
@@ -288,7 +289,7 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
 
     from flowops.train_data import input_error
 
-    resources = {"CPU": cpus_per_worker}
+    resources = {**resources, "CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
@@ -299,7 +300,7 @@ def run_ray_train(loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=name, storage_path=storage.path("checkpoints"), storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=max_failures),

@@ -138,3 +138,19 @@ def test_classification_metrics():
     assert m["accuracy"] == 0.75
     assert m["confusion"] == [[1, 1], [0, 2]]
     assert m["per_class_f1"]["b"] == pytest.approx(0.8)
+
+
+def test_workers_take_custom_resources_and_a_placement_strategy():
+    """`--resource NAME=AMOUNT` and `--placement-strategy` reach the TrainConfig checked; a wrong
+    strategy or amount is one line naming it."""
+    from flowops.cli._common import parse_resources
+    from flowops.errors import InvalidInput, validated
+    from flowops.train import TrainConfig
+
+    cfg = validated(TrainConfig, "train config", resources=parse_resources(["worker_host=0.5"]),
+                    placement_strategy="STRICT_SPREAD")
+    assert (cfg.resources, cfg.placement_strategy) == ({"worker_host": 0.5}, "STRICT_SPREAD")
+    with pytest.raises(InvalidInput, match="placement_strategy"):
+        validated(TrainConfig, "train config", placement_strategy="EVERYWHERE")
+    with pytest.raises(InvalidInput, match="resources"):
+        validated(TrainConfig, "train config", resources={"worker_host": -1})

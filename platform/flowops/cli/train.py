@@ -12,6 +12,7 @@ from flowops.cli._common import (
     console,
     epoch_progress,
     err_console,
+    parse_resources,
     print_json,
     settings,
     submit_and_follow,
@@ -43,6 +44,11 @@ def train_cmd(
     workers: int = typer.Option(1, "--workers", help="Ray Train workers."),
     cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs per worker."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per worker (0: CPU)."),
+    resource: list[str] = typer.Option([], "--resource", help="NAME=AMOUNT: a custom Ray resource "
+                                       "each worker needs, which places the workers on the nodes "
+                                       "that have it (repeatable; node:<ip> names one node)."),
+    placement_strategy: str = typer.Option("PACK", "--placement-strategy", help="PACK, SPREAD, "
+                                           "STRICT_PACK or STRICT_SPREAD (one worker per node)."),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
     batch_size: int = typer.Option(32, "--batch-size", help="Batch size per worker."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
@@ -81,7 +87,8 @@ def train_cmd(
     cfg = settings()
     config = validated(
         train.TrainConfig, "train config", data_version=data_version, workers=workers,
-        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, epochs=epochs,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        resources=parse_resources(resource), placement_strategy=placement_strategy, epochs=epochs,
         batch_size=batch_size, lr=lr, width=width, init_from=init_from, freeze_epochs=freeze_epochs,
         task=task, task_options=parse_options(task_option), precision=precision,
         seed=seed, experiment=experiment, model_name=model_name, include_pseudo=include_pseudo,

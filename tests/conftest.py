@@ -51,6 +51,8 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | N
 
 
 _SESSION_ENV: dict[str, str] = {}
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flowops-test", "AWS_SECRET_ACCESS_KEY": "flowops-test-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def pytest_configure(config):
@@ -68,6 +70,9 @@ def pytest_configure(config):
         "FLOWOPS_MLFLOW_PORT": str(_free_port(used)),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(home / "ray" / "auth_token"),
+        # The S3 test endpoints' credentials (tests/s3_server.py), in the environment `flowops up`
+        # starts the cluster with, as a cluster holds its own: jobs never carry secrets.
+        **S3_CREDENTIALS,
     })
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.pop("RAY_AUTH_TOKEN", None)

@@ -84,6 +84,7 @@ import psutil
 import pytest
 
 from flowops.settings import Settings
+from tests.conftest import S3_CREDENTIALS  # moto takes any
 from tests.pg import PostgresServer, pg_bin, start_postgres
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +95,7 @@ PORTS = {"RAY_PORT": 6380, "DASHBOARD_PORT": 8265, "CLIENT_PORT": 10001, "SERVE_
 HEAD_CPUS, WORKER_CPUS = 2, 2
 S3_PORT = 9000
 STORAGE_URI = "s3://flowops/platform"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flowops-test", "AWS_SECRET_ACCESS_KEY": "flowops-test-secret",
-                  "AWS_DEFAULT_REGION": "us-east-1"}  # moto takes any
+
 
 
 class HarnessUnavailable(RuntimeError):
@@ -141,12 +141,15 @@ class Host:
     home: Path  # this host's FLOWOPS_HOME
     env: dict[str, str]  # FLOWOPS_* and Ray's token settings of a driver on this host
     hidden: list[Path] = field(default_factory=list)  # covered by empty tmpfs mounts on this host
+    hosts_file: Path | None = None  # this host's /etc/hosts (both hosts' names and addresses)
     init: subprocess.Popen | None = None
     init_pid: int | None = None  # the host's pid 1, as the root namespace numbers it
 
     def boot(self) -> None:
         """Start the host's init: hostname set, the hidden paths covered, then it waits."""
         steps = [f"hostname {shlex.quote(self.netns)}"]
+        if self.hosts_file is not None:  # the hosts' names resolve, as on a real network (Gloo needs it)
+            steps.append(f"mount --bind {shlex.quote(str(self.hosts_file))} /etc/hosts")
         steps += [f"mount -t tmpfs -o size=1m,mode=0755 fo-private {shlex.quote(str(p))}"
                   for p in self.hidden if p.exists()]
         steps += ["echo ready", f"exec {shlex.quote(sys.executable)} -c {shlex.quote(INIT)}"]
@@ -421,6 +424,10 @@ def build_two_hosts() -> TwoHosts:
         # head's own Ray temp folder is added once it exists).
         hidden=[base / "head", Path("/tmp/ray")],
     )
+    hosts_file = base / "etc-hosts"
+    hosts_file.write_text(f"127.0.0.1 localhost\n{head.addr} {head.netns}\n{worker.addr} {worker.netns}\n")
+    hosts_file.chmod(0o644)
+    head.hosts_file = worker.hosts_file = hosts_file
     return TwoHosts(base=base, subnet=subnet, head=head, worker=worker)
 
 

@@ -18,9 +18,7 @@ import httpx
 import pytest
 
 from flowops.ray_client import free_port
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flowops-test", "AWS_SECRET_ACCESS_KEY": "flowops-test-secret",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+from tests.conftest import S3_CREDENTIALS as CREDENTIALS  # also the session stack's
 
 
 @dataclass

@@ -323,7 +323,7 @@ def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
 
     folder_root = data.materialize(settings, job_result["output_version"])
     want = pd.read_parquet(folder_root / "predictions.parquet").set_index("id").sort_index()
-    sharded_root = data.materialize(settings, result["output_version"])
+    sharded_root = data.materialize(s3, result["output_version"])  # its DVC remote is the bucket
     got = pd.read_parquet(sharded_root / "predictions.parquet").set_index("id").sort_index()
     key = result["predictions_path"].removeprefix(f"s3://{bucket}/")
     in_bucket = s3_endpoint.client().get_object(Bucket=bucket, Key=key)["Body"].read()

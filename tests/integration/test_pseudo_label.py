@@ -305,6 +305,8 @@ def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
     from flowops import shard_import, shards
 
     settings = batch_env["settings"]
+    # Read while this home's storage is local: a home's storage (and DVC remote) is chosen once.
+    folder_root = data.materialize(settings, job_result["output_version"])
     bucket = s3_endpoint.bucket("flowops-pseudo-label")
     env = {**batch_env["env"], **s3_endpoint.env(f"s3://{bucket}/platform")}
     s3 = get_settings(home=settings.home, storage_uri=env["FLOWOPS_STORAGE_URI"],
@@ -321,7 +323,6 @@ def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
           f"S3 shards {result['duration_s']} s (124 images)")
     assert result["predictions_path"].startswith(f"s3://{bucket}/platform/pseudo-labels/")
 
-    folder_root = data.materialize(settings, job_result["output_version"])
     want = pd.read_parquet(folder_root / "predictions.parquet").set_index("id").sort_index()
     sharded_root = data.materialize(s3, result["output_version"])  # its DVC remote is the bucket
     got = pd.read_parquet(sharded_root / "predictions.parquet").set_index("id").sort_index()

@@ -101,7 +101,7 @@ def test_pseudo_labels_from_an_actor_on_the_worker_host_match_the_head(two_hosts
     head, worker = two_hosts.head, two_hosts.worker
     predictions = {}
     for host in (worker, head):
-        result = cli(head, "batch", "pseudo-label", "--model-uri", model, "--data-version", sharded,
+        result = cli(head, "pseudo-label", "--model-uri", model, "--data-version", sharded,
                      "--pool", "all", "--resource", f"node:{host.addr}=0.01", "--no-version")
         assert result["result"]["errors"] == 0, result
         assert result["result"]["predictions_path"].startswith(f"{STORAGE_URI}/pseudo-labels/")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -43,6 +42,19 @@ def s3_keys(two_hosts, prefix: str) -> list[str]:
         print(json.dumps([o["Key"] for page in pages for o in page.get("Contents", [])]))
     """))
     return json.loads(out.strip().splitlines()[-1])
+
+
+def first_checkpoint(two_hosts, timeout_s: float) -> None:
+    """Return as soon as a Ray Train checkpoint is in the bucket (polled on the head host)."""
+    two_hosts.head.python(textwrap.dedent(f"""
+        import time, boto3
+        s3 = boto3.client("s3", endpoint_url={two_hosts.s3_url!r})
+        deadline = time.time() + {timeout_s}
+        while not any("checkpoint_" in o["Key"] for o in s3.list_objects_v2(
+                Bucket="flowops", Prefix="platform/checkpoints/").get("Contents", [])):
+            assert time.time() < deadline, "no checkpoint reached the bucket"
+            time.sleep(0.1)
+    """), timeout=timeout_s + 60)
 
 
 def s3_predictions(two_hosts, uri: str) -> list[list]:
@@ -74,18 +86,15 @@ def test_ddp_across_hosts_checkpoints_to_the_bucket_and_survives_a_killed_worker
     with ThreadPoolExecutor(1) as pool:
         training = pool.submit(cli, head, "train", "--data-version", sharded, "--workers", "2",
                                "--cpus-per-worker", "1", "--placement-strategy", "STRICT_SPREAD",
-                               "--epochs", "6", timeout=900)
+                               "--epochs", "20", timeout=900)
         # Once a checkpoint is in the bucket, kill the Ray Train worker on the worker host.
-        deadline = time.monotonic() + 300
-        while not [k for k in s3_keys(two_hosts, "platform/checkpoints/") if "checkpoint_" in k]:
-            assert not training.done(), training.result()
-            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
-            time.sleep(1)
+        first_checkpoint(two_hosts, timeout_s=300)
+        assert not training.done(), "the training ended before a worker could be killed"
         killed = worker.run(["pkill", "-9", "-f", "RayTrainWorker"], check=False)
         assert killed.returncode == 0, "no Ray Train worker ran on the worker host"
         result = training.result()["result"]
     assert result["resumed_at"], result  # the restarted group resumed from the bucket's checkpoint
-    # 6 epochs on the few hundred labeled digits: well above chance (0.1), not a finished model
+    # 20 epochs on the few hundred labeled digits: well above chance (0.1), not a finished model
     assert result["mode"] == "ray" and result["metrics"]["holdout_accuracy"] > 0.3
     TRAINED.append(f"models:/{result['model_name']}/{result['version']}")
 

@@ -44,14 +44,15 @@ def s3_keys(two_hosts, prefix: str) -> list[str]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def first_checkpoint(two_hosts, timeout_s: float) -> None:
-    """Return as soon as a Ray Train checkpoint is in the bucket (polled on the head host)."""
+def checkpoints(two_hosts, n: int, timeout_s: float) -> None:
+    """Return as soon as `n` Ray Train checkpoints are in the bucket (polled on the head host)."""
     two_hosts.head.python(textwrap.dedent(f"""
         import time, boto3
         s3 = boto3.client("s3", endpoint_url={two_hosts.s3_url!r})
         deadline = time.time() + {timeout_s}
-        while not any("checkpoint_" in o["Key"] for o in s3.list_objects_v2(
-                Bucket="flowops", Prefix="platform/checkpoints/").get("Contents", [])):
+        while len({{o["Key"].split("checkpoint_")[1].split("/")[0] for o in s3.list_objects_v2(
+                Bucket="flowops", Prefix="platform/checkpoints/").get("Contents", [])
+                if "checkpoint_" in o["Key"]}}) < {n}:
             assert time.time() < deadline, "no checkpoint reached the bucket"
             time.sleep(0.1)
     """), timeout=timeout_s + 60)
@@ -87,8 +88,10 @@ def test_ddp_across_hosts_checkpoints_to_the_bucket_and_survives_a_killed_worker
         training = pool.submit(cli, head, "train", "--data-version", sharded, "--workers", "2",
                                "--cpus-per-worker", "1", "--placement-strategy", "STRICT_SPREAD",
                                "--epochs", "20", timeout=900)
-        # Once a checkpoint is in the bucket, kill the Ray Train worker on the worker host.
-        first_checkpoint(two_hosts, timeout_s=300)
+        # Once two checkpoints are in the bucket (Train V2's controller registers a reported one
+        # when it next polls the workers, about a second later: the first surely is by then),
+        # kill the Ray Train worker on the worker host.
+        checkpoints(two_hosts, 2, timeout_s=300)
         assert not training.done(), "the training ended before a worker could be killed"
         killed = worker.run(["pkill", "-9", "-f", "RayTrainWorker"], check=False)
         assert killed.returncode == 0, "no Ray Train worker ran on the worker host"

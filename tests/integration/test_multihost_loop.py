@@ -161,7 +161,9 @@ def test_the_loop_promotes_a_fine_tuned_version_with_replicas_on_both_hosts(two_
     took = time.monotonic() - start
     summary = served["traffic"].summary()
 
-    assert record["status"] == "promoted", record
+    if record["status"] != "promoted":
+        pytest.fail(f"rollout {record['status']}: {record['reasons']}\n{failed_job_logs(two_hosts)}",
+                    pytrace=False)
     new = str(record["model_version"])
     # the cut version: the 20 human labels in its manifest, the shards untouched
     cut = on_head(two_hosts, f"""
@@ -193,6 +195,19 @@ def test_the_loop_promotes_a_fine_tuned_version_with_replicas_on_both_hosts(two_
     print(f"\nmulti-host loop: harness {two_hosts.timings}, fixture "
           f"{ {k: round(v) for k, v in served['timings'].items()} } s, rollout {took:.0f} s, "
           f"traffic {summary['sent']} requests {summary['by_version']}")
+
+
+def failed_job_logs(two_hosts) -> str:
+    """The ends of the logs of the cluster's failed Ray jobs (what a failed rollout shows)."""
+    return on_head(two_hosts, """
+        import json
+        from flowops import jobs
+        from flowops.settings import get_settings
+
+        s = get_settings()
+        print(json.dumps("\\n".join(f"--- {j.id}\\n" + jobs.logs(s, j.id)[-6000:]
+                                     for j in jobs.list_jobs(s) if j.status == "FAILED")))
+    """)
 
 
 def train_worker_hosts(two_hosts) -> list[str]:

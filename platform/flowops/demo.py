@@ -63,13 +63,17 @@ class TrafficGenerator:
     waits. Counts every request and every failed one: any answer but 200, or no answer at all."""
 
     def __init__(self, settings: Settings, rate_per_s: float = 25.0, feedback_share: float = 0.5,
-                 seed: int = 0, max_requests: int = 200_000, users: int = 4):
+                 seed: int = 0, max_requests: int = 200_000, users: int = 4,
+                 holdout: tuple[list, list[str]] | None = None):
+        """`holdout`: the (pixel lists, labels) to send; by default the latest data version's
+        holdout. Given, the users need no data version (a driver on a host without the data
+        repository)."""
         self.url = settings.serve_url
         self.rate_per_s = min(rate_per_s, 200.0)
         self.feedback_share = feedback_share
         self.max_requests = max_requests
         self.seed, self.users = seed, users
-        self.images, self.truth = _holdout_images(settings)
+        self.images, self.truth = holdout or holdout_images(settings)
         self.sent = self.failed = self.feedback = 0
         self.by_version: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}  # when a client last got an answer of each version
@@ -141,7 +145,7 @@ class TrafficGenerator:
         return None
 
 
-def _holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str]]:
+def holdout_images(settings: Settings) -> tuple[list[list[list[int]]], list[str]]:
     """The latest version's holdout images (read where they are) as pixel lists, and labels."""
     import io
 

@@ -95,6 +95,21 @@ def test_config_round_trip_and_one_line_errors(tmp_path):
         load_config(s)
 
 
+def test_the_loop_places_its_training_workers_as_training_does():
+    """`loop start --placement-strategy STRICT_SPREAD` is checked when the loop starts, with the
+    choices of TrainConfig (which the fine-tuning job is given)."""
+    from typing import get_args
+
+    from flowops.train import TrainConfig
+
+    assert parse_config({"placement_strategy": "STRICT_SPREAD"}).placement_strategy == "STRICT_SPREAD"
+    assert LoopConfig().placement_strategy == TrainConfig().placement_strategy == "PACK"
+    assert get_args(LoopConfig.model_fields["placement_strategy"].annotation) == \
+        get_args(TrainConfig.model_fields["placement_strategy"].annotation)
+    with pytest.raises(InvalidInput, match="invalid loop setting: placement_strategy"):
+        parse_config({"placement_strategy": "EVERYWHERE"})
+
+
 def test_the_controller_is_named_after_the_shared_state_not_the_home(state_backend, tmp_path):
     """A driver elsewhere (its own home) that shares the state database finds the same controller
     job and the loop's pipelines; a platform with another database has another name."""

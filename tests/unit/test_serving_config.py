@@ -157,3 +157,17 @@ def test_replicas_need_the_custom_resources_asked_for():
         parse_resources(["worker_host"])
     with pytest.raises(InvalidInput, match="resources"):
         serving.parse_app_config({"resources": {"worker_host": 0}})
+
+
+def test_max_replicas_per_node_spreads_the_replicas_only_when_asked():
+    """`--max-replicas-per-node 1` with two replicas puts one on each of two nodes (Serve's own
+    placement constraint); left out, Serve places the replicas as it likes."""
+    from flowops.serving.app import deployment_options
+
+    spread = serving.parse_app_config({"num_replicas": 2, "max_replicas_per_node": 1})
+    assert deployment_options(spread)["max_replicas_per_node"] == 1
+    assert deployment_options(spread)["num_replicas"] == 2
+    assert "max_replicas_per_node" not in deployment_options(serving.parse_app_config({}))
+    assert spread.deployment_hash() != serving.parse_app_config({"num_replicas": 2}).deployment_hash()
+    with pytest.raises(InvalidInput, match="max_replicas_per_node"):
+        serving.parse_app_config({"max_replicas_per_node": 0})

@@ -60,6 +60,9 @@ def start(
                                     help="Also retrain when the oldest new label is this old."),
     epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs."),
     workers: int = typer.Option(2, "--workers", help="Ray Train workers."),
+    placement_strategy: str = typer.Option("PACK", "--placement-strategy", help="How Ray places "
+                                           "the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD "
+                                           "(each on its own node)."),
     min_labels: int = typer.Option(10, "--min-labels", help="Fewest new labels a max-age or drift "
                                    "retrain uses (a drift verdict waits for them)."),
     steps: str = typer.Option("10,25,50,100", "--steps", help="Canary weights, ending with 100."),
@@ -90,6 +93,7 @@ def start(
         raise InvalidInput(f"--steps {steps!r}: comma-separated integers, e.g. 10,25,50,100") \
             from None
     raw = {"threshold": threshold, "max_age_s": max_age_s, "epochs": epochs, "workers": workers,
+           "placement_strategy": placement_strategy,
            "min_labels": min_labels, "pseudo_label": not no_pseudo_label,
            "retrain_on_drift": not no_retrain_on_drift,
            "analysis": {"steps": weights, "alpha": alpha, "beta": beta,

@@ -47,6 +47,9 @@ def deploy_cmd(
     resource: list[str] = typer.Option([], "--resource", help="NAME=AMOUNT: a custom Ray resource "
                                        "each replica needs, which places the replicas on the nodes "
                                        "that have it (repeatable; node:<ip> names one node)."),
+    max_replicas_per_node: int = typer.Option(None, "--max-replicas-per-node", min=1,
+                                              help="Most replicas on one node (1 spreads them "
+                                              "over the nodes)."),
     require_api_key: bool = typer.Option(None, "--require-api-key/--no-require-api-key",
                                          help="Prediction routes need FLOWOPS_API_KEY."),
     redeploy: bool = typer.Option(False, "--redeploy", help="Redeploy even if only routing changed."),
@@ -62,6 +65,7 @@ def deploy_cmd(
             sticky_images=sticky_images, num_replicas=replicas, num_cpus=num_cpus,
             num_gpus=num_gpus, require_api_key=require_api_key,
             resources=parse_resources(resource) or None,
+            max_replicas_per_node=max_replicas_per_node,
         )
     if not as_json:
         console.print(f"serving at {s.serve_url}/predict (docs {s.serve_url}/docs)")

@@ -162,7 +162,8 @@ def stage_train(settings: Settings, config: LoopConfig, rid: str) -> RolloutReco
     run_name = f"loop-{platform_tag(settings)}-{rid}"
     train_config = validated(TrainConfig, "loop train config", **{
         "data_version": record.data_version, "epochs": config.epochs, "workers": config.workers,
-        "cpus_per_worker": config.cpus_per_worker, "run_name": run_name,
+        "cpus_per_worker": config.cpus_per_worker, "placement_strategy": config.placement_strategy,
+        "run_name": run_name,
         "init_from": ModelRef.of(settings.model_name, base).uri if base else None,
         "model_name": settings.model_name, **config.train_overrides})
     events.emit(settings, "training_started", rollout=rid, data_version=record.data_version,

@@ -50,6 +50,10 @@ class LoopConfig(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="Ray Train workers.")
     cpus_per_worker: float = Field(0.5, gt=0, le=64, description="CPUs per worker: fractional, so "
                                    "fine-tuning fits beside the serving replicas on a small node.")
+    # TrainConfig's choices (a unit test keeps them equal): checked when the loop starts, not when
+    # its first rollout trains.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: STRICT_SPREAD puts each on its own node.")
     train_overrides: dict[str, Any] = Field(default_factory=dict, description="Extra TrainConfig "
                                             "fields of the fine-tuning job, e.g. {\"lr\": 0.001}.")
     pseudo_label: bool = Field(True, description="Refresh pseudo-labels after a promotion.")

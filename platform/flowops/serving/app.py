@@ -184,12 +184,18 @@ def replica_options(cfg: ServeAppConfig) -> dict[str, Any]:
     return opts
 
 
+def deployment_options(cfg: ServeAppConfig) -> dict[str, Any]:
+    """Serve deployment options of the app: replicas, their actor options and placement."""
+    opts: dict[str, Any] = {"num_replicas": cfg.num_replicas,
+                            "max_ongoing_requests": cfg.max_ongoing_requests,
+                            "ray_actor_options": replica_options(cfg),
+                            "logging_config": {"enable_access_log": False},
+                            "health_check_period_s": 5}
+    if cfg.max_replicas_per_node:  # unset: Serve's default (no limit)
+        opts["max_replicas_per_node"] = cfg.max_replicas_per_node
+    return opts
+
+
 def bind_classifier(cfg: ServeAppConfig):
     """The Serve application of `cfg` (the ingress deployment bound to its arguments)."""
-    return Classifier.options(
-        num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options=replica_options(cfg),
-        logging_config={"enable_access_log": False},
-        health_check_period_s=5,
-    ).bind(cfg.model_dump())
+    return Classifier.options(**deployment_options(cfg)).bind(cfg.model_dump())

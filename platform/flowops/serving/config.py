@@ -50,6 +50,9 @@ class ServeAppConfig(BaseModel):
     resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="Custom Ray resources each replica needs: places the "
         "replicas on the nodes that have them (a worker group's resource, or node:<ip>).")
+    max_replicas_per_node: int | None = Field(None, ge=1, le=64, description="Most replicas on "
+                                              "one node: 1 spreads them over the nodes (a host "
+                                              "lost costs one replica). Default: no limit.")
     max_ongoing_requests: int = Field(64, ge=1, le=10_000)
     max_batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=1)

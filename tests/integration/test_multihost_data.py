@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -92,11 +93,13 @@ def test_ddp_across_hosts_checkpoints_to_the_bucket_and_survives_a_killed_worker
         # when it next polls the workers, about a second later: the first surely is by then),
         # kill the Ray Train worker on the worker host.
         checkpoints(two_hosts, 2, timeout_s=300)
+        time.sleep(3)
         assert not training.done(), "the training ended before a worker could be killed"
+        found = worker.run(["pgrep", "-af", "RayTrainWorker"], check=False).stdout
         killed = worker.run(["pkill", "-9", "-f", "RayTrainWorker"], check=False)
         assert killed.returncode == 0, "no Ray Train worker ran on the worker host"
         result = training.result()["result"]
-    assert result["resumed_at"], result  # the restarted group resumed from the bucket's checkpoint
+    assert result["resumed_at"], (found, result)  # resumed from the bucket's checkpoint
     # 20 epochs on the few hundred labeled digits: well above chance (0.1), not a finished model
     assert result["mode"] == "ray" and result["metrics"]["holdout_accuracy"] > 0.3
     TRAINED.append(f"models:/{result['model_name']}/{result['version']}")

@@ -76,31 +76,14 @@ def run_drift_monitor(settings: Settings, config: DriftMonitorConfig) -> list[Dr
 
 def reference_images(version, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The training images of an opened data version as the model sees them (pixel values
-    (N, C, H, W) in [0, 1]), their label indices, the classes. Read where they are
-    (`images.iter_bytes`: shards from the storage URI, or a folder version's files)."""
-    from flowops import images
-    from flowops.image_model import UndecodableImage
+    (N, C, H, W) in [0, 1]), their label indices, the classes. Read where they are (through
+    `evaluate.version_split`: shards from the storage URI, or a folder version's files)."""
+    from flowops.evaluate import version_split
 
-    rows = images.select(version, ["train"], labeled=True)
-    if rows.empty:
+    if version.rows("train", labeled=True).empty:
         raise InvalidInput(f"data version {version.tag} has no training images to build a reference from")
-    index = {c: i for i, c in enumerate(version.classes)}
-    unknown = sorted(set(rows["label"]) - set(index))
-    if unknown:
-        raise InvalidInput(f"labels {unknown} are not among the data version's classes "
-                           f"{version.classes}")
-    label_of = dict(zip(rows["id"], rows["label"], strict=True))
-    x = np.empty((len(rows), *preprocess.shape), dtype=np.float32)
-    y = np.empty(len(rows), dtype=np.int64)
-    n = 0
-    for image_id, payload in images.iter_bytes(version.settings, version, rows["id"]):
-        try:
-            x[n] = preprocess.decode(payload)
-        except UndecodableImage as exc:
-            raise InvalidInput(f"image {image_id} of data version {version.tag}: {exc}") from None
-        y[n] = index[label_of[image_id]]
-        n += 1
-    return raw_pixels(x[:n], preprocess), y[:n], version.classes
+    train = version_split(version, "train", preprocess)
+    return raw_pixels(train.x, preprocess), train.y, version.classes
 
 
 def load_reference(settings: Settings, model_uri: str, data_version: str | None = None,

@@ -84,8 +84,9 @@ WILDCARD_HOSTS = ("0.0.0.0", "::")
 SECRET_ENV = ("FLOWOPS_ADMIN_KEY", "FLOWOPS_ADMIN_KEY_FILE", "FLOWOPS_API_KEY", "FLOWOPS_API_KEY_FILE",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # What HAProxy retries on another replica: nothing reached a replica, or the replica died without
-# a (valid) answer. Not 5xx answers: those are the app's own. HAProxy replays a request only if it
-# held the whole request when it first sent it; a client that writes headers and body apart
+# a (valid) answer; not once the answer's headers came (Settings.serve_env). Not 5xx answers:
+# those are the app's own. HAProxy replays a request only if it held the whole request when it
+# first sent it; a client that writes headers and body apart
 # (httpx, most clients) loses that race, and HAProxy then closes its keep-alive connection with no
 # answer and no log line. So the second line makes HAProxy read the body (up to its 16 KB buffer)
 # before choosing a replica. Ray has no setting for it; it writes this value verbatim after
@@ -393,7 +394,10 @@ class Settings(BaseSettings):
         A request whose replica dies before answering (an empty or broken response, a connection
         refused) is retried on another replica (HAProxy's L7 retries with redispatch, the request
         buffered whole first: HAPROXY_RETRY_ON): a prediction has no side effects, so a replica's
-        death costs users no failed request.
+        death costs users no failed request, but for a response the replica had begun: its HTTP
+        server (uvicorn) sends headers and body in two writes, HAProxy passes the headers on at
+        once and cannot replay after that, so a kill between the two cuts that response (about
+        1 kill in 25 under load; tests/integration/test_serving.py counts).
         """
         if not self.serve_fast_path:
             return {}

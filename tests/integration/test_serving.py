@@ -68,7 +68,7 @@ async def _fire(url: str, n: int, concurrency: int, headers_for=None) -> list[ht
 
 async def _load(url: str, clients: int, stop: asyncio.Event, log: list) -> None:
     """Closed-loop clients sending /predict until `stop`; each answer is logged as (time, status,
-    model version), each failure to get one as (time, 0, exception name)."""
+    model version), each failure to get one as (time, 0, "ExceptionName: message")."""
     async def worker(client):
         i = 0
         while not stop.is_set():
@@ -76,7 +76,7 @@ async def _load(url: str, clients: int, stop: asyncio.Event, log: list) -> None:
                 r = await client.post(f"{url}/predict", json=_body(i))
                 log.append((time.monotonic(), r.status_code, r.headers.get("x-model-version")))
             except httpx.HTTPError as exc:
-                log.append((time.monotonic(), 0, type(exc).__name__))
+                log.append((time.monotonic(), 0, f"{type(exc).__name__}: {exc}"))
             i += 1
 
     async with httpx.AsyncClient(timeout=30) as client:
@@ -415,13 +415,19 @@ def test_promote_makes_the_canary_stable_and_moves_the_alias(served):
     assert nothing.status_code == 409
 
 
-def test_a_replica_killed_under_load_fails_at_most_a_stray_request(served):
+def test_a_replica_killed_under_load_fails_only_a_response_it_had_begun(served):
     """One of the two replicas is SIGKILLed while 16 clients send predictions. HAProxy replays each
     request the dead replica held on its sibling (settings.HAPROXY_RETRY_ON: L7 retries on a
     request buffered whole; without the buffering a few requests per kill were dropped with a
-    silently closed connection), and Serve replaces the replica. Measured: 0 failed in 5 of 6 runs,
-    1 of ~3,500 in the other (a connection closed unanswered, cause not found): no HTTP error,
-    at most a stray connection."""
+    silently closed connection), and Serve replaces the replica.
+
+    What HAProxy cannot replay is a response already begun: the replica's HTTP server (uvicorn)
+    writes the status line and headers and then the body in two send() calls, ~0.1-0.5 ms apart,
+    and HAProxy passes the headers on at once; a kill between the two leaves the client a 200
+    whose body never comes (HAProxy logs it `SD--`, 200, headers' bytes only; httpx: "peer closed
+    connection without sending complete message body"). Measured in a loop of this scenario:
+    1 such request in 42 kills (~134,000 requests), nothing else failed. So: no HTTP error, and
+    no failure but a response cut after its headers, at most two per kill."""
     import os
     import signal
 
@@ -451,6 +457,7 @@ def test_a_replica_killed_under_load_fails_at_most_a_stray_request(served):
     before = asyncio.run(scenario())
     assert before > 20 and len(log) > before + 20  # traffic flowed before and after the kill
     failed = [(code, what) for _, code, what in log if code != 200]
-    assert len(failed) <= 2 and all(code == 0 for code, _ in failed), \
+    assert len(failed) <= 2 and all(
+        code == 0 and "without sending complete message body" in what for code, what in failed), \
         f"{len(failed)} of {len(log)} requests failed: {failed[:10]}"
 

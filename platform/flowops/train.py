@@ -277,9 +277,11 @@ def plan(settings: Settings, config: TrainConfig) -> TrainPlan:
                      model_name_for(settings, config, task, version), init_state, base)
 
 
-def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None, checkpoint_dir: Path) -> dict[str, Any]:
+def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None,
+                checkpoint_dir: Path | None) -> dict[str, Any]:
     """The plain dict `train_loop` runs on (hyperparameters, where to report). No images: under
-    Ray Train they come through `datasets=`, in one process the caller adds `training_arrays`."""
+    Ray Train they come through `datasets=`, in one process the caller adds `training_arrays`.
+    `checkpoint_dir` is only for a local run (Ray Train and Tune checkpoint to the storage URI)."""
     c = p.config
     return {
         "mode": mode, "seed": c.seed, "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr,
@@ -288,7 +290,7 @@ def loop_config(p: TrainPlan, mode: str, mlflow_info: dict | None, checkpoint_di
         "init_state": p.init_state,
         "train_samples": len(p.data.train), "val_samples": len(p.data.val),
         "threads": max(1, int(c.cpus_per_worker)), "fault_marker": c.fault_marker,
-        "mlflow": mlflow_info, "checkpoint_dir": str(checkpoint_dir),
+        "mlflow": mlflow_info, "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
     }
 
 

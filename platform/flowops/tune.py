@@ -56,6 +56,7 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from flowops import storage as storage_lib
     from flowops.task import TaskSpec, load_task
     from flowops.tracking import ensure_experiment, start_run
     from flowops.train import (
@@ -74,6 +75,7 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
                                experiment=config.experiment, cpus_per_worker=config.cpus_per_trial,
                                model_name=config.model_name)
     p = plan(settings, train_config)
+    store = storage_lib.check(settings, "tune")  # trials on any node checkpoint there
     ray_client.connect(settings, log_to_driver=True, runtime_env={"env_vars": settings.job_env()})
     check_resources(train_config, *ray_client.cluster_resources())
     data_version = p.data_version.tag
@@ -87,8 +89,9 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
         mlflow_info = {"tracking_uri": settings.tracking_uri, "experiment_id": experiment_id,
                        "parent_run_id": parent.info.run_id, "run_id": None,
                        "tags": {"data_version": data_version, "seed": str(config.seed)}}
-        # each trial gets the decoded images through the object store (tune.with_parameters)
-        base = {**loop_config(p, "tune", mlflow_info, settings.home / "tune-runs"), **training_arrays(p)}
+        # each trial gets the decoded images through the object store (tune.with_parameters);
+        # no local folder: a trial reports its checkpoints to Tune, which writes them to storage
+        base = {**loop_config(p, "tune", mlflow_info, None), **training_arrays(p)}
         base["threads"] = max(1, int(config.cpus_per_trial))
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base),
                                         {"cpu": config.cpus_per_trial})
@@ -102,9 +105,12 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
                 search_alg=BasicVariantGenerator(random_state=config.seed),
             ),
             # Tune's trial table (verbose 1): redrawn in a terminal, printed now and then into a
-            # job's log; `--json` of the submitting command sends the log to stderr.
+            # job's log; `--json` of the submitting command sends the log to stderr. The
+            # experiment (trials' checkpoints, results) under `<storage URI>/tune-runs/<name>`,
+            # which a trial on any node and this driver both reach.
             run_config=tune.RunConfig(name=f"tune-{parent.info.run_id[:8]}",
-                                      storage_path=str(settings.home / "tune-runs"), verbose=1),
+                                      storage_path=store.path("tune-runs"),
+                                      storage_filesystem=store.filesystem, verbose=1),
         )
         started = time.perf_counter()
         grid = tuner.fit()
@@ -132,7 +138,7 @@ def run_tune(settings: Settings, config: TuneConfig) -> dict[str, Any]:
         mlflow.set_tag("best_model_version", version or "none")
     return {
         "parent_run_id": parent.info.run_id, "best_run_id": child, "best_config": dict(best.config),
-        "best_val_accuracy": best.metrics["val_accuracy"], "trials": len(grid),
+        "best_val_accuracy": best.metrics["val_accuracy"], "trials": len(grid), "failed": len(errors),
         "stopped_early": sum(1 for r in grid if r.metrics and r.metrics.get("epoch", 0) + 1 < config.epochs),
         "holdout_accuracy": metrics["holdout_accuracy"], "weights_hash": digest, "version": version,
     }

@@ -21,6 +21,11 @@ same seeds (common random numbers). Rules:
 * `flagger`: Flagger's documented analysis: every 1 min check the last minute, weight +10 % per
   passing check up to 50 %, roll back after 5 failed checks (`threshold: 5`), promote after a
   passing check at 50 %.
+* `oracle` (A/A and accuracy -10 pts only): a bound no valid test can beat, not a usable rule. Wald's
+  SPRT told both accuracies exactly (stable 0.90, canary 0.90 or 0.80) tests that simple pair on
+  the canary's feedback labels with 1 % false rollback and 99 % detection; among all tests with
+  those error rates it needs the fewest labels on average (Wald and Wolfowitz, 1948). It runs at
+  the first weight, 10 %.
 
 Argo and Flagger measure each metric on its window against the same margins as FlowOps
 (canary's bad rate minus stable's over the window), a fair version of their absolute thresholds.
@@ -54,6 +59,8 @@ SCENARIOS = {
 }
 FEEDBACK_SHARE = 0.5
 ROLLBACK, PROMOTE, INCONCLUSIVE = 1, 2, 3
+ORACLE_SCENARIOS = ("A/A", "accuracy -10 pts")
+ORACLE_ERRORS = 0.01  # false rollback and missed detection of the oracle SPRT
 
 
 def bucket_probs(scale: float) -> np.ndarray:
@@ -119,9 +126,12 @@ def simulate(rule: str, canary: dict, rate: float, runs: int, seed: int) -> dict
     step_requests = np.zeros(runs)  # previous rule: canary requests when the step began
     failures = np.zeros(runs, int)
     marks = (c.copy(), s.copy())
-    dt = 1.0 if rule in ("sequential", "previous") else 10.0
+    dt = 1.0 if rule in ("sequential", "previous", "oracle") else 10.0
     horizon = {"sequential": CFG.max_duration_s + 1, "previous": 1300, "argo": 2410,
-               "flagger": 1210}[rule]
+               "flagger": 1210, "oracle": 7200}[rule]
+    # oracle: log likelihood ratio of a wrong and a right label, canary at 0.80 vs at 0.90 accuracy
+    wrong, right = np.log(0.2 / 0.1), np.log(0.8 / 0.9)
+    upper = np.log((1 - ORACLE_ERRORS) / ORACLE_ERRORS)
     t = 0.0
     while t < horizon and (outcome == 0).any():
         t += dt
@@ -139,6 +149,10 @@ def simulate(rule: str, canary: dict, rate: float, runs: int, seed: int) -> dict
             advance = action == 1
         elif rule == "previous":
             new, advance = previous_rule(counts(c, s), step, t - step_start, c.requests - step_requests)
+        elif rule == "oracle":
+            advance = np.zeros(runs, bool)
+            llr = (c.fb_total - c.fb_correct) * wrong + c.fb_correct * right
+            new = np.select([llr >= upper, llr <= -upper], [ROLLBACK, PROMOTE], 0)
         elif rule == "argo":
             advance = np.zeros(runs, bool)
             if t % 300 == 0:
@@ -173,6 +187,8 @@ def simulate(rule: str, canary: dict, rate: float, runs: int, seed: int) -> dict
 
 
 def weight_of(rule: str, step: np.ndarray) -> np.ndarray:
+    if rule == "oracle":
+        return np.full(step.shape, CFG.steps[0])
     if rule in ("sequential", "previous"):
         return np.asarray(CFG.steps)[np.minimum(step, len(CFG.steps) - 1)]
     if rule == "argo":
@@ -230,21 +246,27 @@ def goals(results: dict) -> dict:
                              and r["rate"] == rate)["median_canary_requests_to_rollback"]
                 out[f"-10 pts rolled back with 10x fewer canary requests than {rule} at {rate}/s"] = (
                     ours is not None and (other is None or other >= 10 * ours))
+                oracle = next((r for r in results if r["rule"] == "oracle" and r["scenario"] == scenario
+                               and r["rate"] == rate), None)
+                if oracle and other is not None:  # can any valid test reach 10x here at all?
+                    out[f"10x fewer than {rule} possible at all at {rate}/s (oracle SPRT)"] = (
+                        other >= 10 * oracle["median_canary_requests_to_rollback"])
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--rates", type=float, nargs="+", default=[5.0, 25.0, 100.0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[5.0, 25.0, 100.0, 400.0])
     parser.add_argument("--out", type=Path, default=HERE / "canary_bench.json")
     args = parser.parse_args()
     results = []
     started = time.time()
     for rate in args.rates:
         for i, (scenario, canary) in enumerate(SCENARIOS.items()):
-            for rule in ("sequential", "previous", "argo", "flagger"):
-                if rule == "previous" and "latency" in scenario:
+            for rule in ("sequential", "previous", "argo", "flagger", "oracle"):
+                if (rule == "previous" and "latency" in scenario) or \
+                        (rule == "oracle" and scenario not in ORACLE_SCENARIOS):
                     continue
                 seed = int(rate * 1000) + i  # the same streams for every rule of a scenario
                 row = {"scenario": scenario, "rate": rate, "rule": rule,

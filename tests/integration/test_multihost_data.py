@@ -8,6 +8,8 @@ worker host has its own empty FLOWOPS_HOME and cannot see the head's files at al
   the group resumes from the bucket's checkpoint;
 - pseudo-labeling with its model actor on the worker host writes the same predictions as with
   it on the head, with zero error rows.
+- a Tune search with one trial on each host checkpoints both trials to the bucket, and the driver
+  on the head registers the best trial's model from there.
 
 The tests run in file order and build on each other.
 """
@@ -123,3 +125,27 @@ def test_pseudo_labels_from_an_actor_on_the_worker_host_match_the_head(two_hosts
         predictions[host.role] = s3_predictions(two_hosts, result["result"]["predictions_path"])
     assert len(predictions["head"]) > 1000
     assert predictions["worker"] == predictions["head"]
+
+
+def test_tune_trials_on_both_hosts_checkpoint_to_the_bucket(two_hosts, sharded):
+    """1.5 CPUs a trial on two 2-CPU hosts: one trial fits per host, so the two run at once, one on
+    each. Both checkpoint to `<storage URI>/tune-runs/`; the best is loaded from there and registered."""
+    head, worker = two_hosts.head, two_hosts.worker
+    report = cli(head, "tune", "--data-version", sharded, "--trials", "2", "--epochs", "2",
+                 "--cpus-per-trial", "1.5", "--experiment", "mh-tune", timeout=900)
+    result = report["result"]
+    assert report["status"] == "SUCCEEDED" and result["trials"] == 2 and result["failed"] == 0, report
+    assert result["version"], report
+    run = f"platform/tune-runs/tune-{result['parent_run_id'][:8]}/"
+    keys = s3_keys(two_hosts, run)
+    trials = {k.removeprefix(run).split("/")[0] for k in keys if "/checkpoint_" in k}
+    assert len(trials) == 2, keys  # both trials' checkpoints are in the bucket
+    # Tune records the node of every reported result (node_ip) in the trial's result.json
+    out = head.python(textwrap.dedent(f"""
+        import json, boto3
+        s3 = boto3.client("s3", endpoint_url={two_hosts.s3_url!r})
+        keys = {[k for k in keys if k.endswith("/result.json")]!r}
+        print(json.dumps(sorted({{json.loads(line)["node_ip"] for k in keys for line in
+              s3.get_object(Bucket="flowops", Key=k)["Body"].read().decode().splitlines()}})))
+    """))
+    assert json.loads(out.strip().splitlines()[-1]) == sorted([head.addr, worker.addr]), keys

@@ -296,13 +296,11 @@ def test_ray_data_decodes_every_image_as_training_and_serving_do(stack, tmp_path
             assert np.array_equal(served, want)
 
 
-def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
-        batch_env, job_result, s3_endpoint, tmp_path):  # noqa: F811
-    """The folder version migrated to shards in an S3 bucket (moto's server), scored by a real
-    job whose Ray tasks read the shards from the bucket: the same predictions as the folder
-    version's run, the same bad files and no other error row; the output is stored in the bucket
-    and versioned."""
-    from flowops import shard_import, shards
+@pytest.fixture(scope="module")
+def sharded_job(batch_env, job_result, s3_endpoint):  # noqa: F811
+    """The folder version migrated to shards in an S3 bucket (moto's server) and scored by a
+    real job whose Ray tasks read the shards from the bucket."""
+    from flowops import shard_import
 
     settings = batch_env["settings"]
     # Read while this home's storage is local: a home's storage (and DVC remote) is chosen once.
@@ -317,7 +315,19 @@ def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
                    f"models:/{settings.model_name}/{batch_env['model']}", "--actors", "2",
                    "--batch-size", "32", "--size-rule", "exact", "--json", env=env, timeout=420)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(proc.stdout)["result"]
+    return {"settings": s3, "env": env, "bucket": bucket, "migrated": migrated,
+            "folder_root": folder_root, "result": json.loads(proc.stdout)["result"]}
+
+
+def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
+        batch_env, job_result, sharded_job, s3_endpoint):  # noqa: F811
+    """The sharded job: the same predictions as the folder version's run, the same bad files and
+    no other error row; the output is stored in the bucket and versioned."""
+    from flowops import shards
+
+    settings, s3, result = batch_env["settings"], sharded_job["settings"], sharded_job["result"]
+    bucket, migrated = sharded_job["bucket"], sharded_job["migrated"]
+    folder_root = sharded_job["folder_root"]
     assert (result["images"], result["scored"], result["errors"]) == (124, 120, 4)
     print(f"pseudo-label wall time: folder {job_result['duration_s']} s, "
           f"S3 shards {result['duration_s']} s (124 images)")
@@ -337,3 +347,44 @@ def test_a_sharded_version_in_s3_gets_the_predictions_of_its_folder_version(
     folder_errors = pd.read_csv(folder_root / "predictions_errors.csv").set_index("id").sort_index()
     assert errors["error"].equals(folder_errors["error"])  # only the deliberately bad files
     assert shards.is_sharded(data.open_version(settings, result["output_version"]))
+
+
+def test_a_sharded_queue_exports_images_the_label_studio_backend_predicts_on(
+        stack, batch_env, sharded_job, tmp_path):
+    """`labels queue --export labelstudio` of the sharded version writes the queued images from
+    the bucket's shards under the workspace; the served app's Label Studio ML backend (real
+    `/labelstudio/predict`, the local-files root being this home's workspace) reads each task's
+    image and predicts what the batch job predicted."""
+    import httpx
+
+    from flowops import serving
+
+    s3, result = sharded_job["settings"], sharded_job["result"]
+    export = tmp_path / "tasks.json"
+    proc = run_cli("labels", "queue", "--top", "4", "--data-version", result["output_version"],
+                   "--export", "labelstudio", str(export), "--json", env=sharded_job["env"],
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tasks = json.loads(export.read_text())
+    assert len(tasks) == 4
+    prefix = f"/data/local-files/?d=label-images/{sharded_job['migrated']}/"
+    for task in tasks:
+        assert task["data"]["image"] == f"{prefix}{task['data']['id']}.png"
+        assert (s3.workspace / "label-images" / sharded_job["migrated"]
+                / f"{task['data']['id']}.png").is_file()
+
+    serving.deploy(stack, stable=batch_env["model"], labelstudio_root=str(s3.workspace))
+    classes = data.open_version(s3, result["output_version"]).classes
+    resp = httpx.post(f"{stack.serve_url}/labelstudio/predict", timeout=60, json={
+        "tasks": [{"id": i, "data": t["data"], "annotations": [], "predictions": [], "project": 1}
+                  for i, t in enumerate(tasks, start=1)],
+        "label_config": queue_lib.labelstudio_config(classes), "project": "1.1700000000"})
+    assert resp.status_code == 200, resp.text
+    answers = resp.json()["results"]
+    assert len(answers) == 4
+    for task, answer in zip(tasks, answers, strict=True):
+        assert "error" not in answer, answer
+        assert answer["model_version"] == batch_env["model"]
+        [pre] = task["predictions"]
+        assert answer["result"][0]["value"]["choices"] == pre["result"][0]["value"]["choices"]
+        assert answer["score"] == pytest.approx(pre["score"], abs=1e-4)

@@ -87,7 +87,9 @@ def queue(
         help="Write the queue as import file: `--export labelstudio tasks.json`.",
     ),
     image_prefix: str = typer.Option(
-        None, help="URL prefix of data.image in the export (default /data/local-files/?d=data/)."
+        None, help="URL prefix of a folder version's data.image in the export (default "
+        "/data/local-files/?d=data/). A sharded version's images are written under "
+        "<FLOWOPS_HOME>/workspace/label-images/ and named by /data/local-files/?d= URLs."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the queue as JSON."),
 ) -> None:
@@ -102,7 +104,7 @@ def queue(
     exported = None
     if fmt:
         exported = queue_lib.export_labelstudio(
-            rows, path, image_prefix or queue_lib.DEFAULT_IMAGE_PREFIX
+            cfg, rows, path, image_prefix or queue_lib.DEFAULT_IMAGE_PREFIX
         )
     if as_json:
         print_json({"queue": rows[queue_lib.QUEUE_COLUMNS].to_dict(orient="records"),

@@ -123,6 +123,8 @@ def tune_cmd(
     data_version: str = typer.Option(None, "--data-version", help="Data version (vN); default: latest."),
     trials: int = typer.Option(4, "--trials", help="Number of trials."),
     epochs: int = typer.Option(4, "--epochs", help="Maximum epochs per trial (ASHA stops early)."),
+    cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="CPUs per trial (Ray places "
+                                         "each trial on a node with that many free)."),
     experiment: str = typer.Option("tune", "--experiment", help="MLflow experiment (parent run)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the search and the trials."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return after submitting."),
@@ -138,7 +140,7 @@ def tune_cmd(
     if cfg.data_repo is None:  # pinned: the job reads the workspace as a remote repo
         data_version = data.resolve_version(cfg, data_version)
     config = validated(TuneConfig, "tune config", data_version=data_version, trials=trials,
-                       epochs=epochs, experiment=experiment, seed=seed)
+                       epochs=epochs, cpus_per_trial=cpus_per_trial, experiment=experiment, seed=seed)
     _submit_and_follow(cfg, "tune", config, no_wait, as_json)
 
 

@@ -111,8 +111,8 @@ def write_label_images(settings: Settings, queue: pd.DataFrame) -> dict[str, str
     from flowops.durable import atomic_write_bytes, atomic_write_text
 
     found: dict[str, str] = {}
+    top = settings.workspace / LABEL_IMAGES
     for tag, rows in queue[queue["path"] == ""].groupby("data_version", sort=True):
-        top = settings.workspace / LABEL_IMAGES
         folder = top / str(tag)
         folder.mkdir(parents=True, exist_ok=True)
         if not (top / ".gitignore").exists():  # a version cut runs `git add -A` in the workspace

@@ -386,7 +386,7 @@ def train(settings: Settings, config: TrainConfig,
         mlflow_info = {"tracking_uri": settings.tracking_uri, "run_id": run_id}
         name = f"{run_name}-{run_id[:8]}"
         looped = loop_config(p, "local" if config.local else "train", mlflow_info,
-                             settings.home / "train-runs" / name)
+                             settings.home / "train-runs" / name if config.local else None)
         started = time.perf_counter()
         progress = None if on_epoch is None else (lambda m: on_epoch({**m, "epochs": config.epochs}))
         if config.local:
